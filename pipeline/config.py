@@ -1,0 +1,182 @@
+"""The job file: a typed, validated, frozen description of one run, and its fingerprint.
+
+Knows nothing of Ray or torch. Every field has a description; unknown keys are rejected with the valid ones listed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_PROMPTS = {
+    "caption": "Describe the image in detail.",
+    "vqa": "{question}",
+}
+
+# Keys that would put a credential into the job file. Credentials come only from the AWS chain (env, profile, role).
+CREDENTIAL_KEYS = {"key", "secret", "token", "aws_access_key_id", "aws_secret_access_key", "aws_session_token",
+                   "password", "access_key", "secret_key", "session_token"}
+
+
+class JobError(ValueError):
+    """A job file that cannot run; the message names the file and the offending keys."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TilingConfig(_Section):
+    max_tiles: int = Field(12, ge=1, le=64, description="Largest number of 448 px grid tiles per image.")
+    min_tiles: int = Field(1, ge=1, le=64, description="Smallest number of grid tiles per image.")
+    thumbnail: bool = Field(True, description="Append a 448 px thumbnail of the whole image when there is more than one tile.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> TilingConfig:
+        if self.min_tiles > self.max_tiles:
+            raise ValueError(f"min_tiles ({self.min_tiles}) must not exceed max_tiles ({self.max_tiles})")
+        return self
+
+
+class GenerationConfig(_Section):
+    max_new_tokens: int = Field(128, ge=1, le=32768, description="Most tokens generated per response.")
+    do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (used when do_sample is true).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (used when do_sample is true).")
+    seed: int = Field(0, description="Seed for sampling; each batch is seeded from it and its rows' ids.")
+
+
+class ComputeConfig(_Section):
+    replicas: int = Field(1, ge=1, description="Model replicas (Ray actors), each holding one copy of the model.")
+    batch_size: int = Field(8, ge=1, description="Samples per generate call in one replica.")
+    cpu_workers: int | None = Field(None, ge=1, description="Concurrent CPU preprocessing tasks (default: cluster CPUs not used by replicas).")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto uses CUDA when a GPU is visible, else CPU.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bfloat16 on GPU, float32 on CPU.")
+    gpus_per_replica: float = Field(1.0, gt=0, description="GPUs requested per replica when device is cuda.")
+
+
+class JobConfig(_Section):
+    task: Literal["caption", "vqa"] = Field(description="caption: one prompt for every sample; vqa: a question per row.")
+    input: str = Field(description="Local path, s3:// prefix or glob (any fsspec URL), or a .parquet/.jsonl/.csv manifest with a uri column.")
+    output: str = Field(description="Folder or s3:// prefix for the Parquet shards and _SUCCESS.json.")
+    model: str = Field(description="Native InternVL checkpoint: local directory, s3:// prefix, or hub id.")
+    model_revision: str | None = Field(None, description="Hub revision (commit) of the model, recorded in the fingerprint.")
+    prompt: str | None = Field(None, description="caption: the instruction; vqa: a template with {question} (default '{question}').")
+    tiling: TilingConfig = Field(default_factory=TilingConfig, description="InternVL dynamic tiling.")
+    generation: GenerationConfig = Field(default_factory=GenerationConfig, description="Decoding parameters.")
+    compute: ComputeConfig = Field(default_factory=ComputeConfig, description="Replicas, batching and devices.")
+    overwrite: bool = Field(False, description="Replace results already in `output` (otherwise such a run is refused).")
+    storage: dict[str, Any] = Field(default_factory=dict, description="Extra fsspec/s3fs options, e.g. endpoint_url. No credentials.")
+    model_cache: str | None = Field(None, description="Local folder where s3:// checkpoints are copied (default ~/.cache/internvl-batch/models).")
+
+    @field_validator("storage")
+    @classmethod
+    def _no_credentials(cls, value: dict[str, Any]) -> dict[str, Any]:
+        def walk(d: dict[str, Any], path: str) -> None:
+            for k, v in d.items():
+                if k.lower() in CREDENTIAL_KEYS:
+                    raise ValueError(
+                        f"'{path}{k}' looks like a credential; credentials come only from the AWS chain "
+                        "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, profiles, instance roles), never from the job file"
+                    )
+                if isinstance(v, dict):
+                    walk(v, f"{path}{k}.")
+
+        walk(value, "")
+        return value
+
+    @model_validator(mode="after")
+    def _prompt(self) -> JobConfig:
+        if self.task == "vqa" and self.prompt is not None and "{question}" not in self.prompt:
+            raise ValueError("prompt: for task vqa the prompt must contain {question}")
+        return self
+
+    @property
+    def effective_prompt(self) -> str:
+        """The prompt (or vqa template) this job uses."""
+        return self.prompt if self.prompt is not None else DEFAULT_PROMPTS[self.task]
+
+    def fingerprint(self) -> str:
+        """sha256 over everything that changes results (model, prompt, tiling, generation), not where or how fast."""
+        relevant = {
+            "task": self.task,
+            "model": self.model,
+            "model_revision": self.model_revision,
+            "prompt": self.effective_prompt,
+            "tiling": self.tiling.model_dump(),
+            "generation": self.generation.model_dump(),
+        }
+        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `key.path=value` overrides (values parsed as YAML) to a nested dict, returning a new dict."""
+    result = json.loads(json.dumps(data))
+    for item in overrides:
+        if "=" not in item:
+            raise JobError(f"--set {item!r}: expected key.path=value")
+        path, raw = item.split("=", 1)
+        keys = [k for k in path.strip().split(".") if k]
+        if not keys:
+            raise JobError(f"--set {item!r}: empty key")
+        node = result
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise JobError(f"--set {item!r}: '{k}' is not a group")
+        node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    return result
+
+
+def _valid_keys(loc: tuple[Any, ...]) -> list[str]:
+    """The valid keys of the section that holds the field at `loc` (for unknown-key errors)."""
+    model: type[BaseModel] = JobConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return sorted(model.model_fields)
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """One line per problem, each naming the field by its dotted path."""
+    lines = [f"{source}: invalid job file"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {loc}: unknown key; valid keys here: {', '.join(_valid_keys(e['loc']))}")
+        elif e["type"] == "missing":
+            lines.append(f"  {loc}: required key is missing")
+        else:
+            lines.append(f"  {loc}: {e['msg'].removeprefix('Value error, ')}")
+    return "\n".join(lines)
+
+
+def parse_job(data: Any, *, source: str = "job", overrides: list[str] | None = None) -> JobConfig:
+    """Validate a job mapping (after overrides); raise JobError with every problem named."""
+    if not isinstance(data, dict):
+        raise JobError(f"{source}: a job file must be a mapping of keys, got {type(data).__name__}")
+    data = apply_overrides(data, overrides or [])
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as err:
+        raise JobError(format_validation_error(err, source)) from None
+
+
+def load_job(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
+    """Read, override and validate a YAML job file."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise JobError(f"{path}: no such job file") from None
+    except yaml.YAMLError as err:
+        raise JobError(f"{path}: not valid YAML: {err}") from None
+    return parse_job(data, source=str(path), overrides=overrides)
