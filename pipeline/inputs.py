@@ -1,0 +1,115 @@
+"""Turn a job's `input` (prefix, glob or manifest) into a table of rows with stable ids.
+
+Rows carry `id`, `uri`, an optional `question` and any passthrough columns of a manifest. Ids are given by the
+manifest or derived from the URI (and question), so they stay the same across runs: later resume work keys on them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+
+from pipeline.storage import IMAGE_EXTENSIONS, MANIFEST_EXTENSIONS, extension, get_filesystem, list_files
+
+# Columns the pipeline itself writes; a manifest may not pass these through under the same name.
+RESERVED_COLUMNS = frozenset({
+    "task", "prompt", "response", "num_tiles", "width", "height", "num_input_tokens", "num_generated_tokens",
+    "model", "generation", "status", "error_type", "error_message", "preprocess_ms", "infer_ms", "mean_logprob",
+    "grid", "pixels", "fingerprint",
+})
+
+
+class InputError(ValueError):
+    """The input cannot be listed or its manifest is malformed."""
+
+
+@dataclass(frozen=True)
+class InputListing:
+    """The rows to process, and what was left out of a listing and why."""
+
+    table: pa.Table
+    skipped: dict[str, int]  # extension -> count of listed files that are not media
+
+
+def derive_id(uri: str, question: str | None = None) -> str:
+    """A stable id from the URI (and question, so one image may carry several questions)."""
+    key = uri if question is None else f"{uri}\n{question}"
+    return hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+def is_manifest(url: str) -> bool:
+    return extension(url) in MANIFEST_EXTENSIONS
+
+
+def read_manifest(url: str, options: Mapping[str, Any] | None = None) -> pa.Table:
+    """Read a .parquet / .jsonl / .csv manifest into an Arrow table."""
+    fs, path = get_filesystem(url, options)
+    try:
+        with fs.open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise InputError(f"manifest {url!r} does not exist") from None
+    ext = extension(url)
+    try:
+        if ext == ".parquet":
+            return pq.read_table(io.BytesIO(data))
+        if ext == ".jsonl":
+            return pajson.read_json(io.BytesIO(data))
+        return pacsv.read_csv(io.BytesIO(data))
+    except (pa.ArrowInvalid, OSError) as err:
+        raise InputError(f"manifest {url!r} could not be parsed as {ext}: {err}") from None
+
+
+def _manifest_rows(url: str, options: Mapping[str, Any] | None) -> pa.Table:
+    table = read_manifest(url, options)
+    if "uri" not in table.column_names:
+        raise InputError(f"manifest {url!r} has no 'uri' column (columns: {', '.join(table.column_names)})")
+    clash = sorted(RESERVED_COLUMNS & set(table.column_names))
+    if clash:
+        raise InputError(f"manifest {url!r} has columns the output uses: {', '.join(clash)}; rename them")
+    uris = table.column("uri").cast(pa.string()).to_pylist()
+    if any(not u for u in uris):
+        raise InputError(f"manifest {url!r}: 'uri' is empty in row {next(i for i, u in enumerate(uris) if not u)}")
+    table = table.set_column(table.column_names.index("uri"), "uri", pa.array(uris, pa.string()))
+    questions = (
+        table.column("question").cast(pa.string()).to_pylist() if "question" in table.column_names else [None] * len(uris)
+    )
+    if "id" in table.column_names:
+        ids = [None if v is None else str(v) for v in table.column("id").to_pylist()]
+        ids = [i if i else derive_id(u, q) for i, u, q in zip(ids, uris, questions)]
+        table = table.drop_columns(["id"])
+    else:
+        ids = [derive_id(u, q) for u, q in zip(uris, questions)]
+    seen: set[str] = set()
+    for i in ids:
+        if i in seen:
+            raise InputError(f"manifest {url!r}: id {i!r} appears more than once; ids must be unique")
+        seen.add(i)
+    return table.add_column(0, "id", pa.array(ids, pa.string()))
+
+
+def list_inputs(url: str, options: Mapping[str, Any] | None = None) -> InputListing:
+    """Rows for a prefix, glob or manifest, sorted by URI for listings and in manifest order otherwise."""
+    if is_manifest(url):
+        return InputListing(table=_manifest_rows(url, options), skipped={})
+    try:
+        files = list_files(url, options)
+    except FileNotFoundError as err:
+        raise InputError(str(err)) from None
+    media, skipped = [], {}
+    for f in files:
+        ext = extension(f)
+        if ext in IMAGE_EXTENSIONS:
+            media.append(f)
+        elif not f.rsplit("/", 1)[-1].startswith("."):
+            skipped[ext or "(none)"] = skipped.get(ext or "(none)", 0) + 1
+    table = pa.table({"id": [derive_id(u) for u in media], "uri": media}, schema=pa.schema([("id", pa.string()), ("uri", pa.string())]))
+    return InputListing(table=table, skipped=skipped)

@@ -1,0 +1,76 @@
+"""fsspec URLs: filesystems with the job's storage options, listing, reading and writing. Knows nothing of models.
+
+Credentials are never passed here: s3fs/botocore find them through the standard AWS chain (environment,
+profiles, instance roles), and AWS_ENDPOINT_URL is honoured by botocore itself.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from collections.abc import Mapping
+from typing import Any
+
+import fsspec
+import pyarrow.fs as pafs
+from fsspec.core import url_to_fs
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+MANIFEST_EXTENSIONS = frozenset({".parquet", ".jsonl", ".csv"})
+
+
+def get_filesystem(url: str, options: Mapping[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem for a URL (local paths included) and the path within it."""
+    return url_to_fs(url, **dict(options or {}))
+
+
+def protocol_of(url: str) -> str:
+    """'s3', 'gs', 'file', ... for a URL or local path."""
+    return url.split("://", 1)[0] if "://" in url else "file"
+
+
+def is_local(url: str) -> bool:
+    return protocol_of(url) in ("file", "local")
+
+
+def join_url(base: str, *parts: str) -> str:
+    """Join path parts onto a URL or local path with '/'."""
+    return posixpath.join(base.rstrip("/"), *parts) if not is_local(base) else os.path.join(base, *parts)
+
+
+def full_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """The URL of a path returned by a filesystem's listing (which drops the protocol)."""
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return path if protocol in ("file", "local") else f"{protocol}://{path}"
+
+
+def extension(url: str) -> str:
+    """Lower-case extension of a URL's last path element, query strings aside."""
+    return os.path.splitext(url.split("?", 1)[0])[1].lower()
+
+
+def list_files(url: str, options: Mapping[str, Any] | None = None) -> list[str]:
+    """All files under a prefix, or matching a glob, as full URLs in sorted order."""
+    fs, path = get_filesystem(url, options)
+    if any(ch in path for ch in "*?["):
+        paths = [p for p in fs.glob(path) if fs.isfile(p)]
+    elif fs.isfile(path):
+        paths = [path]
+    elif fs.isdir(path):
+        paths = fs.find(path)
+    else:
+        raise FileNotFoundError(f"input {url!r} does not exist (no such file, prefix or glob match)")
+    return sorted(full_url(fs, p) for p in paths)
+
+
+def read_bytes(url: str, options: Mapping[str, Any] | None = None) -> bytes:
+    """The whole content of one object."""
+    fs, path = get_filesystem(url, options)
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
+def arrow_filesystem(url: str, options: Mapping[str, Any] | None = None) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem (wrapping fsspec, so the same options and credential chain apply) and path."""
+    fs, path = get_filesystem(url, options)
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
