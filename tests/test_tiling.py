@@ -6,20 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from pipeline.tiling import candidate_grids, choose_grid, normalize_tiles, tile_image
+from tests.conftest import pattern_image
 
 DATA = Path(__file__).parent / "data"
 TILING_CASES = json.loads((DATA / "tiling_cases.json").read_text())["cases"]
 NORMALIZE_CASES = json.loads((DATA / "normalize_cases.json").read_text())["cases"]
-
-
-def pattern_image(width: int, height: int) -> Image.Image:
-    """The spec's test image: R=(7x+3y)%256, G=(x*y)%256, B=(x^y)%256."""
-    y, x = np.mgrid[0:height, 0:width].astype(np.int64)
-    rgb = np.stack([(7 * x + 3 * y) % 256, (x * y) % 256, (x ^ y) % 256], axis=-1).astype(np.uint8)
-    return Image.fromarray(rgb, "RGB")
 
 
 def case_id(c: dict) -> str:

@@ -1,0 +1,229 @@
+"""One InternVL model replica: load a native checkpoint, build prompt ids, normalise tiles, batched generate.
+
+Knows nothing of Ray Data or the job's storage layout. Checkpoints load with `InternVLForConditionalGeneration`
+(no remote code) from a local folder, an s3:// (any fsspec) prefix copied once per node into a local cache, or a
+hub id where a network exists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import uuid
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.prompts import ImageTokens, chat_messages, expand_image_placeholders
+from pipeline.storage import get_filesystem, is_local
+from pipeline.tiling import IMAGENET_MEAN, IMAGENET_STD
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_CACHE = Path(os.environ.get("INTERNVL_BATCH_CACHE", Path.home() / ".cache" / "internvl-batch")) / "models"
+
+
+class ModelLoadError(RuntimeError):
+    """The checkpoint cannot be found or loaded; the job should fail fast with this cause."""
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    """Where and how a replica runs."""
+
+    device: str
+    dtype: torch.dtype
+    attn_implementation: str
+
+
+def plan_device(device: str = "auto", dtype: str = "auto", *, cuda_available: bool, flash_attn_available: bool) -> DevicePlan:
+    """bf16 + flash_attention_2 (when installed) on GPU, fp32 + sdpa on CPU, unless the job says otherwise."""
+    if device == "cuda" and not cuda_available:
+        raise ModelLoadError("compute.device is 'cuda' but no CUDA device is visible to this replica")
+    use_cuda = device == "cuda" or (device == "auto" and cuda_available)
+    resolved_dtype = DTYPES[dtype] if dtype != "auto" else (torch.bfloat16 if use_cuda else torch.float32)
+    attn = "flash_attention_2" if use_cuda and flash_attn_available and resolved_dtype != torch.float32 else "sdpa"
+    return DevicePlan(device="cuda" if use_cuda else "cpu", dtype=resolved_dtype, attn_implementation=attn)
+
+
+def local_plan(device: str = "auto", dtype: str = "auto") -> DevicePlan:
+    """plan_device for this process's hardware."""
+    return plan_device(
+        device, dtype,
+        cuda_available=torch.cuda.is_available(),
+        flash_attn_available=importlib.util.find_spec("flash_attn") is not None,
+    )
+
+
+def cache_checkpoint(url: str, *, cache_dir: str | Path | None = None, options: Mapping[str, Any] | None = None) -> Path:
+    """Copy a remote checkpoint prefix into the node-local cache once; later callers reuse it.
+
+    The copy lands in a temporary folder and is renamed into place, so a reader never sees half a checkpoint and
+    concurrent actors on one node do not corrupt each other (the loser of the rename discards its copy).
+    """
+    cache = Path(cache_dir) if cache_dir else DEFAULT_CACHE
+    dest = cache / hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
+    if (dest / "config.json").exists():
+        return dest
+    fs, path = get_filesystem(url, options)
+    if not fs.exists(f"{path.rstrip('/')}/config.json"):
+        raise ModelLoadError(f"model {url!r}: no config.json under that prefix")
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = cache / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        fs.get(path.rstrip("/") + "/", str(tmp) + "/", recursive=True)
+        os.rename(tmp, dest)
+    except OSError:
+        if not (dest / "config.json").exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def resolve_checkpoint(model: str, *, cache_dir: str | Path | None = None, options: Mapping[str, Any] | None = None) -> str:
+    """A path or hub id that from_pretrained can open: local folders as they are, remote prefixes via the cache."""
+    if "://" in model and not is_local(model):
+        return str(cache_checkpoint(model, cache_dir=cache_dir, options=options))
+    local = Path(model.removeprefix("file://")).expanduser()
+    if local.exists():
+        if not (local / "config.json").exists():
+            raise ModelLoadError(f"model {model!r}: folder has no config.json")
+        return str(local)
+    if model.startswith((".", "/", "~")):
+        raise ModelLoadError(f"model {model!r}: no such folder")
+    return model  # a hub id
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One sample's generated tokens, their log-probabilities and text."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    text: str
+
+
+class InternVLEngine:
+    """A loaded replica: tokenizer, chat template, model on its device."""
+
+    def __init__(self, model: Any, tokenizer: Any, plan: DevicePlan) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.plan = plan
+        self.image_tokens = ImageTokens.from_tokenizer(tokenizer)
+        self.image_seq_length = int(getattr(model.config, "image_seq_length", 256))
+        context_id = tokenizer.convert_tokens_to_ids(self.image_tokens.context)
+        if context_id != model.config.image_token_id:
+            raise ModelLoadError(
+                f"tokenizer's image token {self.image_tokens.context!r} has id {context_id}, "
+                f"but the model expects image_token_id {model.config.image_token_id}"
+            )
+        eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
+        self._mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=plan.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=plan.device).view(1, 3, 1, 1)
+
+    @classmethod
+    def load(
+        cls,
+        model: str,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> InternVLEngine:
+        """Load a native InternVL checkpoint (never with remote code) onto this process's device."""
+        from transformers import AutoTokenizer, InternVLForConditionalGeneration
+
+        plan = local_plan(device, dtype)
+        path = resolve_checkpoint(model, cache_dir=cache_dir, options=storage_options)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
+            net = InternVLForConditionalGeneration.from_pretrained(
+                path, revision=revision, dtype=plan.dtype, attn_implementation=plan.attn_implementation
+            )
+        except (OSError, ValueError, KeyError) as err:
+            raise ModelLoadError(f"model {model!r} could not be loaded as a native InternVL checkpoint: {err}") from err
+        if not tokenizer.chat_template:
+            raise ModelLoadError(f"model {model!r} has no chat template (tokenizer_config.json or chat_template.jinja)")
+        return cls(net.to(plan.device).eval(), tokenizer, plan)
+
+    def prompt_text(self, text: str, tiles_per_image: Sequence[int]) -> str:
+        """The full prompt string: chat template rendered, image placeholders expanded."""
+        rendered = self.tokenizer.apply_chat_template(
+            chat_messages(text, num_images=len(tiles_per_image)), tokenize=False, add_generation_prompt=True
+        )
+        return expand_image_placeholders(
+            rendered, tiles_per_image=list(tiles_per_image), tokens=self.image_tokens, image_seq_length=self.image_seq_length
+        )
+
+    def prompt_ids(self, text: str, tiles_per_image: Sequence[int]) -> list[int]:
+        """Token ids of the full prompt."""
+        return self.tokenizer(self.prompt_text(text, tiles_per_image), add_special_tokens=False)["input_ids"]
+
+    def normalize(self, pixels: np.ndarray) -> torch.Tensor:
+        """uint8 (N, H, W, 3) tiles -> model dtype (N, 3, H, W), ImageNet mean/std of x/255, computed on device."""
+        with warnings.catch_warnings():  # tiles are read-only views of Arrow buffers; we never write to them
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            x = torch.from_numpy(np.ascontiguousarray(pixels))
+        x = x.to(self.plan.device).permute(0, 3, 1, 2)
+        x = x.to(torch.float32).div(255.0).sub(self._mean).div(self._std)
+        return x.to(self.plan.dtype)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        requests: Sequence[tuple[list[int], np.ndarray]],
+        *,
+        max_new_tokens: int,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> list[Generation]:
+        """Generate for a batch of (prompt ids, uint8 tiles) with left padding; tiles follow the batch order."""
+        if not requests:
+            return []
+        width = max(len(ids) for ids, _ in requests)
+        input_ids = torch.full((len(requests), width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(requests), width), dtype=torch.long)
+        for row, (ids, _) in enumerate(requests):
+            input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+            attention[row, width - len(ids):] = 1
+        pixels = np.concatenate([tiles for _, tiles in requests], axis=0)
+        if seed is not None:
+            torch.manual_seed(seed)
+        sampling = dict(temperature=temperature, top_p=top_p) if do_sample else dict(temperature=None, top_p=None, top_k=None)
+        out = self.model.generate(
+            input_ids=input_ids.to(self.plan.device),
+            attention_mask=attention.to(self.plan.device),
+            pixel_values=self.normalize(pixels),
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            pad_token_id=self.pad_id,
+            eos_token_id=sorted(self.eos_ids),
+            output_logits=True,
+            return_dict_in_generate=True,
+            **sampling,
+        )
+        new_tokens = out.sequences[:, width:].cpu()
+        logprobs = torch.stack([torch.log_softmax(step.float(), dim=-1) for step in out.logits], dim=1).cpu()
+        results = []
+        for row in range(len(requests)):
+            tokens = new_tokens[row].tolist()
+            end = next((i + 1 for i, t in enumerate(tokens) if t in self.eos_ids), len(tokens))
+            tokens = tokens[:end]
+            lp = [float(logprobs[row, i, t]) for i, t in enumerate(tokens)]
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            results.append(Generation(token_ids=tokens, logprobs=lp, text=text))
+        return results

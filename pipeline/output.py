@@ -1,0 +1,144 @@
+"""The output's schema, shard naming, the run summary (_SUCCESS.json) and its table."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+
+from pipeline.storage import arrow_filesystem, get_filesystem
+
+SUCCESS_FILE = "_SUCCESS.json"
+
+# Our columns, typed once so every shard has the same schema whatever its rows (all-error shards included).
+OUTPUT_SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("uri", pa.string()),
+    ("task", pa.string()),
+    ("prompt", pa.string()),
+    ("response", pa.string()),
+    ("status", pa.string()),
+    ("error_type", pa.string()),
+    ("error_message", pa.string()),
+    ("num_tiles", pa.int32()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("num_input_tokens", pa.int32()),
+    ("num_generated_tokens", pa.int32()),
+    ("mean_logprob", pa.float64()),
+    ("model", pa.string()),
+    ("generation", pa.string()),
+    ("preprocess_ms", pa.float64()),
+    ("infer_ms", pa.float64()),
+])
+
+
+def to_output_table(columns: Mapping[str, Any]) -> pa.Table:
+    """Our columns cast to OUTPUT_SCHEMA, then passthrough columns as Arrow infers them."""
+    arrays, names = [], []
+    for f in OUTPUT_SCHEMA:
+        values = columns[f.name]
+        values = values.tolist() if isinstance(values, np.ndarray) else list(values)
+        arrays.append(pa.array(values, type=f.type, from_pandas=True))
+        names.append(f.name)
+    for name, values in columns.items():
+        if name not in OUTPUT_SCHEMA.names:
+            arrays.append(pa.array(values.tolist() if isinstance(values, np.ndarray) else values, from_pandas=True))
+            names.append(name)
+    return pa.Table.from_arrays(arrays, names=names)
+
+
+def shard_name(ids: list[str]) -> str:
+    """A shard's file name, derived from the ids it holds: the same rows always get the same name."""
+    digest = hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:20]
+    return f"part-{digest}.parquet"
+
+
+def existing_results(output: str, options: Mapping[str, Any] | None = None) -> list[str]:
+    """Result files (shards and the success marker) already under `output`."""
+    fs, path = get_filesystem(output, options)
+    if not fs.exists(path):
+        return []
+    return sorted(p for p in fs.find(path) if p.endswith((".parquet", SUCCESS_FILE)))
+
+
+def clear_results(output: str, options: Mapping[str, Any] | None = None) -> int:
+    """Delete earlier shards and marker (for overwrite); returns how many files were removed."""
+    fs, _ = get_filesystem(output, options)
+    files = existing_results(output, options)
+    for p in files:
+        fs.rm(p)
+    return len(files)
+
+
+@dataclass
+class RunSummary:
+    """What a run did: counts, errors by type, throughput, and the fingerprint of its config."""
+
+    rows_in: int
+    rows_out: int
+    rows_ok: int
+    rows_error: int
+    errors_by_type: dict[str, int]
+    tiles: int
+    input_tokens: int
+    generated_tokens: int
+    wall_s: float
+    fingerprint: str
+    task: str
+    model: str
+    output: str
+    files: int
+    skipped_inputs: dict[str, int] = field(default_factory=dict)
+    finished_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.rows_out / self.wall_s if self.wall_s > 0 else 0.0
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data.update(
+            samples_per_s=round(self.samples_per_s, 3),
+            tokens_per_s=round(self.generated_tokens / self.wall_s, 3) if self.wall_s > 0 else 0.0,
+            tiles_per_s=round(self.tiles / self.wall_s, 3) if self.wall_s > 0 else 0.0,
+        )
+        return json.dumps(data, indent=2, sort_keys=True)
+
+
+def summarize_output(output: str, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Counts read back from the written shards (so the summary reports what is really there)."""
+    afs, path = arrow_filesystem(output, options)
+    dataset = pads.dataset(path, filesystem=afs, format="parquet", exclude_invalid_files=False,
+                           ignore_prefixes=[".", "_"])
+    table = dataset.to_table(columns=["id", "status", "error_type", "num_tiles", "num_input_tokens", "num_generated_tokens"])
+    errors = table.filter(pc.equal(table["status"], "error"))
+    by_type: dict[str, int] = {}
+    for t in errors["error_type"].to_pylist():
+        by_type[t or "unknown"] = by_type.get(t or "unknown", 0) + 1
+    return dict(
+        rows_out=table.num_rows,
+        unique_ids=len(pc.unique(table["id"])),
+        rows_ok=table.num_rows - errors.num_rows,
+        rows_error=errors.num_rows,
+        errors_by_type=by_type,
+        tiles=int(pc.sum(table["num_tiles"]).as_py() or 0),
+        input_tokens=int(pc.sum(table["num_input_tokens"]).as_py() or 0),
+        generated_tokens=int(pc.sum(table["num_generated_tokens"]).as_py() or 0),
+        files=len(dataset.files),
+    )
+
+
+def write_success(output: str, summary: RunSummary, options: Mapping[str, Any] | None = None) -> None:
+    """Write _SUCCESS.json last: its presence means every shard is in place."""
+    fs, path = get_filesystem(output, options)
+    with fs.open(f"{path.rstrip('/')}/{SUCCESS_FILE}", "w") as f:
+        f.write(summary.to_json())
