@@ -70,6 +70,7 @@ class JobConfig(_Section):
     tiling: TilingConfig = Field(default_factory=TilingConfig, description="InternVL dynamic tiling.")
     generation: GenerationConfig = Field(default_factory=GenerationConfig, description="Decoding parameters.")
     compute: ComputeConfig = Field(default_factory=ComputeConfig, description="Replicas, batching and devices.")
+    rows_per_shard: int = Field(1000, ge=1, description="Rows per output Parquet shard (the last shard may hold fewer).")
     overwrite: bool = Field(False, description="Replace results already in `output` (otherwise such a run is refused).")
     storage: dict[str, Any] = Field(default_factory=dict, description="Extra fsspec/s3fs options, e.g. endpoint_url. No credentials.")
     model_cache: str | None = Field(None, description="Local folder where s3:// checkpoints are copied (default ~/.cache/internvl-batch/models).")

@@ -144,7 +144,9 @@ class InternVLEngine:
     ) -> InternVLEngine:
         """Load a native InternVL checkpoint (never with remote code) onto this process's device."""
         from transformers import AutoTokenizer, InternVLForConditionalGeneration
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()  # per-shard bars from every replica would flood the job log
         plan = local_plan(device, dtype)
         path = resolve_checkpoint(model, cache_dir=cache_dir, options=storage_options)
         try:

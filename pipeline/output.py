@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -13,8 +14,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 
-from pipeline.storage import arrow_filesystem, get_filesystem
+from pipeline.storage import arrow_filesystem, get_filesystem, is_local
 
 SUCCESS_FILE = "_SUCCESS.json"
 
@@ -41,18 +43,32 @@ OUTPUT_SCHEMA = pa.schema([
 ])
 
 
-def to_output_table(columns: Mapping[str, Any]) -> pa.Table:
-    """Our columns cast to OUTPUT_SCHEMA, then passthrough columns as Arrow infers them."""
-    arrays, names = [], []
-    for f in OUTPUT_SCHEMA:
-        values = columns[f.name]
-        values = values.tolist() if isinstance(values, np.ndarray) else list(values)
-        arrays.append(pa.array(values, type=f.type, from_pandas=True))
-        names.append(f.name)
-    for name, values in columns.items():
-        if name not in OUTPUT_SCHEMA.names:
-            arrays.append(pa.array(values.tolist() if isinstance(values, np.ndarray) else values, from_pandas=True))
-            names.append(name)
+# What the CPU stage adds to each input row.
+PREPROCESS_SCHEMA = pa.schema([
+    ("pixels", pa.large_binary()),  # uint8 tiles (num_tiles, 448, 448, 3), C order
+    ("num_tiles", pa.int32()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("status", pa.string()),
+    ("error_type", pa.string()),
+    ("error_message", pa.string()),
+    ("preprocess_ms", pa.float64()),
+])
+
+
+def to_table(columns: Mapping[str, Any], schema: pa.Schema = OUTPUT_SCHEMA) -> pa.Table:
+    """Columns in `schema` typed as it says (so all-null batches keep their types), then the rest as Arrow infers.
+
+    Columns of the schema come first, in its order; other (passthrough) columns follow in their own order.
+    """
+    names = [f.name for f in schema] + [n for n in columns if n not in schema.names]
+    arrays = []
+    for name in names:
+        values = columns[name]
+        if not (isinstance(values, np.ndarray) and values.dtype != object):
+            values = values.tolist() if isinstance(values, np.ndarray) else list(values)
+        # from_pandas: NaN (how numpy batches carry nulls of numeric columns) becomes null
+        arrays.append(pa.array(values, type=schema.field(name).type if name in schema.names else None, from_pandas=True))
     return pa.Table.from_arrays(arrays, names=names)
 
 
@@ -60,6 +76,41 @@ def shard_name(ids: list[str]) -> str:
     """A shard's file name, derived from the ids it holds: the same rows always get the same name."""
     digest = hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:20]
     return f"part-{digest}.parquet"
+
+
+def write_shard(table: pa.Table, output: str, options: Mapping[str, Any] | None = None) -> str:
+    """Write one Parquet shard under `output` so that readers never see it half written; returns its name.
+
+    Object stores publish an object only when its upload completes; on local disks we write a hidden temporary
+    file and rename it into place.
+    """
+    name = shard_name(table.column("id").to_pylist())
+    fs, path = get_filesystem(output, options)
+    final = f"{path.rstrip('/')}/{name}"
+    fs.makedirs(path, exist_ok=True)
+    if is_local(output):
+        tmp = f"{path.rstrip('/')}/.{name}.{uuid.uuid4().hex[:8]}.tmp"
+        with fs.open(tmp, "wb") as f:
+            pq.write_table(table, f)
+        fs.mv(tmp, final)
+    else:
+        with fs.open(final, "wb") as f:
+            pq.write_table(table, f)
+    return name
+
+
+def shard_stats(table: pa.Table, name: str) -> dict[str, Any]:
+    """Counts of one written shard, for the run summary."""
+    status = table.column("status").to_pylist()
+    errors: dict[str, int] = {}
+    for s, t in zip(status, table.column("error_type").to_pylist()):
+        if s != "ok":
+            errors[t or "unknown"] = errors.get(t or "unknown", 0) + 1
+    total = lambda col: int(pc.sum(table.column(col)).as_py() or 0)  # noqa: E731
+    return dict(
+        file=name, rows=table.num_rows, ok=table.num_rows - sum(errors.values()), errors=json.dumps(errors),
+        tiles=total("num_tiles"), input_tokens=total("num_input_tokens"), generated_tokens=total("num_generated_tokens"),
+    )
 
 
 def existing_results(output: str, options: Mapping[str, Any] | None = None) -> list[str]:

