@@ -1,0 +1,135 @@
+"""End to end: `internvl-batch run` on local Ray against the SeaweedFS S3 server, results read back from S3."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+import s3fs
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.output import OUTPUT_SCHEMA
+from tests.conftest import pattern_image
+
+pytestmark = pytest.mark.integration
+
+# name -> (width, height, expected tiles with max_tiles=12)
+IMAGES = {"one.jpg": (448, 448, 1), "seven.png": (1344, 896, 7), "thirteen.jpg": (1792, 1344, 13)}
+
+
+@pytest.fixture(scope="module")
+def s3(s3_server, ray_local, tiny_model):
+    fs = s3fs.S3FileSystem()
+    for name, (w, h, _) in IMAGES.items():
+        buf = io.BytesIO()
+        pattern_image(w, h).save(buf, "PNG" if name.endswith("png") else "JPEG", quality=95)
+        fs.pipe(f"bucket/e2e/images/{name}", buf.getvalue())
+    fs.pipe("bucket/e2e/images/broken.jpg", b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    fs.pipe("bucket/e2e/images/README.txt", b"not media")
+    fs.put(str(tiny_model) + "/", "bucket/models/tiny/", recursive=True)
+    return fs
+
+
+def run_cli(tmp_path, job: dict, *extra: str):
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return CliRunner().invoke(app, ["run", str(path), *extra])
+
+
+def read_output(fs: s3fs.S3FileSystem, prefix: str):
+    files = sorted(fs.glob(f"{prefix}/part-*.parquet"))
+    assert files, f"no shards under {prefix}"
+    return pq.ParquetDataset(files, filesystem=fs).read()
+
+
+def prompt_overhead(tiny_model) -> int:
+    """Tokens of the rendered chat template besides the image (the image placeholder itself is one token)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image in detail."}]}]
+    return len(tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True)["input_ids"]) - 1
+
+
+def test_caption_images_from_s3_to_s3(s3, s3_server, tiny_model, tmp_path):
+    job = {
+        "task": "caption", "input": "s3://bucket/e2e/images/", "output": "s3://bucket/e2e/captions/",
+        "model": "s3://bucket/models/tiny/", "model_cache": str(tmp_path / "cache"),
+        "generation": {"max_new_tokens": 6}, "compute": {"batch_size": 2},
+    }
+    result = run_cli(tmp_path, job)
+    assert result.exit_code == 0, result.output
+    table = read_output(s3, "bucket/e2e/captions")
+    assert table.schema.names[: len(OUTPUT_SCHEMA)] == OUTPUT_SCHEMA.names
+    rows = {r["uri"].rsplit("/", 1)[-1]: r for r in table.to_pylist()}
+    assert sorted(rows) == sorted([*IMAGES, "broken.jpg"])  # one row per input; the .txt is not an input
+    overhead = prompt_overhead(tiny_model)
+    for name, (w, h, tiles) in IMAGES.items():
+        row = rows[name]
+        assert row["status"] == "ok" and row["error_type"] is None
+        assert (row["num_tiles"], row["width"], row["height"]) == (tiles, w, h)
+        assert row["num_input_tokens"] == overhead + 2 + 256 * tiles
+        assert row["num_generated_tokens"] == 6 and row["response"]
+        assert row["model"] == "s3://bucket/models/tiny/" and json.loads(row["generation"])["max_new_tokens"] == 6
+        assert row["task"] == "caption" and row["prompt"] == "Describe the image in detail."
+    assert rows["broken.jpg"]["status"] == "error" and rows["broken.jpg"]["error_type"] == "decode_error"
+    assert len(set(table.column("id").to_pylist())) == table.num_rows
+
+    success = json.loads(s3.cat("bucket/e2e/captions/_SUCCESS.json"))
+    assert (success["rows_in"], success["rows_out"], success["rows_ok"], success["rows_error"]) == (4, 4, 3, 1)
+    assert success["errors_by_type"] == {"decode_error": 1} and success["skipped_inputs"] == {".txt": 1}
+    assert success["tiles"] == 21
+    for secret in (s3_server.secret_key, s3_server.access_key):
+        assert secret not in result.output and secret not in json.dumps(success)
+    assert (tmp_path / "cache").exists()  # the s3:// checkpoint was copied into the node-local cache
+
+    # a second run into the same output is refused, naming the way out, and changes nothing
+    again = run_cli(tmp_path, job)
+    assert again.exit_code == 2 and "already holds results" in again.output and "overwrite" in again.output
+    # overwrite replaces the results
+    assert run_cli(tmp_path, job, "--set", "overwrite=true").exit_code == 0
+    assert read_output(s3, "bucket/e2e/captions").num_rows == 4
+
+
+def test_vqa_manifest_with_passthrough(s3, tiny_model, tmp_path):
+    manifest = [
+        {"uri": "s3://bucket/e2e/images/one.jpg", "question": "What colour is it?", "source": "a", "rank": 1},
+        {"uri": "s3://bucket/e2e/images/one.jpg", "question": "Is it round?", "source": "b", "rank": 2},
+        {"id": "mine", "uri": "s3://bucket/e2e/images/seven.png", "question": "How many?", "source": "c", "rank": 3},
+        {"uri": "s3://bucket/e2e/images/missing.jpg", "question": "Where?", "source": "d", "rank": 4},
+    ]
+    s3.pipe("bucket/e2e/vqa.jsonl", "\n".join(json.dumps(r) for r in manifest).encode())
+    job = {
+        "task": "vqa", "input": "s3://bucket/e2e/vqa.jsonl", "output": "s3://bucket/e2e/vqa-out",
+        "model": str(tiny_model), "prompt": "{question} Answer briefly.", "generation": {"max_new_tokens": 4},
+        "tiling": {"max_tiles": 6},
+    }
+    result = run_cli(tmp_path, job)
+    assert result.exit_code == 0, result.output
+    rows = sorted(read_output(s3, "bucket/e2e/vqa-out").to_pylist(), key=lambda r: r["rank"])
+    assert [r["source"] for r in rows] == ["a", "b", "c", "d"]
+    assert rows[0]["prompt"] == "What colour is it? Answer briefly." and rows[0]["question"] == "What colour is it?"
+    assert rows[0]["id"] != rows[1]["id"] and rows[2]["id"] == "mine"
+    assert rows[2]["num_tiles"] == 7  # 3x2 grid (max 6) + thumbnail
+    assert rows[3]["status"] == "error" and rows[3]["error_type"] == "not_found"
+    assert all(r["status"] == "ok" and r["response"] for r in rows[:3])
+
+
+def test_demo_command_runs_on_a_fresh_workdir(tmp_path):
+    """The README's first command: `internvl-batch demo` (local folders here; the S3 path is tested above)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS"))}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "demo", "--workdir", str(tmp_path / "demo"), "--no-s3"],
+        capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "rows in / out" in proc.stdout and "6 / 6" in proc.stdout
+    assert (tmp_path / "demo" / "results" / "_SUCCESS.json").exists()
