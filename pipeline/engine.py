@@ -7,11 +7,7 @@ hub id where a network exists.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import os
-import shutil
-import uuid
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -21,16 +17,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.checkpoints import ModelLoadError, resolve_checkpoint
 from pipeline.prompts import ImageTokens, chat_messages, expand_image_placeholders
-from pipeline.storage import get_filesystem, is_local
 from pipeline.tiling import IMAGENET_MEAN, IMAGENET_STD
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DEFAULT_CACHE = Path(os.environ.get("INTERNVL_BATCH_CACHE", Path.home() / ".cache" / "internvl-batch")) / "models"
-
-
-class ModelLoadError(RuntimeError):
-    """The checkpoint cannot be found or loaded; the job should fail fast with this cause."""
 
 
 @dataclass(frozen=True)
@@ -59,46 +50,6 @@ def local_plan(device: str = "auto", dtype: str = "auto") -> DevicePlan:
         cuda_available=torch.cuda.is_available(),
         flash_attn_available=importlib.util.find_spec("flash_attn") is not None,
     )
-
-
-def cache_checkpoint(url: str, *, cache_dir: str | Path | None = None, options: Mapping[str, Any] | None = None) -> Path:
-    """Copy a remote checkpoint prefix into the node-local cache once; later callers reuse it.
-
-    The copy lands in a temporary folder and is renamed into place, so a reader never sees half a checkpoint and
-    concurrent actors on one node do not corrupt each other (the loser of the rename discards its copy).
-    """
-    cache = Path(cache_dir) if cache_dir else DEFAULT_CACHE
-    dest = cache / hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
-    if (dest / "config.json").exists():
-        return dest
-    fs, path = get_filesystem(url, options)
-    if not fs.exists(f"{path.rstrip('/')}/config.json"):
-        raise ModelLoadError(f"model {url!r}: no config.json under that prefix")
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = cache / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        fs.get(path.rstrip("/") + "/", str(tmp) + "/", recursive=True)
-        os.rename(tmp, dest)
-    except OSError:
-        if not (dest / "config.json").exists():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest
-
-
-def resolve_checkpoint(model: str, *, cache_dir: str | Path | None = None, options: Mapping[str, Any] | None = None) -> str:
-    """A path or hub id that from_pretrained can open: local folders as they are, remote prefixes via the cache."""
-    if "://" in model and not is_local(model):
-        return str(cache_checkpoint(model, cache_dir=cache_dir, options=options))
-    local = Path(model.removeprefix("file://")).expanduser()
-    if local.exists():
-        if not (local / "config.json").exists():
-            raise ModelLoadError(f"model {model!r}: folder has no config.json")
-        return str(local)
-    if model.startswith((".", "/", "~")):
-        raise ModelLoadError(f"model {model!r}: no such folder")
-    return model  # a hub id
 
 
 @dataclass(frozen=True)

@@ -36,8 +36,8 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
         raise MediaError("too_large", str(err)) from None
     except UnidentifiedImageError:
         raise MediaError("decode_error", "not a recognised image format") from None
-    except (OSError, ValueError, SyntaxError) as err:
-        raise MediaError("decode_error", f"image could not be decoded: {err}") from None
+    except Exception as err:  # noqa: BLE001 - Pillow's plugins raise many types on malformed bytes; all mean "bad file"
+        raise MediaError("decode_error", f"image could not be decoded: {type(err).__name__}: {err}") from None
     if image.width == 0 or image.height == 0:
         raise MediaError("decode_error", f"image has no pixels ({image.width}x{image.height})")
     return image if image.mode == "RGB" else image.convert("RGB")

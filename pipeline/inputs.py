@@ -78,6 +78,8 @@ def _manifest_rows(url: str, options: Mapping[str, Any] | None) -> pa.Table:
     uris = table.column("uri").cast(pa.string()).to_pylist()
     if any(not u for u in uris):
         raise InputError(f"manifest {url!r}: 'uri' is empty in row {next(i for i, u in enumerate(uris) if not u)}")
+    base = url.rsplit("/", 1)[0] if "/" in url else "."
+    uris = [u if "://" in u or u.startswith("/") else f"{base}/{u}" for u in uris]  # relative to the manifest
     table = table.set_column(table.column_names.index("uri"), "uri", pa.array(uris, pa.string()))
     questions = (
         table.column("question").cast(pa.string()).to_pylist() if "question" in table.column_names else [None] * len(uris)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+from pipeline.checkpoints import ModelLoadError, check_checkpoint
 from pipeline.config import JobConfig, JobError
 from pipeline.inputs import InputError, list_inputs
 from pipeline.output import RunSummary, clear_results, existing_results, write_success
@@ -115,6 +116,10 @@ def run_job(job: JobConfig, *, echo: Callable[[str], None] = print) -> RunSummar
             f"output {job.output!r} already holds results ({len(existing)} files); "
             "choose another output or pass --set overwrite=true to replace them"
         )
+    try:
+        check_checkpoint(job.model, job.storage)
+    except ModelLoadError as err:
+        raise JobError(str(err)) from None
     try:
         listing = list_inputs(job.input, job.storage)
     except InputError as err:

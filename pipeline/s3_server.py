@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import boto3
+import botocore.session
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -51,7 +51,7 @@ class S3Server:
     region: str = "us-east-1"
 
     def env(self) -> dict[str, str]:
-        """Return AWS_* environment variables that point boto3/s3fs at this server."""
+        """Return AWS_* environment variables that point botocore/s3fs at this server."""
         return {
             "AWS_ACCESS_KEY_ID": self.access_key,
             "AWS_SECRET_ACCESS_KEY": self.secret_key,
@@ -128,8 +128,9 @@ def _log_tail(path: Path, lines: int = 40) -> str:
 
 
 def _wait_ready(proc: subprocess.Popen[bytes], server: S3Server, timeout: float, log_path: Path) -> Any:
-    """Poll the S3 endpoint with the server's credentials until it answers; return the boto3 client."""
-    client = boto3.client(
+    """Poll the S3 endpoint with the server's credentials until it answers; return the botocore client."""
+    # botocore, not boto3: it comes with s3fs (via aiobotocore) at a version that fits, boto3 would fight it
+    client = botocore.session.get_session().create_client(
         "s3", endpoint_url=server.endpoint_url, aws_access_key_id=server.access_key,
         aws_secret_access_key=server.secret_key, region_name=server.region,
         config=Config(connect_timeout=1, read_timeout=5, retries={"max_attempts": 1}))

@@ -118,20 +118,12 @@ class Generate:
             rows.append(i)
 
         start = time.perf_counter()
-        if requests:
-            gen = self.job.generation
-            try:
-                results = self.engine.generate(
-                    requests, max_new_tokens=gen.max_new_tokens, do_sample=gen.do_sample,
-                    temperature=gen.temperature, top_p=gen.top_p, seed=gen.seed if gen.do_sample else None,
-                )
-            except (RuntimeError, ValueError) as err:  # e.g. out of memory on an oversized batch: record, go on
-                results = None
-                for i in rows:
-                    status[i], error_type[i], error_message[i] = "error", "model_error", f"{type(err).__name__}: {err}"
-            for i, res in zip(rows, results or []):
-                response[i], n_out[i] = res.text, len(res.token_ids)
-                mean_lp[i] = float(np.mean(res.logprobs)) if res.logprobs else None
+        for i, result in zip(rows, self._generate(requests)):
+            if isinstance(result, str):
+                status[i], error_type[i], error_message[i] = "error", "model_error", result
+            else:
+                response[i], n_out[i] = result.text, len(result.token_ids)
+                mean_lp[i] = float(np.mean(result.logprobs)) if result.logprobs else None
         infer_ms = (time.perf_counter() - start) * 1000.0 / max(len(rows), 1)
         done = set(rows)
 
@@ -151,6 +143,23 @@ class Generate:
             infer_ms=np.asarray([infer_ms if i in done else 0.0 for i in range(n)], dtype=np.float64),
         )
         return to_table(out, OUTPUT_SCHEMA)
+
+    def _generate(self, requests: list[tuple[list[int], np.ndarray]]) -> list[Any]:
+        """Generations for the batch; if it runs out of device memory, one sample at a time, and a sample that
+        still does not fit becomes an error message instead of a result."""
+        import torch
+
+        gen = self.job.generation
+        params = dict(max_new_tokens=gen.max_new_tokens, do_sample=gen.do_sample, temperature=gen.temperature,
+                      top_p=gen.top_p, seed=gen.seed if gen.do_sample else None)
+        if not requests:
+            return []
+        try:
+            return self.engine.generate(requests, **params)
+        except torch.OutOfMemoryError:
+            if len(requests) == 1:
+                return [f"out of device memory for one sample ({len(requests[0][0])} prompt tokens)"]
+        return [r for request in requests for r in self._generate([request])]
 
 
 class WriteShards:

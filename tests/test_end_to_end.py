@@ -133,3 +133,12 @@ def test_demo_command_runs_on_a_fresh_workdir(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "rows in / out" in proc.stdout and "6 / 6" in proc.stdout
     assert (tmp_path / "demo" / "results" / "_SUCCESS.json").exists()
+
+
+def test_missing_model_fails_before_any_work(tmp_path):
+    (tmp_path / "img").mkdir()
+    pattern_image(64, 64).save(tmp_path / "img" / "a.png")
+    job = {"task": "caption", "input": str(tmp_path / "img"), "output": str(tmp_path / "out"), "model": str(tmp_path / "nope")}
+    result = run_cli(tmp_path, job)
+    assert result.exit_code == 2 and "no such folder" in result.output
+    assert not (tmp_path / "out").exists()

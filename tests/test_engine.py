@@ -124,3 +124,41 @@ def test_missing_model_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match="no config.json"):
         resolve_checkpoint(str(tmp_path / "empty"))
+
+
+class _OomOnBatches:
+    """An engine stand-in whose device 'runs out of memory' for batches of more than one sample, or for 13 tiles."""
+
+    def __init__(self, real):
+        self.real = real
+        self.calls = []
+
+    def prompt_ids(self, text, tiles):
+        return self.real.prompt_ids(text, tiles)
+
+    def generate(self, requests, **kw):
+        self.calls.append(len(requests))
+        if len(requests) > 1 or len(requests[0][1]) == 13:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return self.real.generate(requests, **kw)
+
+
+def test_out_of_memory_falls_back_to_single_samples(engine, samples):
+    job = parse_job({"task": "caption", "input": "x", "output": "y", "model": "m", "generation": {"max_new_tokens": 3}})
+    fake = _OomOnBatches(engine)
+    n = len(samples)
+    batch = {
+        "id": np.array([str(i) for i in range(n)], dtype=object),
+        "uri": np.array([f"u{i}" for i in range(n)], dtype=object),
+        "pixels": np.array([p.tobytes() for p in samples], dtype=object),
+        "num_tiles": np.array([len(p) for p in samples], dtype=np.int32),
+        "width": np.zeros(n), "height": np.zeros(n),
+        "status": np.array(["ok"] * n, dtype=object),
+        "error_type": np.array([None] * n, dtype=object),
+        "error_message": np.array([None] * n, dtype=object),
+        "preprocess_ms": np.zeros(n),
+    }
+    rows = Generate(job, engine=fake)(batch).to_pylist()
+    assert fake.calls == [3, 1, 1, 1]
+    assert [r["status"] for r in rows] == ["ok", "ok", "error"]
+    assert rows[2]["error_type"] == "model_error" and "out of device memory" in rows[2]["error_message"]

@@ -84,3 +84,9 @@ def test_manifest_reserved_column(tmp_path):
     path.write_text('{"uri": "a.jpg", "status": "new"}\n')
     with pytest.raises(InputError, match="status"):
         list_inputs(str(path))
+
+
+def test_relative_uris_resolve_against_the_manifest(folder):
+    (folder / "m.csv").write_text("uri\na.png\nsub/c.webp\n")
+    uris = list_inputs(str(folder / "m.csv")).table.column("uri").to_pylist()
+    assert uris == [f"{folder}/a.png", f"{folder}/sub/c.webp"]

@@ -74,14 +74,14 @@ def test_roundtrip_auth_and_cleanup(tmp_path: Path) -> None:
 
 
 @needs_weed
-def test_env_configures_boto3_and_s3fs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import boto3
+def test_env_configures_botocore_and_s3fs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import botocore.session
     import s3fs
 
     with local_s3_server(tmp_path, buckets=[BUCKET]) as server:
         for name, value in server.env().items():
             monkeypatch.setenv(name, value)
-        client = boto3.client("s3")
+        client = botocore.session.get_session().create_client("s3")
         client.put_object(Bucket=BUCKET, Key="k", Body=b"v")
         assert client.get_object(Bucket=BUCKET, Key="k")["Body"].read() == b"v"
         assert BUCKET in [b["Name"] for b in client.list_buckets()["Buckets"]]
