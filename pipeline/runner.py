@@ -140,7 +140,14 @@ def run_job(job: JobConfig, *, echo: Callable[[str], None] = print) -> RunSummar
     echo(f"{resources.replicas} replica(s), {resources.cpu_workers} CPU worker(s), "
          f"{resources.gpus_per_replica:g} GPU(s) per replica")
 
-    shards = build_dataset(job, listing.table, resources).take_all()
+    shards: list[dict] = []
+    done = 0
+    for shard in build_dataset(job, listing.table, resources).iter_rows():  # one stats row per written shard
+        shards.append(shard)
+        done += int(shard["rows"])
+        elapsed = time.perf_counter() - started
+        echo(f"[{done}/{rows_in}] {shard['file']}: {shard['rows']} rows, {shard['rows'] - shard['ok']} errors "
+             f"({done / elapsed:.2f} samples/s)")
     summary = summarize_shards(job, shards, rows_in=rows_in, wall_s=time.perf_counter() - started,
                                skipped=listing.skipped)
     if summary.rows_out != rows_in or len({s["file"] for s in shards}) != len(shards):
