@@ -43,6 +43,22 @@ class TilingConfig(_Section):
         return self
 
 
+class VideoConfig(_Section):
+    num_frames: int = Field(8, ge=1, le=512, description="Frames sampled per video: the middle frame of each of this many equal segments.")
+    start_s: float | None = Field(None, ge=0, description="Sample only from this time on (seconds).")
+    end_s: float | None = Field(None, gt=0, description="Sample only up to this time (seconds); past the end means the end.")
+    tiles_per_frame: int = Field(1, ge=1, le=12, description="Tiles per frame (1: the cards' single 448 px resize).")
+    max_duration_s: float = Field(3600.0, gt=0, description="Longer videos become too_large error rows.")
+    max_frames: int = Field(1_000_000, ge=1, description="Videos with more frames become too_large error rows.")
+    max_pixels: int = Field(3840 * 2160, ge=1, description="Videos with larger frames become too_large error rows.")
+
+    @model_validator(mode="after")
+    def _bound(self) -> VideoConfig:
+        if self.start_s is not None and self.end_s is not None and self.end_s <= self.start_s:
+            raise ValueError(f"end_s ({self.end_s}) must be after start_s ({self.start_s})")
+        return self
+
+
 class GenerationConfig(_Section):
     max_new_tokens: int = Field(128, ge=1, le=32768, description="Most tokens generated per response.")
     do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
@@ -67,7 +83,9 @@ class JobConfig(_Section):
     model: str = Field(description="Native InternVL checkpoint: local directory, s3:// prefix, or hub id.")
     model_revision: str | None = Field(None, description="Hub revision (commit) of the model, recorded in the fingerprint.")
     prompt: str | None = Field(None, description="caption: the instruction; vqa: a template with {question} (default '{question}').")
-    tiling: TilingConfig = Field(default_factory=TilingConfig, description="InternVL dynamic tiling.")
+    questions: list[str] | None = Field(None, min_length=1, description="vqa: questions asked of every sample (one output row each); rows may carry their own `questions`.")
+    tiling: TilingConfig = Field(default_factory=TilingConfig, description="InternVL dynamic tiling (shared across a multi-image sample's images).")
+    video: VideoConfig = Field(default_factory=VideoConfig, description="Frame sampling for video inputs.")
     generation: GenerationConfig = Field(default_factory=GenerationConfig, description="Decoding parameters.")
     compute: ComputeConfig = Field(default_factory=ComputeConfig, description="Replicas, batching and devices.")
     rows_per_shard: int = Field(1000, ge=1, description="Rows per output Parquet shard (the last shard may hold fewer).")
@@ -95,6 +113,11 @@ class JobConfig(_Section):
     def _prompt(self) -> JobConfig:
         if self.task == "vqa" and self.prompt is not None and "{question}" not in self.prompt:
             raise ValueError("prompt: for task vqa the prompt must contain {question}")
+        if self.questions is not None:
+            if self.task != "vqa":
+                raise ValueError("questions: only task vqa asks questions")
+            if any(not q.strip() for q in self.questions):
+                raise ValueError("questions: every question must be non-empty")
         return self
 
     @property
@@ -109,7 +132,9 @@ class JobConfig(_Section):
             "model": self.model,
             "model_revision": self.model_revision,
             "prompt": self.effective_prompt,
+            "questions": self.questions,
             "tiling": self.tiling.model_dump(),
+            "video": self.video.model_dump(),
             "generation": self.generation.model_dump(),
         }
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]

@@ -111,18 +111,18 @@ class InternVLEngine:
             raise ModelLoadError(f"model {model!r} has no chat template (tokenizer_config.json or chat_template.jinja)")
         return cls(net.to(plan.device).eval(), tokenizer, plan)
 
-    def prompt_text(self, text: str, tiles_per_image: Sequence[int]) -> str:
-        """The full prompt string: chat template rendered, image placeholders expanded."""
-        rendered = self.tokenizer.apply_chat_template(
-            chat_messages(text, num_images=len(tiles_per_image)), tokenize=False, add_generation_prompt=True
-        )
+    def prompt_text(self, text: str, tiles_per_image: Sequence[int], *, video: bool = False) -> str:
+        """The full prompt string: chat template rendered, image (or video frame) placeholders expanded."""
+        messages = chat_messages(text, num_images=len(tiles_per_image), video=video)
+        rendered = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return expand_image_placeholders(
-            rendered, tiles_per_image=list(tiles_per_image), tokens=self.image_tokens, image_seq_length=self.image_seq_length
+            rendered, tiles_per_image=list(tiles_per_image), tokens=self.image_tokens,
+            image_seq_length=self.image_seq_length, video=video,
         )
 
-    def prompt_ids(self, text: str, tiles_per_image: Sequence[int]) -> list[int]:
+    def prompt_ids(self, text: str, tiles_per_image: Sequence[int], *, video: bool = False) -> list[int]:
         """Token ids of the full prompt."""
-        return self.tokenizer(self.prompt_text(text, tiles_per_image), add_special_tokens=False)["input_ids"]
+        return self.tokenizer(self.prompt_text(text, tiles_per_image, video=video), add_special_tokens=False)["input_ids"]
 
     def normalize(self, pixels: np.ndarray) -> torch.Tensor:
         """uint8 (N, H, W, 3) tiles -> model dtype (N, 3, H, W), ImageNet mean/std of x/255, computed on device."""
@@ -133,10 +133,41 @@ class InternVLEngine:
         x = x.to(torch.float32).div(255.0).sub(self._mean).div(self._std)
         return x.to(self.plan.dtype)
 
+    def image_features(self, samples: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        """Vision tower + projector over all tiles of all samples at once; one (tiles x 256, hidden) block each."""
+        pixels = np.concatenate(list(samples), axis=0)
+        features = self.model.model.get_image_features(
+            pixel_values=self.normalize(pixels),
+            vision_feature_layer=self.model.config.vision_feature_layer,
+            vision_feature_select_strategy=self.model.config.vision_feature_select_strategy,
+        ).pooler_output
+        blocks = torch.split(features, [len(s) for s in samples], dim=0)
+        return [b.reshape(-1, b.shape[-1]) for b in blocks]
+
+    def embed(self, prompts: Sequence[list[int]], features: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded input embeddings with each prompt's image tokens replaced by its sample's features."""
+        width = max(len(ids) for ids in prompts)
+        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, ids in enumerate(prompts):
+            input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+            attention[row, width - len(ids):] = 1
+        input_ids, attention = input_ids.to(self.plan.device), attention.to(self.plan.device)
+        embeds = self.model.get_input_embeddings()(input_ids)
+        mask = input_ids == self.model.config.image_token_id
+        for row, feats in enumerate(features):
+            if int(mask[row].sum()) != feats.shape[0]:
+                raise ValueError(f"prompt {row} has {int(mask[row].sum())} image tokens for {feats.shape[0]} image features")
+        if mask.any():
+            embeds = embeds.masked_scatter(mask.unsqueeze(-1), torch.cat(list(features)).to(embeds.dtype))
+        return embeds, attention
+
     @torch.inference_mode()
     def generate(
         self,
-        requests: Sequence[tuple[list[int], np.ndarray]],
+        prompts: Sequence[list[int]],
+        samples: Sequence[np.ndarray],
+        owners: Sequence[int] | None = None,
         *,
         max_new_tokens: int,
         do_sample: bool = False,
@@ -144,23 +175,21 @@ class InternVLEngine:
         top_p: float = 1.0,
         seed: int | None = None,
     ) -> list[Generation]:
-        """Generate for a batch of (prompt ids, uint8 tiles) with left padding; tiles follow the batch order."""
-        if not requests:
+        """Generate for a batch of prompts; prompt i shows the tiles of samples[owners[i]] (default: samples[i]).
+
+        The vision encoder runs once per sample, however many prompts (questions) share it.
+        """
+        if not prompts:
             return []
-        width = max(len(ids) for ids, _ in requests)
-        input_ids = torch.full((len(requests), width), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((len(requests), width), dtype=torch.long)
-        for row, (ids, _) in enumerate(requests):
-            input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-            attention[row, width - len(ids):] = 1
-        pixels = np.concatenate([tiles for _, tiles in requests], axis=0)
+        owners = list(range(len(prompts))) if owners is None else list(owners)
+        features = self.image_features(samples)
+        embeds, attention = self.embed(prompts, [features[o] for o in owners])
         if seed is not None:
             torch.manual_seed(seed)
         sampling = dict(temperature=temperature, top_p=top_p) if do_sample else dict(temperature=None, top_p=None, top_k=None)
         out = self.model.generate(
-            input_ids=input_ids.to(self.plan.device),
-            attention_mask=attention.to(self.plan.device),
-            pixel_values=self.normalize(pixels),
+            inputs_embeds=embeds,
+            attention_mask=attention,
             max_new_tokens=max_new_tokens,
             do_sample=do_sample,
             pad_token_id=self.pad_id,
@@ -169,10 +198,10 @@ class InternVLEngine:
             return_dict_in_generate=True,
             **sampling,
         )
-        new_tokens = out.sequences[:, width:].cpu()
+        new_tokens = out.sequences.cpu()  # with inputs_embeds only, sequences hold just the new tokens
         logprobs = torch.stack([torch.log_softmax(step.float(), dim=-1) for step in out.logits], dim=1).cpu()
         results = []
-        for row in range(len(requests)):
+        for row in range(len(prompts)):
             tokens = new_tokens[row].tolist()
             end = next((i + 1 for i, t in enumerate(tokens) if t in self.eos_ids), len(tokens))
             tokens = tokens[:end]

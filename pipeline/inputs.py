@@ -1,6 +1,7 @@
 """Turn a job's `input` (prefix, glob or manifest) into a table of rows with stable ids.
 
-Rows carry `id`, `uri`, an optional `question` and any passthrough columns of a manifest. Ids are given by the
+Rows carry `id`, `uri` (or `uris`, a list: one sample of several images), optional `question` / `questions`
+and any passthrough columns of a manifest. Ids are given by the
 manifest or derived from the URI (and question), so they stay the same across runs: later resume work keys on them.
 """
 
@@ -18,12 +19,16 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from pipeline.storage import IMAGE_EXTENSIONS, MANIFEST_EXTENSIONS, extension, get_filesystem, list_files
+from pipeline.video import VIDEO_EXTENSIONS
+
+MEDIA_EXTENSIONS = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS
 
 # Columns the pipeline itself writes; a manifest may not pass these through under the same name.
 RESERVED_COLUMNS = frozenset({
     "task", "prompt", "response", "num_tiles", "width", "height", "num_input_tokens", "num_generated_tokens",
     "model", "generation", "status", "error_type", "error_message", "preprocess_ms", "infer_ms", "mean_logprob",
-    "grid", "pixels", "fingerprint",
+    "grid", "pixels", "fingerprint", "sample_id", "question_index", "media_type", "tiles_per_image", "num_frames",
+    "frame_indices", "fps", "duration_s",
 })
 
 
@@ -68,34 +73,59 @@ def read_manifest(url: str, options: Mapping[str, Any] | None = None) -> pa.Tabl
         raise InputError(f"manifest {url!r} could not be parsed as {ext}: {err}") from None
 
 
+def _resolve(uri: str, base: str) -> str:
+    """Manifest URIs may be relative to the manifest's folder."""
+    return uri if "://" in uri or uri.startswith("/") else f"{base}/{uri}"
+
+
 def _manifest_rows(url: str, options: Mapping[str, Any] | None) -> pa.Table:
     table = read_manifest(url, options)
-    if "uri" not in table.column_names:
-        raise InputError(f"manifest {url!r} has no 'uri' column (columns: {', '.join(table.column_names)})")
-    clash = sorted(RESERVED_COLUMNS & set(table.column_names))
+    names = table.column_names
+    if "uri" not in names and "uris" not in names:
+        raise InputError(f"manifest {url!r} has no 'uri' (or 'uris') column (columns: {', '.join(names)})")
+    clash = sorted(RESERVED_COLUMNS & set(names))
     if clash:
         raise InputError(f"manifest {url!r} has columns the output uses: {', '.join(clash)}; rename them")
-    uris = table.column("uri").cast(pa.string()).to_pylist()
-    if any(not u for u in uris):
-        raise InputError(f"manifest {url!r}: 'uri' is empty in row {next(i for i, u in enumerate(uris) if not u)}")
     base = url.rsplit("/", 1)[0] if "/" in url else "."
-    uris = [u if "://" in u or u.startswith("/") else f"{base}/{u}" for u in uris]  # relative to the manifest
-    table = table.set_column(table.column_names.index("uri"), "uri", pa.array(uris, pa.string()))
+    keys: list[str] = []
+    if "uris" in names:  # a sample of several images
+        lists = table.column("uris").to_pylist()
+        for i, uris in enumerate(lists):
+            if not uris or not all(isinstance(u, str) and u for u in uris):
+                raise InputError(f"manifest {url!r}: 'uris' in row {i} must be a non-empty list of URIs")
+        lists = [[_resolve(u, base) for u in uris] for uris in lists]
+        table = table.set_column(names.index("uris"), "uris", pa.array(lists, pa.list_(pa.string())))
+        if "uri" not in names:
+            table = table.append_column("uri", pa.array([uris[0] for uris in lists], pa.string()))
+        keys = ["\n".join(uris) for uris in lists]
+    else:
+        uris = table.column("uri").cast(pa.string()).to_pylist()
+        if any(not u for u in uris):
+            raise InputError(f"manifest {url!r}: 'uri' is empty in row {next(i for i, u in enumerate(uris) if not u)}")
+        uris = [_resolve(u, base) for u in uris]
+        table = table.set_column(names.index("uri"), "uri", pa.array(uris, pa.string()))
+        keys = uris
+    if "questions" in table.column_names:
+        for i, qs in enumerate(table.column("questions").to_pylist()):
+            if qs is not None and (not isinstance(qs, list) or not all(isinstance(q, str) and q.strip() for q in qs)):
+                raise InputError(f"manifest {url!r}: 'questions' in row {i} must be a list of non-empty strings")
     questions = (
-        table.column("question").cast(pa.string()).to_pylist() if "question" in table.column_names else [None] * len(uris)
+        table.column("question").cast(pa.string()).to_pylist() if "question" in table.column_names else [None] * len(keys)
     )
     if "id" in table.column_names:
         ids = [None if v is None else str(v) for v in table.column("id").to_pylist()]
-        ids = [i if i else derive_id(u, q) for i, u, q in zip(ids, uris, questions)]
+        ids = [i if i else derive_id(k, q) for i, k, q in zip(ids, keys, questions)]
         table = table.drop_columns(["id"])
     else:
-        ids = [derive_id(u, q) for u, q in zip(uris, questions)]
+        ids = [derive_id(k, q) for k, q in zip(keys, questions)]
     seen: set[str] = set()
     for i in ids:
         if i in seen:
             raise InputError(f"manifest {url!r}: id {i!r} appears more than once; ids must be unique")
         seen.add(i)
-    return table.add_column(0, "id", pa.array(ids, pa.string()))
+    table = table.add_column(0, "id", pa.array(ids, pa.string()))
+    order = ["id", "uri"] + [c for c in table.column_names if c not in ("id", "uri")]
+    return table.select(order)
 
 
 def list_inputs(url: str, options: Mapping[str, Any] | None = None) -> InputListing:
@@ -109,7 +139,7 @@ def list_inputs(url: str, options: Mapping[str, Any] | None = None) -> InputList
     media, skipped = [], {}
     for f in files:
         ext = extension(f)
-        if ext in IMAGE_EXTENSIONS:
+        if ext in MEDIA_EXTENSIONS:
             media.append(f)
         elif not f.rsplit("/", 1)[-1].startswith("."):
             skipped[ext or "(none)"] = skipped.get(ext or "(none)", 0) + 1

@@ -30,9 +30,18 @@ OUTPUT_SCHEMA = pa.schema([
     ("status", pa.string()),
     ("error_type", pa.string()),
     ("error_message", pa.string()),
+    ("sample_id", pa.string()),
+    ("question", pa.string()),
+    ("question_index", pa.int32()),
+    ("media_type", pa.string()),
     ("num_tiles", pa.int32()),
+    ("tiles_per_image", pa.list_(pa.int32())),
     ("width", pa.int32()),
     ("height", pa.int32()),
+    ("num_frames", pa.int32()),
+    ("frame_indices", pa.list_(pa.int32())),
+    ("fps", pa.float64()),
+    ("duration_s", pa.float64()),
     ("num_input_tokens", pa.int32()),
     ("num_generated_tokens", pa.int32()),
     ("mean_logprob", pa.float64()),
@@ -47,8 +56,14 @@ OUTPUT_SCHEMA = pa.schema([
 PREPROCESS_SCHEMA = pa.schema([
     ("pixels", pa.large_binary()),  # uint8 tiles (num_tiles, 448, 448, 3), C order
     ("num_tiles", pa.int32()),
+    ("tiles_per_image", pa.list_(pa.int32())),  # per image of a sample, or per frame of a video
+    ("media_type", pa.string()),  # image | images | video
     ("width", pa.int32()),
     ("height", pa.int32()),
+    ("num_frames", pa.int32()),
+    ("frame_indices", pa.list_(pa.int32())),
+    ("fps", pa.float64()),
+    ("duration_s", pa.float64()),
     ("status", pa.string()),
     ("error_type", pa.string()),
     ("error_message", pa.string()),
@@ -66,10 +81,19 @@ def to_table(columns: Mapping[str, Any], schema: pa.Schema = OUTPUT_SCHEMA) -> p
     for name in names:
         values = columns[name]
         if not (isinstance(values, np.ndarray) and values.dtype != object):
-            values = values.tolist() if isinstance(values, np.ndarray) else list(values)
+            values = [_plain(v) for v in values]
         # from_pandas: NaN (how numpy batches carry nulls of numeric columns) becomes null
         arrays.append(pa.array(values, type=schema.field(name).type if name in schema.names else None, from_pandas=True))
     return pa.Table.from_arrays(arrays, names=names)
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars and arrays (as numpy batches carry list cells) to Python values Arrow converts by type."""
+    if isinstance(value, np.ndarray):
+        return [_plain(v) for v in value.tolist()]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
 
 
 def shard_name(ids: list[str]) -> str:

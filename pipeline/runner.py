@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.checkpoints import ModelLoadError, check_checkpoint
 from pipeline.config import JobConfig, JobError
@@ -124,10 +125,12 @@ def run_job(job: JobConfig, *, echo: Callable[[str], None] = print) -> RunSummar
         listing = list_inputs(job.input, job.storage)
     except InputError as err:
         raise JobError(f"input: {err}") from None
-    rows_in = listing.table.num_rows
-    if rows_in == 0:
-        raise JobError(f"input {job.input!r}: no images found" + (f" (skipped: {listing.skipped})" if listing.skipped else ""))
-    echo(f"{rows_in} samples from {job.input}" + (f"; skipped non-media files {listing.skipped}" if listing.skipped else ""))
+    samples = listing.table.num_rows
+    rows_in = expected_rows(job, listing.table)
+    if samples == 0:
+        raise JobError(f"input {job.input!r}: no images or videos found" + (f" (skipped: {listing.skipped})" if listing.skipped else ""))
+    echo(f"{samples} samples ({rows_in} output rows) from {job.input}"
+         + (f"; skipped non-media files {listing.skipped}" if listing.skipped else ""))
     if existing:
         echo(f"overwrite: removed {clear_results(job.output, job.storage)} earlier result files")
 
@@ -157,6 +160,15 @@ def run_job(job: JobConfig, *, echo: Callable[[str], None] = print) -> RunSummar
         )
     write_success(job.output, summary, job.storage)
     return summary
+
+
+def expected_rows(job: JobConfig, rows: pa.Table) -> int:
+    """Output rows a run must write: one per (sample, question)."""
+    default = len(job.questions) if job.questions else 1
+    if "questions" not in rows.column_names:
+        return rows.num_rows * default
+    lengths = pc.list_value_length(rows.column("questions")).fill_null(0).to_pylist()
+    return sum(n if n > 0 else default for n in lengths)
 
 
 def summarize_shards(job: JobConfig, shards: list[dict], *, rows_in: int, wall_s: float, skipped: dict) -> RunSummary:

@@ -1,8 +1,10 @@
 """The pipeline's stages as plain Python callables over column batches (dict of numpy arrays).
 
 Ray Data runs them (see runner.py), but nothing here imports Ray, so tests call them directly.
-- `Preprocess` (CPU): reads `uri`, adds `pixels` (uint8 tile bytes), `num_tiles`, `width`, `height`, `status`...
-- `Generate` (model replica): reads `pixels`, `num_tiles`, `question`, adds `response`, token counts, `infer_ms`.
+- `Preprocess` (CPU): reads `uri` / `uris`, adds `pixels` (uint8 tile bytes), `num_tiles`, `tiles_per_image`,
+  `media_type`, video facts (`num_frames`, `frame_indices`, `fps`, `duration_s`), `status`...
+- `Generate` (model replica): one output row per (sample, question); adds `response`, token counts, `infer_ms`.
+  The vision encoder runs once per sample however many questions it carries.
 - `WriteShards`: writes each batch of output rows as one Parquet shard, returns one stats row per shard.
 A bad sample becomes a row with `status = error`, an `error_type` and a message; it never stops the batch.
 """
@@ -15,24 +17,41 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+from PIL import Image
 
 from pipeline.config import JobConfig
 from pipeline.images import MediaError, decode_image
 from pipeline.output import OUTPUT_SCHEMA, PREPROCESS_SCHEMA, shard_stats, to_table, write_shard
 from pipeline.prompts import PromptError, user_text
-from pipeline.storage import read_bytes
+from pipeline.storage import extension, read_bytes
 from pipeline.tiling import TILE_SIZE, tile_image
+from pipeline.video import VIDEO_EXTENSIONS, VideoLimits, looks_like_video, sample_video
 
 Batch = dict[str, np.ndarray]
 
 # Error types written to `error_type` (documented in the README).
 ERROR_TYPES = ("not_found", "read_error", "decode_error", "too_large", "bad_input", "model_error")
+# Input columns the model stage consumes rather than passes through.
+CONSUMED_COLUMNS = ("pixels", "questions")
 
 
-def _require(batch: Batch, stage: str, *columns: str) -> None:
-    missing = [c for c in columns if c not in batch]
+def _require(columns: Any, stage: str, *needed: str) -> None:
+    missing = [c for c in needed if c not in columns]
     if missing:
-        raise KeyError(f"stage {stage} needs column(s) {', '.join(missing)}; got {', '.join(batch)}")
+        raise KeyError(f"stage {stage} needs column(s) {', '.join(missing)}; got {', '.join(columns)}")
+
+
+def _rows(batch: Batch) -> list[dict[str, Any]]:
+    """A numpy column batch as a list of row dicts (NaN-free: Arrow nulls arrive as None in object columns)."""
+    n = len(next(iter(batch.values()))) if batch else 0
+    return [{k: v[i] for k, v in batch.items()} for i in range(n)]
+
+
+def _as_list(value: Any) -> list | None:
+    """A list cell from a numpy batch (arrives as ndarray, list or None)."""
+    if value is None:
+        return None
+    return list(value) if isinstance(value, (list, tuple, np.ndarray)) else None
 
 
 def tiles_from_bytes(data: bytes | None, num_tiles: int) -> np.ndarray:
@@ -41,43 +60,95 @@ def tiles_from_bytes(data: bytes | None, num_tiles: int) -> np.ndarray:
 
 
 class Preprocess:
-    """CPU stage: read bytes through fsspec, decode, tile exactly as the cards; uint8 out."""
+    """CPU stage: read bytes through fsspec, decode, tile images / sample and tile video frames; uint8 out."""
 
     def __init__(self, job: JobConfig) -> None:
         self.tiling = job.tiling
+        self.video = job.video
+        self.limits = VideoLimits(max_duration_s=job.video.max_duration_s, max_frames=job.video.max_frames,
+                                  max_pixels=job.video.max_pixels)
         self.storage = dict(job.storage)
 
-    def tile_one(self, uri: str) -> dict[str, Any]:
-        """Everything the CPU stage adds for one URI; failures become an error row."""
-        start = time.perf_counter()
-        row: dict[str, Any] = dict(pixels=None, num_tiles=0, width=None, height=None, status="ok", error_type=None, error_message=None)
+    def read(self, uri: str) -> bytes:
+        """Bytes of one object; missing objects and storage failures become classified errors."""
         try:
-            try:
-                data = read_bytes(uri, self.storage)
-            except FileNotFoundError:
-                raise MediaError("not_found", f"no such object: {uri}") from None
-            except (OSError, ValueError) as err:
-                raise MediaError("read_error", f"could not read {uri}: {type(err).__name__}: {err}") from None
-            image = decode_image(data)
-            tiles = tile_image(
-                image, min_tiles=self.tiling.min_tiles, max_tiles=self.tiling.max_tiles, thumbnail=self.tiling.thumbnail
-            )
-            row.update(pixels=tiles.pixels.tobytes(), num_tiles=tiles.num_tiles, width=image.width, height=image.height)
+            return read_bytes(uri, self.storage)
+        except FileNotFoundError:
+            raise MediaError("not_found", f"no such object: {uri}") from None
+        except (OSError, ValueError) as err:
+            raise MediaError("read_error", f"could not read {uri}: {type(err).__name__}: {err}") from None
+
+    def _tile(self, image: Image.Image, max_tiles: int) -> np.ndarray:
+        return tile_image(
+            image, min_tiles=min(self.tiling.min_tiles, max_tiles), max_tiles=max_tiles, thumbnail=self.tiling.thumbnail
+        ).pixels
+
+    def _images(self, uris: list[str]) -> dict[str, Any]:
+        """One or several images; several share the tile budget (max_tiles // n each, as InternVL 2.5 does)."""
+        budget = max(1, self.tiling.max_tiles // len(uris))
+        images = [decode_image(self.read(u)) for u in uris]
+        tiles = [self._tile(image, budget) for image in images]
+        return dict(pixels=np.concatenate(tiles), tiles_per_image=[len(t) for t in tiles],
+                    media_type="image" if len(uris) == 1 else "images", width=images[0].width, height=images[0].height)
+
+    def _video(self, data: bytes) -> dict[str, Any]:
+        """Sampled frames, each tiled with tiles_per_frame (1: a single 448 px resize, as the cards)."""
+        video = sample_video(data, num_segments=self.video.num_frames, start_s=self.video.start_s,
+                             end_s=self.video.end_s, limits=self.limits)
+        tiles = [self._tile(Image.fromarray(frame, "RGB"), self.video.tiles_per_frame) for frame in video.frames]
+        return dict(pixels=np.concatenate(tiles), tiles_per_image=[len(t) for t in tiles], media_type="video",
+                    width=int(video.frames.shape[2]), height=int(video.frames.shape[1]), num_frames=video.num_frames,
+                    frame_indices=video.indices, fps=video.fps, duration_s=video.duration_s)
+
+    def prepare(self, uri: str, uris: list[str] | None = None) -> dict[str, Any]:
+        """Everything the CPU stage adds for one sample; failures become an error row."""
+        start = time.perf_counter()
+        row: dict[str, Any] = {f.name: None for f in PREPROCESS_SCHEMA}
+        row.update(num_tiles=0, status="ok")
+        try:
+            if uris and len(uris) > 1:
+                row.update(self._images(uris))
+            else:
+                data = self.read(uri)
+                if extension(uri) in VIDEO_EXTENSIONS or looks_like_video(data):
+                    row.update(self._video(data))
+                else:
+                    image = decode_image(data)
+                    pixels = self._tile(image, self.tiling.max_tiles)
+                    row.update(pixels=pixels, tiles_per_image=[len(pixels)], media_type="image",
+                               width=image.width, height=image.height)
+            row["num_tiles"] = len(row["pixels"])
+            row["pixels"] = row["pixels"].tobytes()
         except MediaError as err:
-            row.update(status="error", error_type=err.error_type, error_message=str(err))
+            row.update(pixels=None, status="error", error_type=err.error_type, error_message=str(err))
         row["preprocess_ms"] = (time.perf_counter() - start) * 1000.0
         return row
 
+    def tile_one(self, uri: str) -> dict[str, Any]:
+        """prepare() for a single-URI sample."""
+        return self.prepare(uri)
+
     def __call__(self, batch: Batch) -> pa.Table:
         _require(batch, "preprocess", "id", "uri")
-        rows = [self.tile_one(str(uri)) for uri in batch["uri"]]
+        uris = batch.get("uris")
+        rows = [self.prepare(str(u), _as_list(uris[i]) if uris is not None else None) for i, u in enumerate(batch["uri"])]
         added = {f.name: [r[f.name] for r in rows] for f in PREPROCESS_SCHEMA}
         passthrough = {k: v for k, v in batch.items() if k not in added}
         return to_table({**added, **passthrough}, PREPROCESS_SCHEMA)
 
 
+def questions_of(job: JobConfig, row: dict[str, Any]) -> list[str | None]:
+    """The questions asked of one sample: the row's `questions`, else the job's, else the row's `question`."""
+    own = _as_list(row.get("questions"))
+    if own:
+        return [str(q) for q in own]
+    if job.questions:
+        return list(job.questions)
+    return [row.get("question")]
+
+
 class Generate:
-    """Model stage: one instance drives one replica; batched greedy/sampled generation over a batch of rows."""
+    """Model stage: one instance drives one replica; batched generation over a batch of samples."""
 
     def __init__(self, job: JobConfig, engine: Any | None = None) -> None:
         from pipeline.engine import InternVLEngine  # torch/transformers load on the worker, not the driver
@@ -90,61 +161,55 @@ class Generate:
         self.generation_json = json.dumps(job.generation.model_dump(), sort_keys=True)
 
     def __call__(self, batch: Batch) -> pa.Table:
-        _require(batch, "generate", "id", "uri", "pixels", "num_tiles", "status")
-        n = len(batch["id"])
-        prompt_col: list[str | None] = [None] * n
-        response: list[str | None] = [None] * n
-        n_in = np.zeros(n, dtype=np.int32)
-        n_out = np.zeros(n, dtype=np.int32)
-        mean_lp: list[float | None] = [None] * n
-        status = list(batch["status"])
-        error_type = list(batch["error_type"])
-        error_message = list(batch["error_message"])
-        questions = batch.get("question", [None] * n)
-
-        requests, rows = [], []
-        for i in range(n):
-            if status[i] != "ok":
-                continue
-            try:
-                text = user_text(task=self.job.task, prompt=self.job.effective_prompt, question=questions[i])
-            except PromptError as err:
-                status[i], error_type[i], error_message[i] = "error", "bad_input", str(err)
-                continue
-            tiles = int(batch["num_tiles"][i])
-            ids = self.engine.prompt_ids(text, [tiles])
-            prompt_col[i], n_in[i] = text, len(ids)
-            requests.append((ids, tiles_from_bytes(batch["pixels"][i], tiles)))
-            rows.append(i)
+        _require(batch, "generate", "id", "uri", "pixels", "num_tiles", "tiles_per_image", "media_type", "status")
+        out: list[dict[str, Any]] = []
+        prompts: list[list[int]] = []
+        samples: list[np.ndarray] = []
+        owners: list[int] = []  # prompt -> index in samples
+        pending: list[int] = []  # prompt -> index in out
+        for sample in _rows(batch):
+            questions = questions_of(self.job, sample)
+            base = {k: v for k, v in sample.items() if k not in CONSUMED_COLUMNS}
+            tiles = None
+            for k, question in enumerate(questions):
+                row = dict(base, sample_id=sample["id"], question=question, question_index=k, task=self.job.task,
+                           model=self.job.model, generation=self.generation_json, prompt=None, response=None,
+                           num_input_tokens=0, num_generated_tokens=0, mean_logprob=None, infer_ms=0.0)
+                if len(questions) > 1:
+                    row["id"] = f"{sample['id']}#{k}"
+                out.append(row)
+                if row["status"] != "ok":
+                    continue
+                try:
+                    text = user_text(task=self.job.task, prompt=self.job.effective_prompt, question=question)
+                except PromptError as err:
+                    row.update(status="error", error_type="bad_input", error_message=str(err))
+                    continue
+                if tiles is None:
+                    tiles = tiles_from_bytes(sample["pixels"], int(sample["num_tiles"]))
+                    samples.append(tiles)
+                ids = self.engine.prompt_ids(text, [int(t) for t in sample["tiles_per_image"]],
+                                             video=sample["media_type"] == "video")
+                row.update(prompt=text, num_input_tokens=len(ids))
+                prompts.append(ids)
+                owners.append(len(samples) - 1)
+                pending.append(len(out) - 1)
 
         start = time.perf_counter()
-        for i, result in zip(rows, self._generate(requests)):
+        results = self._generate(prompts, samples, owners)
+        per_prompt_ms = (time.perf_counter() - start) * 1000.0 / max(len(prompts), 1)
+        for index, result in zip(pending, results):
+            row = out[index]
+            row["infer_ms"] = per_prompt_ms
             if isinstance(result, str):
-                status[i], error_type[i], error_message[i] = "error", "model_error", result
+                row.update(status="error", error_type="model_error", error_message=result)
             else:
-                response[i], n_out[i] = result.text, len(result.token_ids)
-                mean_lp[i] = float(np.mean(result.logprobs)) if result.logprobs else None
-        infer_ms = (time.perf_counter() - start) * 1000.0 / max(len(rows), 1)
-        done = set(rows)
+                row.update(response=result.text, num_generated_tokens=len(result.token_ids),
+                           mean_logprob=float(np.mean(result.logprobs)) if result.logprobs else None)
+        columns = {name: [r.get(name) for r in out] for name in dict.fromkeys(k for r in out for k in r)}
+        return to_table(columns, OUTPUT_SCHEMA)
 
-        out: dict[str, Any] = {k: v for k, v in batch.items() if k != "pixels"}
-        out.update(
-            task=[self.job.task] * n,
-            prompt=prompt_col,
-            response=response,
-            num_input_tokens=n_in,
-            num_generated_tokens=n_out,
-            mean_logprob=mean_lp,
-            model=[self.job.model] * n,
-            generation=[self.generation_json] * n,
-            status=status,
-            error_type=error_type,
-            error_message=error_message,
-            infer_ms=np.asarray([infer_ms if i in done else 0.0 for i in range(n)], dtype=np.float64),
-        )
-        return to_table(out, OUTPUT_SCHEMA)
-
-    def _generate(self, requests: list[tuple[list[int], np.ndarray]]) -> list[Any]:
+    def _generate(self, prompts: list[list[int]], samples: list[np.ndarray], owners: list[int]) -> list[Any]:
         """Generations for the batch; if it runs out of device memory, one sample at a time, and a sample that
         still does not fit becomes an error message instead of a result."""
         import torch
@@ -152,14 +217,19 @@ class Generate:
         gen = self.job.generation
         params = dict(max_new_tokens=gen.max_new_tokens, do_sample=gen.do_sample, temperature=gen.temperature,
                       top_p=gen.top_p, seed=gen.seed if gen.do_sample else None)
-        if not requests:
+        if not prompts:
             return []
         try:
-            return self.engine.generate(requests, **params)
+            return self.engine.generate(prompts, samples, owners, **params)
         except torch.OutOfMemoryError:
-            if len(requests) == 1:
-                return [f"out of device memory for one sample ({len(requests[0][0])} prompt tokens)"]
-        return [r for request in requests for r in self._generate([request])]
+            if len(samples) == 1:
+                return [f"out of device memory for one sample ({len(samples[0])} tiles)"] * len(prompts)
+        results: list[Any] = [None] * len(prompts)
+        for s, sample in enumerate(samples):  # one sample (with all its questions) at a time
+            mine = [i for i, o in enumerate(owners) if o == s]
+            for i, r in zip(mine, self._generate([prompts[i] for i in mine], [sample], [0] * len(mine))):
+                results[i] = r
+        return results
 
 
 class WriteShards:
@@ -170,6 +240,6 @@ class WriteShards:
         self.storage = dict(job.storage)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        _require({name: None for name in batch.column_names}, "write", *OUTPUT_SCHEMA.names)
+        _require(batch.column_names, "write", *OUTPUT_SCHEMA.names)
         name = write_shard(batch, self.output, self.storage)
         return pa.Table.from_pylist([shard_stats(batch, name)])

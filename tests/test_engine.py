@@ -9,7 +9,7 @@ from transformers import AutoTokenizer, InternVLForConditionalGeneration
 
 from pipeline.config import parse_job
 from pipeline.engine import InternVLEngine, ModelLoadError, plan_device, resolve_checkpoint
-from pipeline.stages import Generate
+from pipeline.stages import Generate, Preprocess
 from pipeline.tiling import normalize_tiles, tile_image
 from tests.conftest import pattern_image
 
@@ -73,7 +73,7 @@ def test_normalize_on_device_equals_cards(engine, samples):
 def test_batched_equals_one_at_a_time(engine, tiny_model, samples):
     prompt = "Describe the image in detail."
     requests = [(engine.prompt_ids(prompt, [len(p)]), p) for p in samples]
-    batched = engine.generate(requests, max_new_tokens=MAX_NEW_TOKENS)
+    batched = engine.generate([r[0] for r in requests], [r[1] for r in requests], max_new_tokens=MAX_NEW_TOKENS)
     for (ids, pixels), got in zip(requests, batched):
         ref_ids, ref_tokens, ref_logprobs = reference_generate(tiny_model, prompt, pixels)
         assert ids == ref_ids
@@ -83,29 +83,36 @@ def test_batched_equals_one_at_a_time(engine, tiny_model, samples):
     assert len({tuple(g.token_ids) for g in batched}) == len(batched)
 
 
-def test_generate_stage_rows(engine, samples, tmp_path):
+def numpy_batch(table):
+    """A table as Ray Data hands it to a numpy-format UDF."""
+    from ray.data.block import BlockAccessor
+
+    return BlockAccessor.for_block(table).to_batch_format("numpy")
+
+
+def preprocessed(job, tmp_path, images: dict, extra: dict | None = None):
+    """Run the CPU stage over images written to tmp_path; returns the numpy batch the model stage receives."""
+    uris = []
+    for name, image in images.items():
+        if image is not None:
+            image.save(tmp_path / name)
+        uris.append(str(tmp_path / name))
+    batch = {"id": np.array([f"s{i}" for i in range(len(uris))], dtype=object), "uri": np.array(uris, dtype=object)}
+    batch.update(extra or {})
+    return numpy_batch(Preprocess(job)(batch))
+
+
+def test_generate_stage_rows(engine, tmp_path):
     job = parse_job({"task": "vqa", "input": "x", "output": "y", "model": "m", "generation": {"max_new_tokens": 5}})
-    stage = Generate(job, engine=engine)
-    n = 3
-    batch = {
-        "id": np.array(["a", "b", "c"], dtype=object),
-        "uri": np.array(["u1", "u2", "u3"], dtype=object),
-        "question": np.array(["What?", None, "Why?"], dtype=object),
-        "pixels": np.array([samples[0].tobytes(), samples[0].tobytes(), None], dtype=object),
-        "num_tiles": np.array([1, 1, 0], dtype=np.int32),
-        "width": np.array([448, 448, None], dtype=object),
-        "height": np.array([448, 448, None], dtype=object),
-        "status": np.array(["ok", "ok", "error"], dtype=object),
-        "error_type": np.array([None, None, "decode_error"], dtype=object),
-        "error_message": np.array([None, None, "broken"], dtype=object),
-        "preprocess_ms": np.zeros(n),
-    }
-    table = stage(batch).to_pylist()
-    assert [r["status"] for r in table] == ["ok", "error", "error"]
-    assert [r["error_type"] for r in table] == [None, "bad_input", "decode_error"]
-    assert table[0]["response"] and table[0]["num_generated_tokens"] == 5 and table[0]["prompt"] == "What?"
-    assert table[0]["num_input_tokens"] == len(engine.prompt_ids("What?", [1]))
-    assert "pixels" not in table[0]
+    batch = preprocessed(job, tmp_path, {"a.png": pattern_image(448, 448), "b.png": pattern_image(448, 448), "c.png": None},
+                         {"question": np.array(["What?", None, "Why?"], dtype=object)})
+    rows = Generate(job, engine=engine)(batch).to_pylist()
+    assert [r["status"] for r in rows] == ["ok", "error", "error"]
+    assert [r["error_type"] for r in rows] == [None, "bad_input", "not_found"]
+    assert rows[0]["response"] and rows[0]["num_generated_tokens"] == 5 and rows[0]["prompt"] == "What?"
+    assert rows[0]["num_input_tokens"] == len(engine.prompt_ids("What?", [1]))
+    assert rows[0]["media_type"] == "image" and rows[0]["tiles_per_image"] == [1]
+    assert "pixels" not in rows[0]
 
 
 def test_device_plan():
@@ -133,32 +140,98 @@ class _OomOnBatches:
         self.real = real
         self.calls = []
 
-    def prompt_ids(self, text, tiles):
-        return self.real.prompt_ids(text, tiles)
+    def prompt_ids(self, text, tiles, **kw):
+        return self.real.prompt_ids(text, tiles, **kw)
 
-    def generate(self, requests, **kw):
-        self.calls.append(len(requests))
-        if len(requests) > 1 or len(requests[0][1]) == 13:
+    def generate(self, prompts, samples, owners, **kw):
+        self.calls.append(len(samples))
+        if len(samples) > 1 or len(samples[0]) == 13:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return self.real.generate(requests, **kw)
+        return self.real.generate(prompts, samples, owners, **kw)
 
 
-def test_out_of_memory_falls_back_to_single_samples(engine, samples):
+def test_out_of_memory_falls_back_to_single_samples(engine, tmp_path):
     job = parse_job({"task": "caption", "input": "x", "output": "y", "model": "m", "generation": {"max_new_tokens": 3}})
+    batch = preprocessed(job, tmp_path, {f"{n}.png": pattern_image(w, h) for w, h, n in SIZES})
     fake = _OomOnBatches(engine)
-    n = len(samples)
-    batch = {
-        "id": np.array([str(i) for i in range(n)], dtype=object),
-        "uri": np.array([f"u{i}" for i in range(n)], dtype=object),
-        "pixels": np.array([p.tobytes() for p in samples], dtype=object),
-        "num_tiles": np.array([len(p) for p in samples], dtype=np.int32),
-        "width": np.zeros(n), "height": np.zeros(n),
-        "status": np.array(["ok"] * n, dtype=object),
-        "error_type": np.array([None] * n, dtype=object),
-        "error_message": np.array([None] * n, dtype=object),
-        "preprocess_ms": np.zeros(n),
-    }
     rows = Generate(job, engine=fake)(batch).to_pylist()
     assert fake.calls == [3, 1, 1, 1]
     assert [r["status"] for r in rows] == ["ok", "ok", "error"]
     assert rows[2]["error_type"] == "model_error" and "out of device memory" in rows[2]["error_message"]
+
+
+def reference_generate_text(model_dir, user_text: str, pixels: np.ndarray, tiles_per_image: list[int], labels: str):
+    """One sample with plain transformers, the prompt laid out by hand as the cards do it:
+    labels 'Frame' -> `Frame1: <image>\\nFrame2: <image>\\n{q}`, 'Image' -> `Image-1: <image>\\n...{q}`."""
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = InternVLForConditionalGeneration.from_pretrained(model_dir).eval()
+    block = lambda t: "<img>" + "<IMG_CONTEXT>" * (256 * t) + "</img>"  # noqa: E731
+    name = (lambda i: f"Frame{i + 1}") if labels == "Frame" else (lambda i: f"Image-{i + 1}")  # noqa: E731
+    media = "\n".join(f"{name(i)}: {block(t)}" for i, t in enumerate(tiles_per_image))
+    text = (f"<|im_start|>system\nYou are InternVL, a tiny test model.<|im_end|>\n<|im_start|>user\n{media}\n"
+            f"{user_text}<|im_end|>\n<|im_start|>assistant\n")
+    enc = tok(text, return_tensors="pt", add_special_tokens=False)
+    with torch.inference_mode():
+        out = model.generate(**enc, pixel_values=torch.from_numpy(normalize_tiles(pixels)), max_new_tokens=MAX_NEW_TOKENS,
+                             do_sample=False, output_logits=True, return_dict_in_generate=True)
+    tokens = out.sequences[0, enc["input_ids"].shape[1]:].tolist()
+    return tokens, [float(torch.log_softmax(s[0].float(), -1)[t]) for s, t in zip(out.logits, tokens)]
+
+
+def test_video_multi_image_and_questions_batched_equal_single(engine, tiny_model, tmp_path):
+    """One batch holding a video (3 questions), a two-image sample and a single image: every output row equals
+    one-sample-at-a-time generate with the cards' prompt layout, and the vision tower runs once per sample."""
+    from tests.media import make_video
+
+    (tmp_path / "clip.mp4").write_bytes(make_video(30, 10, width=320, height=240))
+    pattern_image(1344, 896).save(tmp_path / "wide.png")
+    pattern_image(448, 448).save(tmp_path / "square.png")
+    questions = ["What happens?", "Is it dark?", "Count the bars."]
+    job = parse_job({"task": "vqa", "input": "x", "output": "y", "model": "m", "generation": {"max_new_tokens": MAX_NEW_TOKENS},
+                     "video": {"num_frames": 4}, "tiling": {"max_tiles": 12}})
+    batch = {
+        "id": np.array(["vid", "pair", "one"], dtype=object),
+        "uri": np.array([str(tmp_path / "clip.mp4"), str(tmp_path / "wide.png"), str(tmp_path / "square.png")], dtype=object),
+        "uris": np.array([None, [str(tmp_path / "wide.png"), str(tmp_path / "square.png")], None], dtype=object),
+        "questions": np.array([questions, None, ["Describe."]], dtype=object),
+        "question": np.array([None, "Which is bigger?", None], dtype=object),
+    }
+    prepared = numpy_batch(Preprocess(job)(batch))
+    calls = []
+    hook = engine.model.model.vision_tower.register_forward_hook(
+        lambda module, args, kwargs, out: calls.append(kwargs["pixel_values"].shape[0]), with_kwargs=True)
+    try:
+        rows = Generate(job, engine=engine)(prepared).to_pylist()
+    finally:
+        hook.remove()
+    assert [(r["id"], r["sample_id"], r["question_index"]) for r in rows] == [
+        ("vid#0", "vid", 0), ("vid#1", "vid", 1), ("vid#2", "vid", 2), ("pair", "pair", 0), ("one", "one", 0)]
+    video, pair = rows[0], rows[3]
+    assert video["media_type"] == "video" and video["tiles_per_image"] == [1, 1, 1, 1] and video["num_frames"] == 30
+    assert pair["media_type"] == "images" and pair["tiles_per_image"] == [7, 1]  # budget 12 // 2 = 6: 3x2 grid + thumb
+    assert calls == [4 + 8 + 1]  # one vision pass over the batch's 13 tiles: 3 questions share the video's features
+
+    pixels = {r["sample_id"]: p for r, p in zip(_rows_by_sample(prepared), _pixels(prepared))}
+    for row in rows:
+        labels = "Frame" if row["media_type"] == "video" else "Image"
+        tiles = row["tiles_per_image"]
+        if row["media_type"] == "image":
+            _, ref_tokens, ref_lp = reference_generate(tiny_model, row["prompt"], pixels[row["sample_id"]])
+        else:
+            ref_tokens, ref_lp = reference_generate_text(tiny_model, row["prompt"], pixels[row["sample_id"]], tiles, labels)
+        single = engine.generate([engine.prompt_ids(row["prompt"], tiles, video=labels == "Frame")],
+                                 [pixels[row["sample_id"]]], max_new_tokens=MAX_NEW_TOKENS)[0]
+        assert single.token_ids == ref_tokens, row["id"]
+        assert engine.tokenizer.decode(ref_tokens, skip_special_tokens=True).strip() == row["response"], row["id"]
+        np.testing.assert_allclose(single.logprobs, ref_lp, atol=1e-4)
+        assert abs(row["mean_logprob"] - float(np.mean(ref_lp))) < 1e-4 and row["num_generated_tokens"] == len(ref_tokens)
+
+
+def _rows_by_sample(batch):
+    return [{"sample_id": i} for i in batch["id"]]
+
+
+def _pixels(batch):
+    from pipeline.stages import tiles_from_bytes
+
+    return [tiles_from_bytes(p, int(n)) for p, n in zip(batch["pixels"], batch["num_tiles"])]

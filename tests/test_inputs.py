@@ -68,7 +68,7 @@ def test_csv_and_parquet_manifests(folder, tmp_path, fmt):
 def test_manifest_without_uri(tmp_path):
     path = tmp_path / "m.jsonl"
     path.write_text('{"url": "x.jpg"}\n')
-    with pytest.raises(InputError, match="no 'uri' column"):
+    with pytest.raises(InputError, match="no 'uri' \(or 'uris'\) column"):
         list_inputs(str(path))
 
 
