@@ -142,3 +142,59 @@ def test_missing_model_fails_before_any_work(tmp_path):
     result = run_cli(tmp_path, job)
     assert result.exit_code == 2 and "no such folder" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_mixed_images_and_videos_from_s3(s3, tiny_model, tmp_path):
+    from tests.media import make_video
+
+    s3.pipe("bucket/mixed/a.jpg", s3.cat("bucket/e2e/images/one.jpg"))
+    s3.pipe("bucket/mixed/b.mp4", make_video(45, 15, width=320, height=240))
+    s3.pipe("bucket/mixed/c.webm", make_video(20, 10, kind="webm"))
+    s3.pipe("bucket/mixed/d.mkv", b"\x1a\x45\xdf\xa3 broken matroska")
+    job = {"task": "caption", "input": "s3://bucket/mixed/", "output": "s3://bucket/mixed-out/", "model": str(tiny_model),
+           "generation": {"max_new_tokens": 3}, "video": {"num_frames": 4}}
+    result = run_cli(tmp_path, job)
+    assert result.exit_code == 0, result.output
+    rows = {r["uri"].rsplit("/", 1)[-1]: r for r in read_output(s3, "bucket/mixed-out").to_pylist()}
+    assert sorted(rows) == ["a.jpg", "b.mp4", "c.webm", "d.mkv"]
+    assert rows["a.jpg"]["media_type"] == "image" and rows["a.jpg"]["num_frames"] is None
+    mp4 = rows["b.mp4"]
+    assert (mp4["status"], mp4["media_type"], mp4["num_frames"], mp4["fps"], mp4["duration_s"]) == ("ok", "video", 45, 15.0, 3.0)
+    assert mp4["frame_indices"] == [5, 16, 27, 38] and mp4["tiles_per_image"] == [1, 1, 1, 1] and mp4["num_tiles"] == 4
+    assert mp4["num_input_tokens"] == video_prompt_length(tiny_model, 4)
+    assert rows["c.webm"]["status"] == "ok" and rows["c.webm"]["num_frames"] == 20
+    assert rows["d.mkv"]["status"] == "error" and rows["d.mkv"]["error_type"] == "decode_error"
+
+
+def video_prompt_length(tiny_model, frames: int) -> int:
+    """Prompt tokens of a caption request over a video of `frames` 1-tile frames, from the tokenizer directly."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    body = "\n".join(f"Frame{i + 1}: <img>" + "<IMG_CONTEXT>" * 256 + "</img>" for i in range(frames))
+    msgs = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "Describe the image in detail."}]}]
+    text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True).replace("<video>", body)
+    return len(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def test_manifest_with_uris_and_questions(s3, tiny_model, tmp_path):
+    rows = [
+        {"id": "pair", "uris": ["s3://bucket/e2e/images/seven.png", "s3://bucket/e2e/images/one.jpg"],
+         "questions": ["Which one is larger?", "Are they the same?"], "split": "train"},
+        {"id": "single", "uris": ["s3://bucket/e2e/images/one.jpg"], "questions": None, "split": "val"},
+    ]
+    s3.pipe("bucket/e2e/multi.jsonl", "\n".join(json.dumps(r) for r in rows).encode())
+    job = {"task": "vqa", "input": "s3://bucket/e2e/multi.jsonl", "output": "s3://bucket/e2e/multi-out",
+           "model": str(tiny_model), "questions": ["What is shown?"], "generation": {"max_new_tokens": 3}}
+    result = run_cli(tmp_path, job)
+    assert result.exit_code == 0, result.output
+    out = {r["id"]: r for r in read_output(s3, "bucket/e2e/multi-out").to_pylist()}
+    assert sorted(out) == ["pair#0", "pair#1", "single"]
+    assert [out[f"pair#{k}"]["question"] for k in (0, 1)] == ["Which one is larger?", "Are they the same?"]
+    assert out["single"]["question"] == "What is shown?" and out["single"]["question_index"] == 0
+    pair = out["pair#0"]
+    assert pair["media_type"] == "images" and pair["tiles_per_image"] == [7, 1] and pair["num_tiles"] == 8
+    assert pair["sample_id"] == "pair" and pair["split"] == "train" and "questions" not in pair
+    assert all(r["status"] == "ok" and r["response"] for r in out.values())
+    success = json.loads(s3.cat("bucket/e2e/multi-out/_SUCCESS.json"))
+    assert success["rows_in"] == success["rows_out"] == 3
