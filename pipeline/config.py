@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 DEFAULT_PROMPTS = {
     "caption": "Describe the image in detail.",
     "vqa": "{question}",
+    "score": "",
 }
 
 # Keys that would put a credential into the job file. Credentials come only from the AWS chain (env, profile, role).
@@ -59,6 +60,51 @@ class VideoConfig(_Section):
         return self
 
 
+class ScaleConfig(_Section):
+    min: int = Field(0, ge=0, le=99, description="Lowest rating (a digit answer).")
+    max: int = Field(9, ge=1, le=100, description="Highest rating.")
+
+    @model_validator(mode="after")
+    def _order(self) -> ScaleConfig:
+        if self.max <= self.min:
+            raise ValueError(f"max ({self.max}) must be above min ({self.min})")
+        return self
+
+    @property
+    def labels(self) -> list[str]:
+        return [str(v) for v in range(self.min, self.max + 1)]
+
+
+class FilterRule(_Section):
+    min_score: float | None = Field(None, ge=0, le=1, description="Keep rows whose score is at least this.")
+    max_score: float | None = Field(None, ge=0, le=1, description="Keep rows whose score is at most this.")
+    min_rating: float | None = Field(None, description="Keep rows whose rating is at least this (scales only).")
+    max_rating: float | None = Field(None, description="Keep rows whose rating is at most this (scales only).")
+
+
+class Criterion(_Section):
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,39}$", description="Column suffix: score_<name>, label_<name>...")
+    prompt: str = Field(min_length=1, description="The question asked of the sample.")
+    labels: list[str] | None = Field(None, min_length=2, description="Answers scored (default yes/no); the score is the first's probability.")
+    scale: ScaleConfig | None = Field(None, description="Rate on a digit scale instead: rating = expected value over the digits.")
+    filter: FilterRule | None = Field(None, description="What passes on this criterion.")
+
+    @model_validator(mode="after")
+    def _labels_or_scale(self) -> Criterion:
+        if self.labels is not None and self.scale is not None:
+            raise ValueError("give labels or scale, not both")
+        if self.labels is not None and len(set(self.labels)) != len(self.labels):
+            raise ValueError("labels must be distinct")
+        if self.filter is not None and self.scale is None and (self.filter.min_rating is not None or self.filter.max_rating is not None):
+            raise ValueError("filter.min_rating / max_rating need a scale")
+        return self
+
+    @property
+    def answers(self) -> list[str]:
+        """The label strings whose probabilities are compared."""
+        return self.scale.labels if self.scale else (self.labels or ["yes", "no"])
+
+
 class GenerationConfig(_Section):
     max_new_tokens: int = Field(128, ge=1, le=32768, description="Most tokens generated per response.")
     do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
@@ -77,13 +123,19 @@ class ComputeConfig(_Section):
 
 
 class JobConfig(_Section):
-    task: Literal["caption", "vqa"] = Field(description="caption: one prompt for every sample; vqa: a question per row.")
+    task: Literal["caption", "vqa", "score"] = Field(
+        description="caption: one prompt for every sample; vqa: a question per row; score: label probabilities of a yes/no or rating question.")
     input: str = Field(description="Local path, s3:// prefix or glob (any fsspec URL), or a .parquet/.jsonl/.csv manifest with a uri column.")
     output: str = Field(description="Folder or s3:// prefix for the Parquet shards and _SUCCESS.json.")
     model: str = Field(description="Native InternVL checkpoint: local directory, s3:// prefix, or hub id.")
     model_revision: str | None = Field(None, description="Hub revision (commit) of the model, recorded in the fingerprint.")
     prompt: str | None = Field(None, description="caption: the instruction; vqa: a template with {question} (default '{question}').")
     questions: list[str] | None = Field(None, min_length=1, description="vqa: questions asked of every sample (one output row each); rows may carry their own `questions`.")
+    labels: list[str] | None = Field(None, min_length=2, description="score: the answers scored (default [yes, no]).")
+    scale: ScaleConfig | None = Field(None, description="score: rate on a digit scale {min, max}; adds a rating column.")
+    criteria: list[Criterion] | None = Field(None, min_length=1, description="score: several named questions in one pass (score_<name> columns).")
+    filter: FilterRule | None = Field(None, description="score: what passes (adds a passed column); with criteria, set filter per criterion.")
+    output_passed: str | None = Field(None, description="score: also write the passing rows, with their input columns, here.")
     tiling: TilingConfig = Field(default_factory=TilingConfig, description="InternVL dynamic tiling (shared across a multi-image sample's images).")
     video: VideoConfig = Field(default_factory=VideoConfig, description="Frame sampling for video inputs.")
     generation: GenerationConfig = Field(default_factory=GenerationConfig, description="Decoding parameters.")
@@ -113,12 +165,36 @@ class JobConfig(_Section):
     def _prompt(self) -> JobConfig:
         if self.task == "vqa" and self.prompt is not None and "{question}" not in self.prompt:
             raise ValueError("prompt: for task vqa the prompt must contain {question}")
+        score_keys = [k for k in ("labels", "scale", "criteria", "filter", "output_passed") if getattr(self, k) is not None]
+        if self.task != "score" and score_keys:
+            raise ValueError(f"{', '.join(score_keys)}: only for task score")
+        if self.task == "score":
+            self.score_criteria()  # validates the combination
         if self.questions is not None:
             if self.task != "vqa":
                 raise ValueError("questions: only task vqa asks questions")
             if any(not q.strip() for q in self.questions):
                 raise ValueError("questions: every question must be non-empty")
         return self
+
+    def score_criteria(self) -> list[Criterion]:
+        """The criteria a score job evaluates; a job without `criteria` is one criterion named '' (plain columns)."""
+        if self.criteria is not None:
+            if self.prompt is not None or self.labels is not None or self.scale is not None or self.filter is not None:
+                raise ValueError("with criteria, put prompt, labels, scale and filter inside each criterion")
+            names = [c.name for c in self.criteria]
+            if len(set(names)) != len(names):
+                raise ValueError(f"criteria: names must be distinct, got {names}")
+            return list(self.criteria)
+        if self.prompt is None:
+            raise ValueError("prompt: task score needs the question in prompt (or a list of criteria)")
+        single = Criterion.model_construct(name="", prompt=self.prompt, labels=self.labels, scale=self.scale, filter=self.filter)
+        Criterion._labels_or_scale(single)
+        return [single]
+
+    @property
+    def has_filter(self) -> bool:
+        return self.task == "score" and any(c.filter is not None for c in self.score_criteria())
 
     @property
     def effective_prompt(self) -> str:
@@ -133,6 +209,7 @@ class JobConfig(_Section):
             "model_revision": self.model_revision,
             "prompt": self.effective_prompt,
             "questions": self.questions,
+            "score": [c.model_dump() for c in self.score_criteria()] if self.task == "score" else None,
             "tiling": self.tiling.model_dump(),
             "video": self.video.model_dump(),
             "generation": self.generation.model_dump(),

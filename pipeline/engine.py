@@ -209,3 +209,51 @@ class InternVLEngine:
             text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
             results.append(Generation(token_ids=tokens, logprobs=lp, text=text))
         return results
+
+    @torch.inference_mode()
+    def score(
+        self,
+        prompts: Sequence[list[int]],
+        samples: Sequence[np.ndarray],
+        owners: Sequence[int],
+        labels: Sequence[Sequence[list[int]]],
+    ) -> list[list[float]]:
+        """log P(label token sequence | prompt) for each prompt's labels, without a generate loop.
+
+        One forward over the prompts gives every label's first token; labels of several tokens continue from the
+        prompts' cache in one short forward over their remaining tokens.
+        """
+        if not prompts:
+            return []
+        features = self.image_features(samples)
+        embeds, attention = self.embed(prompts, [features[o] for o in owners])
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        longest = max(len(seq) for options in labels for seq in options)
+        out = self.model(inputs_embeds=embeds, attention_mask=attention, position_ids=positions,
+                         use_cache=longest > 1, logits_to_keep=1)
+        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1).cpu()
+        result = [[float(first[i, seq[0]]) for seq in options] for i, options in enumerate(labels)]
+        pairs = [(i, j) for i, options in enumerate(labels) for j, seq in enumerate(options) if len(seq) > 1]
+        if not pairs:
+            return result
+        rows = torch.tensor([i for i, _ in pairs], device=attention.device)
+        cache = out.past_key_values
+        cache.reorder_cache(rows)  # one cached prompt per (prompt, label) pair
+        width = max(len(labels[i][j]) - 1 for i, j in pairs)
+        cont = torch.full((len(pairs), width), self.pad_id, dtype=torch.long)
+        cont_mask = torch.zeros((len(pairs), width), dtype=torch.long)
+        for p, (i, j) in enumerate(pairs):
+            seq = labels[i][j][:-1]
+            cont[p, : len(seq)] = torch.tensor(seq)
+            cont_mask[p, : len(seq)] = 1
+        cont, cont_mask = cont.to(attention.device), cont_mask.to(attention.device)
+        start = attention[rows].sum(-1, keepdim=True)
+        more = self.model(
+            input_ids=cont, attention_mask=torch.cat([attention[rows], cont_mask], dim=-1),
+            position_ids=start + torch.arange(width, device=attention.device), past_key_values=cache,
+        )
+        rest = torch.log_softmax(more.logits.float(), dim=-1).cpu()
+        for p, (i, j) in enumerate(pairs):
+            seq = labels[i][j]
+            result[i][j] += sum(float(rest[p, t, seq[t + 1]]) for t in range(len(seq) - 1))
+        return result

@@ -123,8 +123,11 @@ def write_shard(table: pa.Table, output: str, options: Mapping[str, Any] | None 
     return name
 
 
-def shard_stats(table: pa.Table, name: str) -> dict[str, Any]:
-    """Counts of one written shard, for the run summary."""
+def shard_stats(table: pa.Table, name: str, *, criteria: list | None = None, passed: int | None = None) -> dict[str, Any]:
+    """Counts of one written shard, for the run summary (with score histograms per criterion for score jobs)."""
+    from pipeline.scoring import column, histogram
+
+    histograms = {c.name or "score": histogram(table.column(column("score", c)).to_pylist()) for c in criteria or []}
     status = table.column("status").to_pylist()
     errors: dict[str, int] = {}
     for s, t in zip(status, table.column("error_type").to_pylist()):
@@ -134,6 +137,7 @@ def shard_stats(table: pa.Table, name: str) -> dict[str, Any]:
     return dict(
         file=name, rows=table.num_rows, ok=table.num_rows - sum(errors.values()), errors=json.dumps(errors),
         tiles=total("num_tiles"), input_tokens=total("num_input_tokens"), generated_tokens=total("num_generated_tokens"),
+        histograms=json.dumps(histograms), passed=-1 if passed is None else passed,
     )
 
 
@@ -173,6 +177,8 @@ class RunSummary:
     output: str
     files: int
     skipped_inputs: dict[str, int] = field(default_factory=dict)
+    score_histograms: dict[str, list[int]] = field(default_factory=dict)  # per criterion, 10 bins over [0, 1]
+    rows_passed: int | None = None
     finished_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
     @property

@@ -20,7 +20,7 @@ from pipeline.checkpoints import ModelLoadError, check_checkpoint
 from pipeline.config import JobConfig, JobError
 from pipeline.inputs import InputError, list_inputs
 from pipeline.output import RunSummary, clear_results, existing_results, write_success
-from pipeline.stages import Generate, Preprocess, WriteShards
+from pipeline.stages import Generate, Preprocess, Score, WriteShards
 
 log = logging.getLogger("internvl_batch")
 
@@ -81,9 +81,9 @@ def preprocess_batch(batch: dict, job: JobConfig) -> pa.Table:
     return Preprocess(job)(batch)
 
 
-def write_batch(batch: pa.Table, job: JobConfig) -> pa.Table:
+def write_batch(batch: pa.Table, job: JobConfig, input_columns: list[str]) -> pa.Table:
     """Ray task body for the write stage."""
-    return WriteShards(job)(batch)
+    return WriteShards(job, input_columns)(batch)
 
 
 def build_dataset(job: JobConfig, rows: pa.Table, resources: Resources):
@@ -98,11 +98,12 @@ def build_dataset(job: JobConfig, rows: pa.Table, resources: Resources):
         num_cpus=1, memory=PREPROCESS_MEMORY, compute=ray.data.TaskPoolStrategy(size=resources.cpu_workers),
     )
     ds = ds.map_batches(
-        Generate, fn_constructor_kwargs={"job": job}, batch_size=job.compute.batch_size, batch_format="numpy",
+        Score if job.task == "score" else Generate, fn_constructor_kwargs={"job": job}, batch_size=job.compute.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=resources.replicas), num_cpus=resources.cpus_per_replica,
         num_gpus=resources.gpus_per_replica or None,
     )
-    return ds.map_batches(write_batch, fn_kwargs={"job": job}, batch_size=job.rows_per_shard, batch_format="pyarrow",
+    return ds.map_batches(write_batch, fn_kwargs={"job": job, "input_columns": rows.column_names},
+                          batch_size=job.rows_per_shard, batch_format="pyarrow",
                           num_cpus=WRITE_CPUS)
 
 
@@ -111,12 +112,14 @@ def run_job(job: JobConfig, *, echo: Callable[[str], None] = print) -> RunSummar
     import ray
 
     started = time.perf_counter()
-    existing = existing_results(job.output, job.storage)
-    if existing and not job.overwrite:
-        raise JobError(
-            f"output {job.output!r} already holds results ({len(existing)} files); "
-            "choose another output or pass --set overwrite=true to replace them"
-        )
+    targets = [job.output] + ([job.output_passed] if job.output_passed else [])
+    existing = {t: existing_results(t, job.storage) for t in targets}
+    for target, files in existing.items():
+        if files and not job.overwrite:
+            raise JobError(
+                f"output {target!r} already holds results ({len(files)} files); "
+                "choose another output or pass --set overwrite=true to replace them"
+            )
     try:
         check_checkpoint(job.model, job.storage)
     except ModelLoadError as err:
@@ -131,8 +134,9 @@ def run_job(job: JobConfig, *, echo: Callable[[str], None] = print) -> RunSummar
         raise JobError(f"input {job.input!r}: no images or videos found" + (f" (skipped: {listing.skipped})" if listing.skipped else ""))
     echo(f"{samples} samples ({rows_in} output rows) from {job.input}"
          + (f"; skipped non-media files {listing.skipped}" if listing.skipped else ""))
-    if existing:
-        echo(f"overwrite: removed {clear_results(job.output, job.storage)} earlier result files")
+    for target, files in existing.items():
+        if files:
+            echo(f"overwrite: removed {clear_results(target, job.storage)} earlier result files from {target}")
 
     init_ray()
     ctx = ray.data.DataContext.get_current()
@@ -174,13 +178,17 @@ def expected_rows(job: JobConfig, rows: pa.Table) -> int:
 def summarize_shards(job: JobConfig, shards: list[dict], *, rows_in: int, wall_s: float, skipped: dict) -> RunSummary:
     """Add up the write stage's per-shard stats."""
     errors: dict[str, int] = {}
+    histograms: dict[str, list[int]] = {}
     for shard in shards:
         for kind, count in json.loads(shard["errors"]).items():
             errors[kind] = errors.get(kind, 0) + count
+        for name, counts in json.loads(shard["histograms"]).items():
+            histograms[name] = [a + b for a, b in zip(histograms.get(name, [0] * len(counts)), counts)]
     total = lambda key: sum(int(s[key]) for s in shards)  # noqa: E731
     return RunSummary(
         rows_in=rows_in, rows_out=total("rows"), rows_ok=total("ok"), rows_error=sum(errors.values()),
         errors_by_type=errors, tiles=total("tiles"), input_tokens=total("input_tokens"),
         generated_tokens=total("generated_tokens"), wall_s=wall_s, fingerprint=job.fingerprint(), task=job.task,
-        model=job.model, output=job.output, files=len(shards), skipped_inputs=skipped,
+        model=job.model, output=job.output, files=len(shards), skipped_inputs=skipped, score_histograms=histograms,
+        rows_passed=total("passed") if job.has_filter else None,
     )

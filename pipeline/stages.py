@@ -17,12 +17,14 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from PIL import Image
 
 from pipeline.config import JobConfig
 from pipeline.images import MediaError, decode_image
 from pipeline.output import OUTPUT_SCHEMA, PREPROCESS_SCHEMA, shard_stats, to_table, write_shard
 from pipeline.prompts import PromptError, user_text
+from pipeline.scoring import column, evaluate, label_token_ids, passes, score_fields
 from pipeline.storage import extension, read_bytes
 from pipeline.tiling import TILE_SIZE, tile_image
 from pipeline.video import VIDEO_EXTENSIONS, VideoLimits, looks_like_video, sample_video
@@ -210,36 +212,120 @@ class Generate:
         return to_table(columns, OUTPUT_SCHEMA)
 
     def _generate(self, prompts: list[list[int]], samples: list[np.ndarray], owners: list[int]) -> list[Any]:
-        """Generations for the batch; if it runs out of device memory, one sample at a time, and a sample that
-        still does not fit becomes an error message instead of a result."""
-        import torch
-
         gen = self.job.generation
         params = dict(max_new_tokens=gen.max_new_tokens, do_sample=gen.do_sample, temperature=gen.temperature,
                       top_p=gen.top_p, seed=gen.seed if gen.do_sample else None)
-        if not prompts:
-            return []
-        try:
-            return self.engine.generate(prompts, samples, owners, **params)
-        except torch.OutOfMemoryError:
-            if len(samples) == 1:
-                return [f"out of device memory for one sample ({len(samples[0])} tiles)"] * len(prompts)
-        results: list[Any] = [None] * len(prompts)
-        for s, sample in enumerate(samples):  # one sample (with all its questions) at a time
-            mine = [i for i, o in enumerate(owners) if o == s]
-            for i, r in zip(mine, self._generate([prompts[i] for i in mine], [sample], [0] * len(mine))):
-                results[i] = r
-        return results
+        return with_memory_fallback(lambda p, s, o, _: self.engine.generate(p, s, o, **params), prompts, samples, owners)
+
+
+def with_memory_fallback(call: Any, prompts: list, samples: list[np.ndarray], owners: list[int],
+                         extras: list | None = None) -> list[Any]:
+    """call(prompts, samples, owners, extras) for the whole batch; if the device runs out of memory, again one
+    sample (with all its prompts) at a time, and a sample that still does not fit gets an error message."""
+    import torch
+
+    if not prompts:
+        return []
+    extras = extras if extras is not None else [None] * len(prompts)
+    try:
+        return call(prompts, samples, owners, extras)
+    except torch.OutOfMemoryError:
+        if len(samples) == 1:
+            return [f"out of device memory for one sample ({len(samples[0])} tiles)"] * len(prompts)
+    results: list[Any] = [None] * len(prompts)
+    for s, sample in enumerate(samples):
+        mine = [i for i, o in enumerate(owners) if o == s]
+        part = with_memory_fallback(call, [prompts[i] for i in mine], [sample], [0] * len(mine), [extras[i] for i in mine])
+        for i, r in zip(mine, part):
+            results[i] = r
+    return results
+
+
+class Score:
+    """Model stage for task score: label probabilities of every criterion, one forward pass, one row per sample."""
+
+    def __init__(self, job: JobConfig, engine: Any | None = None) -> None:
+        from pipeline.engine import InternVLEngine
+
+        self.job = job
+        self.engine = engine or InternVLEngine.load(
+            job.model, device=job.compute.device, dtype=job.compute.dtype, revision=job.model_revision,
+            cache_dir=job.model_cache, storage_options=job.storage,
+        )
+        self.criteria = job.score_criteria()
+        self.labels = [label_token_ids(self.engine.tokenizer, c.answers) for c in self.criteria]
+        self.schema = output_schema(job)
+
+    def __call__(self, batch: Batch) -> pa.Table:
+        _require(batch, "score", "id", "uri", "pixels", "num_tiles", "tiles_per_image", "media_type", "status")
+        out: list[dict[str, Any]] = []
+        prompts, samples, owners, labels, pending = [], [], [], [], []
+        single = self.criteria[0].name == ""
+        for sample in _rows(batch):
+            row = {k: v for k, v in sample.items() if k not in CONSUMED_COLUMNS}
+            row.update(sample_id=sample["id"], question_index=0, task="score", model=self.job.model, response=None,
+                       prompt=self.criteria[0].prompt if single else json.dumps({c.name: c.prompt for c in self.criteria}),
+                       num_input_tokens=0, num_generated_tokens=0, infer_ms=0.0)
+            out.append(row)
+            if row["status"] != "ok":
+                continue
+            samples.append(tiles_from_bytes(sample["pixels"], int(sample["num_tiles"])))
+            tiles = [int(t) for t in sample["tiles_per_image"]]
+            for c, criterion in enumerate(self.criteria):
+                ids = self.engine.prompt_ids(criterion.prompt, tiles, video=sample["media_type"] == "video")
+                row["num_input_tokens"] += len(ids)
+                prompts.append(ids)
+                owners.append(len(samples) - 1)
+                labels.append(self.labels[c])
+                pending.append((len(out) - 1, c))
+        start = time.perf_counter()
+        results = with_memory_fallback(lambda p, s, o, e: self.engine.score(p, s, o, e), prompts, samples, owners, labels)
+        per_sample_ms = (time.perf_counter() - start) * 1000.0 / max(len(samples), 1)
+        for (index, c), result in zip(pending, results):
+            row = out[index]
+            row["infer_ms"] = per_sample_ms
+            if isinstance(result, str):
+                row.update(status="error", error_type="model_error", error_message=result)
+            elif row["status"] == "ok":
+                row.update(evaluate(self.criteria[c], result))
+        for row in out:
+            if single and row["status"] == "ok":
+                row["response"] = row.get("label")
+            if self.job.has_filter:
+                row["passed"] = row["status"] == "ok" and all(
+                    passes(c.filter, score=row.get(column("score", c)), rating=row.get(column("rating", c)))
+                    for c in self.criteria)
+        columns = {name: [r.get(name) for r in out] for name in dict.fromkeys([*self.schema.names, *(k for r in out for k in r)])}
+        return to_table(columns, self.schema)
+
+
+def output_schema(job: JobConfig) -> pa.Schema:
+    """Our typed columns for this job: the common ones, plus the score columns of a score job."""
+    if job.task != "score":
+        return OUTPUT_SCHEMA
+    return pa.schema([*OUTPUT_SCHEMA, *score_fields(job.score_criteria(), with_passed=job.has_filter)])
 
 
 class WriteShards:
-    """Write stage: one Parquet shard per batch (named from its ids), one stats row back for the summary."""
+    """Write stage: one Parquet shard per batch (named from its ids), one stats row back for the summary.
 
-    def __init__(self, job: JobConfig) -> None:
-        self.output = job.output
-        self.storage = dict(job.storage)
+    A score job with `output_passed` also writes the passing rows, with only their input columns, as a shard of
+    the same name there: a manifest ready for the next stage.
+    """
+
+    def __init__(self, job: JobConfig, input_columns: list[str] | None = None) -> None:
+        self.job = job
+        self.input_columns = input_columns or ["id", "uri"]
+        self.criteria = job.score_criteria() if job.task == "score" else []
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         _require(batch.column_names, "write", *OUTPUT_SCHEMA.names)
-        name = write_shard(batch, self.output, self.storage)
-        return pa.Table.from_pylist([shard_stats(batch, name)])
+        name = write_shard(batch, self.job.output, self.job.storage)
+        passed = None
+        if self.job.task == "score" and self.job.has_filter:
+            kept = batch.filter(pc.fill_null(batch.column("passed"), False))
+            passed = kept.num_rows
+            if self.job.output_passed and kept.num_rows:
+                columns = [c for c in self.input_columns if c in kept.column_names]
+                write_shard(kept.select(columns), self.job.output_passed, self.job.storage)
+        return pa.Table.from_pylist([shard_stats(batch, name, criteria=self.criteria, passed=passed)])

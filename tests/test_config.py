@@ -89,3 +89,20 @@ def test_examples_in_jobs_folder_are_valid():
     assert jobs, "jobs/ has no examples"
     for path in jobs:
         load_job(path)
+
+
+def test_score_job_keys():
+    job = parse_job({**BASE, "task": "score", "prompt": "Is it blurry?", "filter": {"min_score": 0.5}})
+    assert job.score_criteria()[0].answers == ["yes", "no"] and job.has_filter
+    with pytest.raises(JobError, match="only for task score"):
+        parse_job({**BASE, "labels": ["a", "b"]})
+    with pytest.raises(JobError, match="needs the question"):
+        parse_job({**BASE, "task": "score"})
+    with pytest.raises(JobError, match="labels or scale"):
+        parse_job({**BASE, "task": "score", "prompt": "q", "labels": ["a", "b"], "scale": {"min": 0, "max": 3}})
+    with pytest.raises(JobError, match=r"criteria\.0\.name"):
+        parse_job({**BASE, "task": "score", "criteria": [{"name": "Bad Name", "prompt": "q"}]})
+    with pytest.raises(JobError, match="distinct"):
+        parse_job({**BASE, "task": "score", "criteria": [{"name": "a", "prompt": "q"}, {"name": "a", "prompt": "r"}]})
+    with pytest.raises(JobError, match="need a scale"):
+        parse_job({**BASE, "task": "score", "criteria": [{"name": "a", "prompt": "q", "filter": {"min_rating": 3}}]})

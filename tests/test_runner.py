@@ -33,8 +33,10 @@ def test_cuda_without_gpus_is_refused():
 
 def test_summary_adds_up_shards():
     shards = [
-        dict(file="a", rows=3, ok=2, errors=json.dumps({"decode_error": 1}), tiles=5, input_tokens=900, generated_tokens=20),
-        dict(file="b", rows=2, ok=1, errors=json.dumps({"decode_error": 1}), tiles=2, input_tokens=600, generated_tokens=10),
+        dict(file="a", rows=3, ok=2, errors=json.dumps({"decode_error": 1}), tiles=5, input_tokens=900, generated_tokens=20,
+             histograms="{}", passed=-1),
+        dict(file="b", rows=2, ok=1, errors=json.dumps({"decode_error": 1}), tiles=2, input_tokens=600, generated_tokens=10,
+             histograms="{}", passed=-1),
     ]
     s = summarize_shards(parse_job(BASE), shards, rows_in=5, wall_s=2.0, skipped={})
     assert (s.rows_out, s.rows_ok, s.rows_error, s.errors_by_type) == (5, 3, 2, {"decode_error": 2})
