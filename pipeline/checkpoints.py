@@ -76,3 +76,33 @@ def resolve_checkpoint(model: str, *, cache_dir: str | Path | None = None, optio
     return model  # a hub id
 
 
+
+
+def native_checkpoint(path: str, *, cache_dir: str | Path | None = None) -> str:
+    """A native checkpoint for a local folder: itself, or for an original-format (remote-code) checkpoint its
+    conversion, made once into the cache (atomically) without running any code from the checkpoint."""
+    import json
+
+    config = Path(path) / "config.json"
+    if not config.exists():
+        return path  # a hub id: loaded by transformers as it is
+    from pipeline.convert import convert_checkpoint, is_original_format
+
+    if not is_original_format(json.loads(config.read_text())):
+        return path
+    cache = Path(cache_dir) if cache_dir else DEFAULT_CACHE
+    stamp = f"{Path(path).resolve()}:{config.stat().st_mtime_ns}"
+    dest = cache / f"converted-{hashlib.sha256(stamp.encode()).hexdigest()[:16]}"
+    if (dest / "config.json").exists():
+        return str(dest)
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = cache / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        convert_checkpoint(path, str(tmp))
+        os.rename(tmp, dest)
+    except OSError:
+        if not (dest / "config.json").exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(dest)

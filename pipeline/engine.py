@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.checkpoints import ModelLoadError, resolve_checkpoint
+from pipeline.checkpoints import ModelLoadError, native_checkpoint, resolve_checkpoint
 from pipeline.prompts import ImageTokens, chat_messages, expand_image_placeholders
 from pipeline.tiling import IMAGENET_MEAN, IMAGENET_STD
 
@@ -93,13 +93,14 @@ class InternVLEngine:
         cache_dir: str | Path | None = None,
         storage_options: Mapping[str, Any] | None = None,
     ) -> InternVLEngine:
-        """Load a native InternVL checkpoint (never with remote code) onto this process's device."""
+        """Load an InternVL checkpoint onto this process's device: native as it is, original format converted first
+        (pipeline.convert); remote code is never run."""
         from transformers import AutoTokenizer, InternVLForConditionalGeneration
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # per-shard bars from every replica would flood the job log
         plan = local_plan(device, dtype)
-        path = resolve_checkpoint(model, cache_dir=cache_dir, options=storage_options)
+        path = native_checkpoint(resolve_checkpoint(model, cache_dir=cache_dir, options=storage_options), cache_dir=cache_dir)
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
             net = InternVLForConditionalGeneration.from_pretrained(

@@ -106,3 +106,10 @@ def test_score_job_keys():
         parse_job({**BASE, "task": "score", "criteria": [{"name": "a", "prompt": "q"}, {"name": "a", "prompt": "r"}]})
     with pytest.raises(JobError, match="need a scale"):
         parse_job({**BASE, "task": "score", "criteria": [{"name": "a", "prompt": "q", "filter": {"min_rating": 3}}]})
+
+
+def test_models_command_lists_the_seed_families():
+    result = CliRunner().invoke(app, ["models"])
+    assert result.exit_code == 0
+    for name in ("InternVL3-1B", "InternVL3-78B", "InternVL2_5-26B", "Mini-InternVL-Chat-4B-V1-5", "Phi-3-mini"):
+        assert name in result.output

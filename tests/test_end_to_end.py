@@ -198,3 +198,50 @@ def test_manifest_with_uris_and_questions(s3, tiny_model, tmp_path):
     assert all(r["status"] == "ok" and r["response"] for r in out.values())
     success = json.loads(s3.cat("bucket/e2e/multi-out/_SUCCESS.json"))
     assert success["rows_in"] == success["rows_out"] == 3
+
+
+def test_filter_job_writes_scores_and_passed_subset(s3, tiny_model, tmp_path):
+    s3.pipe("bucket/filter/in.jsonl", "\n".join(json.dumps(r) for r in [
+        {"uri": "s3://bucket/e2e/images/one.jpg", "source": "a"},
+        {"uri": "s3://bucket/e2e/images/seven.png", "source": "b"},
+        {"uri": "s3://bucket/e2e/images/thirteen.jpg", "source": "c"},
+        {"uri": "s3://bucket/e2e/images/broken.jpg", "source": "d"},
+    ]).encode())
+    job = {"task": "score", "input": "s3://bucket/filter/in.jsonl", "output": "s3://bucket/filter/scored",
+           "output_passed": "s3://bucket/filter/passed", "model": str(tiny_model),
+           "criteria": [{"name": "blurry", "prompt": "Is this image blurry?", "labels": ["no", "yes"],
+                         "filter": {"min_score": 0.0}},
+                        {"name": "quality", "prompt": "Rate the quality 0-9.", "scale": {"min": 0, "max": 9}}]}
+    result = run_cli(tmp_path, job)
+    assert result.exit_code == 0, result.output
+    scored = read_output(s3, "bucket/filter/scored")
+    rows = {r["source"]: r for r in scored.to_pylist()}
+    assert all(rows[s]["status"] == "ok" and 0 <= rows[s]["score_blurry"] <= 1 and 0 <= rows[s]["rating_quality"] <= 9
+               for s in "abc")
+    assert rows["d"]["status"] == "error" and rows["d"]["passed"] is False
+    passed = read_output(s3, "bucket/filter/passed")
+    assert sorted(passed.column("source").to_pylist()) == ["a", "b", "c"]
+    assert passed.column_names == ["id", "uri", "source"]  # the input's columns: a manifest for the next stage
+    success = json.loads(s3.cat("bucket/filter/scored/_SUCCESS.json"))
+    assert success["rows_in"] == success["rows_ok"] + success["rows_error"] == 4
+    assert success["rows_passed"] == 3
+    assert sum(success["score_histograms"]["blurry"]) == 3 and sum(success["score_histograms"]["quality"]) == 3
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama", "phi3", "internlm2"])
+def test_job_runs_on_an_original_format_checkpoint(family, ray_local, tmp_path):
+    """Each language-model family: an original-format (remote-code layout) checkpoint is converted on load."""
+    from tests.test_convert import original_config, original_state, write_original, write_original_tokenizer
+
+    tokenizers = write_original_tokenizer(tmp_path / "tokenizer")
+    config = original_config(family, "300m", tokenizers, image_size=448)
+    model = write_original(tmp_path / f"InternVL-{family}", config, original_state(config), tokenizers)
+    (tmp_path / "img").mkdir()
+    pattern_image(896, 448).save(tmp_path / "img" / "a.png")
+    job = {"task": "caption", "input": str(tmp_path / "img"), "output": str(tmp_path / "out"), "model": str(model),
+           "model_cache": str(tmp_path / "cache"), "generation": {"max_new_tokens": 3}}
+    result = run_cli(tmp_path, job)
+    assert result.exit_code == 0, result.output
+    row = pq.read_table(next((tmp_path / "out").glob("part-*.parquet"))).to_pylist()[0]
+    assert row["status"] == "ok" and row["num_tiles"] == 3 and row["num_generated_tokens"] >= 1
+    assert any(p.name.startswith("converted-") for p in (tmp_path / "cache").iterdir())
