@@ -36,6 +36,8 @@ class TilingConfig(_Section):
     max_tiles: int = Field(12, ge=1, le=64, description="Largest number of 448 px grid tiles per image.")
     min_tiles: int = Field(1, ge=1, le=64, description="Smallest number of grid tiles per image.")
     thumbnail: bool = Field(True, description="Append a 448 px thumbnail of the whole image when there is more than one tile.")
+    exif_transpose: bool = Field(False, description="Rotate images by their EXIF orientation first (the cards do not).")
+    max_image_pixels: int = Field(178_956_970, ge=1, description="Larger images become too_large error rows, checked before decoding.")
 
     @model_validator(mode="after")
     def _bounds(self) -> TilingConfig:

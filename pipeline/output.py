@@ -13,12 +13,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from pipeline.storage import arrow_filesystem, get_filesystem, is_local
+from pipeline.storage import get_filesystem, is_local
 
 SUCCESS_FILE = "_SUCCESS.json"
+JOB_FILE = "_JOB.json"  # written before the first shard: which configuration (fingerprint) this output belongs to
 
 # Our columns, typed once so every shard has the same schema whatever its rows (all-error shards included).
 OUTPUT_SCHEMA = pa.schema([
@@ -123,39 +123,68 @@ def write_shard(table: pa.Table, output: str, options: Mapping[str, Any] | None 
     return name
 
 
-def shard_stats(table: pa.Table, name: str, *, criteria: list | None = None, passed: int | None = None) -> dict[str, Any]:
-    """Counts of one written shard, for the run summary (with score histograms per criterion for score jobs)."""
-    from pipeline.scoring import column, histogram
-
-    histograms = {c.name or "score": histogram(table.column(column("score", c)).to_pylist()) for c in criteria or []}
+def shard_stats(table: pa.Table, name: str) -> dict[str, Any]:
+    """Counts of one written shard, for progress output."""
     status = table.column("status").to_pylist()
-    errors: dict[str, int] = {}
-    for s, t in zip(status, table.column("error_type").to_pylist()):
-        if s != "ok":
-            errors[t or "unknown"] = errors.get(t or "unknown", 0) + 1
     total = lambda col: int(pc.sum(table.column(col)).as_py() or 0)  # noqa: E731
-    return dict(
-        file=name, rows=table.num_rows, ok=table.num_rows - sum(errors.values()), errors=json.dumps(errors),
-        tiles=total("num_tiles"), input_tokens=total("num_input_tokens"), generated_tokens=total("num_generated_tokens"),
-        histograms=json.dumps(histograms), passed=-1 if passed is None else passed,
-    )
+    return dict(file=name, rows=table.num_rows, ok=sum(1 for s in status if s == "ok"), tiles=total("num_tiles"),
+                input_tokens=total("num_input_tokens"), generated_tokens=total("num_generated_tokens"))
 
 
 def existing_results(output: str, options: Mapping[str, Any] | None = None) -> list[str]:
-    """Result files (shards and the success marker) already under `output`."""
+    """Result files (shards and markers) already under `output`."""
     fs, path = get_filesystem(output, options)
     if not fs.exists(path):
         return []
-    return sorted(p for p in fs.find(path) if p.endswith((".parquet", SUCCESS_FILE)))
+    return sorted(p for p in fs.find(path) if p.endswith((".parquet", SUCCESS_FILE, JOB_FILE)))
+
+
+def shard_files(output: str, options: Mapping[str, Any] | None = None) -> list[str]:
+    """Paths of the Parquet shards under `output` (hidden temporary files excluded)."""
+    return [p for p in existing_results(output, options)
+            if p.endswith(".parquet") and not p.rsplit("/", 1)[-1].startswith((".", "_"))]
 
 
 def clear_results(output: str, options: Mapping[str, Any] | None = None) -> int:
-    """Delete earlier shards and marker (for overwrite); returns how many files were removed."""
+    """Delete earlier shards and markers (for overwrite); returns how many files were removed."""
     fs, _ = get_filesystem(output, options)
     files = existing_results(output, options)
     for p in files:
         fs.rm(p)
     return len(files)
+
+
+def read_marker(output: str, name: str, options: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+    """A JSON marker under `output`, or None."""
+    fs, path = get_filesystem(output, options)
+    try:
+        with fs.open(f"{path.rstrip('/')}/{name}", "r") as f:
+            return json.loads(f.read())
+    except FileNotFoundError:
+        return None
+
+
+def write_marker(output: str, name: str, data: dict[str, Any], options: Mapping[str, Any] | None = None) -> None:
+    fs, path = get_filesystem(output, options)
+    fs.makedirs(path, exist_ok=True)
+    with fs.open(f"{path.rstrip('/')}/{name}", "w") as f:
+        f.write(json.dumps(data, indent=2, sort_keys=True))
+
+
+def remove_marker(output: str, name: str, options: Mapping[str, Any] | None = None) -> None:
+    fs, path = get_filesystem(output, options)
+    target = f"{path.rstrip('/')}/{name}"
+    if fs.exists(target):
+        fs.rm(target)
+
+
+def existing_ids(output: str, options: Mapping[str, Any] | None = None) -> list[str]:
+    """The `id` of every row already written under `output` (duplicates kept, so callers can count them)."""
+    files = shard_files(output, options)
+    if not files:
+        return []
+    fs, _ = get_filesystem(output, options)
+    return [i for f in files for i in pq.read_table(f, columns=["id"], filesystem=fs).column("id").to_pylist()]
 
 
 @dataclass
@@ -177,44 +206,58 @@ class RunSummary:
     output: str
     files: int
     skipped_inputs: dict[str, int] = field(default_factory=dict)
+    rows_this_run: int = 0  # rows processed by this run (the rest were already in the output: resumed)
+    tiles_this_run: int = 0
+    tokens_this_run: int = 0
     score_histograms: dict[str, list[int]] = field(default_factory=dict)  # per criterion, 10 bins over [0, 1]
     rows_passed: int | None = None
     finished_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
     @property
     def samples_per_s(self) -> float:
-        return self.rows_out / self.wall_s if self.wall_s > 0 else 0.0
+        """Rows processed by this run per second of its wall time."""
+        return self.rows_this_run / self.wall_s if self.wall_s > 0 else 0.0
 
     def to_json(self) -> str:
         data = asdict(self)
         data.update(
             samples_per_s=round(self.samples_per_s, 3),
-            tokens_per_s=round(self.generated_tokens / self.wall_s, 3) if self.wall_s > 0 else 0.0,
-            tiles_per_s=round(self.tiles / self.wall_s, 3) if self.wall_s > 0 else 0.0,
+            tokens_per_s=round(self.tokens_this_run / self.wall_s, 3) if self.wall_s > 0 else 0.0,
+            tiles_per_s=round(self.tiles_this_run / self.wall_s, 3) if self.wall_s > 0 else 0.0,
         )
         return json.dumps(data, indent=2, sort_keys=True)
 
 
-def summarize_output(output: str, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Counts read back from the written shards (so the summary reports what is really there)."""
-    afs, path = arrow_filesystem(output, options)
-    dataset = pads.dataset(path, filesystem=afs, format="parquet", exclude_invalid_files=False,
-                           ignore_prefixes=[".", "_"])
-    table = dataset.to_table(columns=["id", "status", "error_type", "num_tiles", "num_input_tokens", "num_generated_tokens"])
-    errors = table.filter(pc.equal(table["status"], "error"))
+def summarize_output(output: str, options: Mapping[str, Any] | None = None, *, criteria: list | None = None,
+                     with_passed: bool = False) -> dict[str, Any]:
+    """Counts read back from every shard under `output` (so the summary reports what is really there)."""
+    from pipeline.scoring import column, histogram
+
+    fs, _ = get_filesystem(output, options)
+    files = shard_files(output, options)
+    score_cols = [column("score", c) for c in criteria or []]
+    cols = ["id", "status", "error_type", "num_tiles", "num_input_tokens", "num_generated_tokens", *score_cols]
+    cols += ["passed"] if with_passed else []
+    tables = [pq.read_table(f, columns=cols, filesystem=fs) for f in files]
+    table = pa.concat_tables(tables) if tables else pa.table({c: pa.array([], pa.int32()) for c in cols})
+    status = table.column("status").to_pylist()
     by_type: dict[str, int] = {}
-    for t in errors["error_type"].to_pylist():
-        by_type[t or "unknown"] = by_type.get(t or "unknown", 0) + 1
+    for s, t in zip(status, table.column("error_type").to_pylist()):
+        if s != "ok":
+            by_type[t or "unknown"] = by_type.get(t or "unknown", 0) + 1
+    total = lambda col: int(pc.sum(table.column(col)).as_py() or 0) if table.num_rows else 0  # noqa: E731
     return dict(
         rows_out=table.num_rows,
-        unique_ids=len(pc.unique(table["id"])),
-        rows_ok=table.num_rows - errors.num_rows,
-        rows_error=errors.num_rows,
+        unique_ids=len(set(table.column("id").to_pylist())),
+        rows_ok=table.num_rows - sum(by_type.values()),
+        rows_error=sum(by_type.values()),
         errors_by_type=by_type,
-        tiles=int(pc.sum(table["num_tiles"]).as_py() or 0),
-        input_tokens=int(pc.sum(table["num_input_tokens"]).as_py() or 0),
-        generated_tokens=int(pc.sum(table["num_generated_tokens"]).as_py() or 0),
-        files=len(dataset.files),
+        tiles=total("num_tiles"),
+        input_tokens=total("num_input_tokens"),
+        generated_tokens=total("num_generated_tokens"),
+        files=len(files),
+        histograms={(c.name or "score"): histogram(table.column(column("score", c)).to_pylist()) for c in criteria or []},
+        rows_passed=int(pc.sum(pc.fill_null(table.column("passed"), False).cast(pa.int64())).as_py() or 0) if with_passed else None,
     )
 
 

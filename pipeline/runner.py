@@ -5,7 +5,6 @@ This is the one module that imports Ray. It also owns preflight checks, resource
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -19,12 +18,27 @@ import pyarrow.compute as pc
 from pipeline.checkpoints import ModelLoadError, check_checkpoint
 from pipeline.config import JobConfig, JobError
 from pipeline.inputs import InputError, list_inputs
-from pipeline.output import RunSummary, clear_results, existing_results, write_success
+from pipeline.output import (
+    JOB_FILE,
+    SUCCESS_FILE,
+    RunSummary,
+    clear_results,
+    existing_ids,
+    read_marker,
+    remove_marker,
+    shard_files,
+    summarize_output,
+    write_marker,
+    write_success,
+)
 from pipeline.stages import Generate, Preprocess, Score, WriteShards
 
 log = logging.getLogger("internvl_batch")
 
-ROWS_PER_BLOCK = 16  # small input blocks: the CPU stage's tile output per block stays well under 128 MiB
+# Input rows per block: two model batches. Small blocks keep the CPU stage's tile output per task well under
+# 128 MiB, spread work over all CPU workers, and let finished rows reach the writer (and a resumed run) early:
+# a map task hands on its small text blocks only when it ends.
+BLOCK_BATCHES = 2
 PREPROCESS_BATCH = 4
 # Memory each CPU preprocessing task reserves. Besides being a fair estimate (decoded image + tiles of a small
 # batch), it keeps Ray from fusing the CPU stage into the model actors, so the two stages scale independently.
@@ -81,17 +95,17 @@ def preprocess_batch(batch: dict, job: JobConfig) -> pa.Table:
     return Preprocess(job)(batch)
 
 
-def write_batch(batch: pa.Table, job: JobConfig, input_columns: list[str]) -> pa.Table:
+def write_batch(batch: pa.Table, job: JobConfig, input_columns: list[str], skip_ids: list[str]) -> pa.Table:
     """Ray task body for the write stage."""
-    return WriteShards(job, input_columns)(batch)
+    return WriteShards(job, input_columns, skip_ids)(batch)
 
 
-def build_dataset(job: JobConfig, rows: pa.Table, resources: Resources):
+def build_dataset(job: JobConfig, rows: pa.Table, resources: Resources, *, skip_ids: list[str] | None = None):
     """The lazy Ray Data plan: input rows -> tiles -> generated text (one row out per row in)."""
     import ray
 
-    # One small block per ROWS_PER_BLOCK input rows, so the CPU stage spreads over all workers from the start.
-    blocks = [rows.slice(start, ROWS_PER_BLOCK) for start in range(0, rows.num_rows, ROWS_PER_BLOCK)]
+    per_block = BLOCK_BATCHES * job.compute.batch_size
+    blocks = [rows.slice(start, per_block) for start in range(0, rows.num_rows, per_block)]
     ds = ray.data.from_arrow(blocks)
     ds = ds.map_batches(
         preprocess_batch, fn_kwargs={"job": job}, batch_size=PREPROCESS_BATCH, batch_format="numpy",
@@ -102,24 +116,56 @@ def build_dataset(job: JobConfig, rows: pa.Table, resources: Resources):
         compute=ray.data.ActorPoolStrategy(size=resources.replicas), num_cpus=resources.cpus_per_replica,
         num_gpus=resources.gpus_per_replica or None,
     )
-    return ds.map_batches(write_batch, fn_kwargs={"job": job, "input_columns": rows.column_names},
+    return ds.map_batches(write_batch, fn_kwargs={"job": job, "input_columns": rows.column_names, "skip_ids": skip_ids or []},
                           batch_size=job.rows_per_shard, batch_format="pyarrow",
                           num_cpus=WRITE_CPUS)
 
 
+def _check_output_state(job: JobConfig, echo: Callable[[str], None]) -> None:
+    """Overwrite clears; otherwise an output may only be resumed by the configuration that started it."""
+    targets = [job.output] + ([job.output_passed] if job.output_passed else [])
+    if job.overwrite:
+        for target in targets:
+            removed = clear_results(target, job.storage)
+            if removed:
+                echo(f"overwrite: removed {removed} earlier result files from {target}")
+        return
+    marker = read_marker(job.output, JOB_FILE, job.storage)
+    if marker is None:
+        if shard_files(job.output, job.storage):
+            raise JobError(f"output {job.output!r} holds Parquet files of an unknown run (no {JOB_FILE}); "
+                           "choose another output or pass --set overwrite=true to replace them")
+        return
+    if marker.get("fingerprint") != job.fingerprint():
+        raise JobError(
+            f"output {job.output!r} holds results of another configuration (fingerprint {marker.get('fingerprint')}, "
+            f"model {marker.get('model')!r}; this job: {job.fingerprint()}, model {job.model!r}). Model, revision, "
+            "prompt, questions, tiling, video sampling and generation must match to resume; choose another output "
+            "or pass --set overwrite=true to start a new run there"
+        )
+
+
+def expected_ids(job: JobConfig, rows: pa.Table) -> list[list[str]]:
+    """Per sample, the ids of the output rows it must produce (one per question)."""
+    default = len(job.questions) if job.questions else 1
+    counts = ([default] * rows.num_rows if "questions" not in rows.column_names else
+              [n if n > 0 else default for n in pc.list_value_length(rows.column("questions")).fill_null(0).to_pylist()])
+    if job.task == "score":
+        counts = [1] * rows.num_rows
+    return [[sid] if n == 1 else [f"{sid}#{k}" for k in range(n)]
+            for sid, n in zip(rows.column("id").to_pylist(), counts)]
+
+
 def run_job(job: JobConfig, *, echo: Callable[[str], None] = print) -> RunSummary:
-    """Run a job end to end and return its summary; _SUCCESS.json is written last."""
+    """Run a job end to end and return its summary; _SUCCESS.json is written last.
+
+    Re-running the same job into the same output resumes it: samples whose rows are all written are skipped,
+    rows of half-written samples are not written twice, and a finished job does nothing.
+    """
     import ray
 
     started = time.perf_counter()
-    targets = [job.output] + ([job.output_passed] if job.output_passed else [])
-    existing = {t: existing_results(t, job.storage) for t in targets}
-    for target, files in existing.items():
-        if files and not job.overwrite:
-            raise JobError(
-                f"output {target!r} already holds results ({len(files)} files); "
-                "choose another output or pass --set overwrite=true to replace them"
-            )
+    _check_output_state(job, echo)
     try:
         check_checkpoint(job.model, job.storage)
     except ModelLoadError as err:
@@ -128,15 +174,29 @@ def run_job(job: JobConfig, *, echo: Callable[[str], None] = print) -> RunSummar
         listing = list_inputs(job.input, job.storage)
     except InputError as err:
         raise JobError(f"input: {err}") from None
-    samples = listing.table.num_rows
-    rows_in = expected_rows(job, listing.table)
-    if samples == 0:
+    except PermissionError as err:
+        raise JobError(f"input {job.input!r}: access denied ({err}); check the AWS credentials") from None
+    if listing.table.num_rows == 0:
         raise JobError(f"input {job.input!r}: no images or videos found" + (f" (skipped: {listing.skipped})" if listing.skipped else ""))
-    echo(f"{samples} samples ({rows_in} output rows) from {job.input}"
+    per_sample = expected_ids(job, listing.table)
+    rows_in = sum(len(ids) for ids in per_sample)
+    done = set(existing_ids(job.output, job.storage))
+    todo = [i for i, ids in enumerate(per_sample) if not all(r in done for r in ids)]
+    skip_ids = sorted(r for i in todo for r in per_sample[i] if r in done)  # rows of half-written samples
+    echo(f"{listing.table.num_rows} samples ({rows_in} output rows) from {job.input}"
          + (f"; skipped non-media files {listing.skipped}" if listing.skipped else ""))
-    for target, files in existing.items():
-        if files:
-            echo(f"overwrite: removed {clear_results(target, job.storage)} earlier result files from {target}")
+    if done:
+        echo(f"resuming: {rows_in - sum(len(per_sample[i]) for i in todo) + len(skip_ids)} of {rows_in} rows are "
+             f"already in {job.output}; {len(todo)} samples to process")
+    if not todo:
+        echo("nothing to do: every row of this job is already in the output")
+        return _finish(job, listing, rows_in=rows_in, started=started, this_run=[])
+    try:
+        write_marker(job.output, JOB_FILE, {"fingerprint": job.fingerprint(), "task": job.task, "model": job.model,
+                                            "model_revision": job.model_revision}, job.storage)
+        remove_marker(job.output, SUCCESS_FILE, job.storage)  # the output is being extended
+    except PermissionError as err:
+        raise JobError(f"output {job.output!r}: not writable ({err}); check the AWS credentials") from None
 
     init_ray()
     ctx = ray.data.DataContext.get_current()
@@ -147,48 +207,41 @@ def run_job(job: JobConfig, *, echo: Callable[[str], None] = print) -> RunSummar
     echo(f"{resources.replicas} replica(s), {resources.cpu_workers} CPU worker(s), "
          f"{resources.gpus_per_replica:g} GPU(s) per replica")
 
+    rows = listing.table.take(pa.array(todo, pa.int64())) if len(todo) < listing.table.num_rows else listing.table
     shards: list[dict] = []
-    done = 0
-    for shard in build_dataset(job, listing.table, resources).iter_rows():  # one stats row per written shard
-        shards.append(shard)
-        done += int(shard["rows"])
-        elapsed = time.perf_counter() - started
-        echo(f"[{done}/{rows_in}] {shard['file']}: {shard['rows']} rows, {shard['rows'] - shard['ok']} errors "
-             f"({done / elapsed:.2f} samples/s)")
-    summary = summarize_shards(job, shards, rows_in=rows_in, wall_s=time.perf_counter() - started,
-                               skipped=listing.skipped)
-    if summary.rows_out != rows_in or len({s["file"] for s in shards}) != len(shards):
+    written = 0
+    try:
+        for shard in build_dataset(job, rows, resources, skip_ids=skip_ids).iter_rows():  # one row per shard
+            shards.append(shard)
+            written += int(shard["rows"])
+            elapsed = time.perf_counter() - started
+            if shard["file"]:
+                echo(f"[{written}/{rows_in - len(done)}] {shard['file']}: {shard['rows']} rows, "
+                     f"{shard['rows'] - shard['ok']} errors ({written / elapsed:.2f} rows/s)")
+    except Exception as err:  # noqa: BLE001 - Ray wraps the cause; report it, keep what was written
+        cause = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise RunError(f"the run stopped: {type(err).__name__}: {cause}. The {written} rows written so far are kept; "
+                       "re-run the same job to resume.") from err
+    return _finish(job, listing, rows_in=rows_in, started=started, this_run=shards)
+
+
+def _finish(job: JobConfig, listing, *, rows_in: int, started: float, this_run: list[dict]) -> RunSummary:
+    """Read the whole output back, check every row is there exactly once, then write _SUCCESS.json."""
+    criteria = job.score_criteria() if job.task == "score" else []
+    counts = summarize_output(job.output, job.storage, criteria=criteria, with_passed=job.has_filter)
+    summary = RunSummary(
+        rows_in=rows_in, rows_out=counts["rows_out"], rows_ok=counts["rows_ok"], rows_error=counts["rows_error"],
+        errors_by_type=counts["errors_by_type"], tiles=counts["tiles"], input_tokens=counts["input_tokens"],
+        generated_tokens=counts["generated_tokens"], wall_s=time.perf_counter() - started,
+        fingerprint=job.fingerprint(), task=job.task, model=job.model, output=job.output, files=counts["files"],
+        skipped_inputs=listing.skipped, score_histograms=counts["histograms"], rows_passed=counts["rows_passed"],
+        rows_this_run=sum(int(s["rows"]) for s in this_run), tiles_this_run=sum(int(s["tiles"]) for s in this_run),
+        tokens_this_run=sum(int(s["generated_tokens"]) for s in this_run),
+    )
+    if counts["rows_out"] != rows_in or counts["unique_ids"] != rows_in:
         raise RunError(
-            f"accounting failed: {rows_in} rows in, {summary.rows_out} rows written in {len(shards)} shards; "
-            "_SUCCESS.json not written"
+            f"accounting failed: {rows_in} rows expected, {counts['rows_out']} rows in the output "
+            f"({counts['unique_ids']} distinct ids); _SUCCESS.json not written"
         )
     write_success(job.output, summary, job.storage)
     return summary
-
-
-def expected_rows(job: JobConfig, rows: pa.Table) -> int:
-    """Output rows a run must write: one per (sample, question)."""
-    default = len(job.questions) if job.questions else 1
-    if "questions" not in rows.column_names:
-        return rows.num_rows * default
-    lengths = pc.list_value_length(rows.column("questions")).fill_null(0).to_pylist()
-    return sum(n if n > 0 else default for n in lengths)
-
-
-def summarize_shards(job: JobConfig, shards: list[dict], *, rows_in: int, wall_s: float, skipped: dict) -> RunSummary:
-    """Add up the write stage's per-shard stats."""
-    errors: dict[str, int] = {}
-    histograms: dict[str, list[int]] = {}
-    for shard in shards:
-        for kind, count in json.loads(shard["errors"]).items():
-            errors[kind] = errors.get(kind, 0) + count
-        for name, counts in json.loads(shard["histograms"]).items():
-            histograms[name] = [a + b for a, b in zip(histograms.get(name, [0] * len(counts)), counts)]
-    total = lambda key: sum(int(s[key]) for s in shards)  # noqa: E731
-    return RunSummary(
-        rows_in=rows_in, rows_out=total("rows"), rows_ok=total("ok"), rows_error=sum(errors.values()),
-        errors_by_type=errors, tiles=total("tiles"), input_tokens=total("input_tokens"),
-        generated_tokens=total("generated_tokens"), wall_s=wall_s, fingerprint=job.fingerprint(), task=job.task,
-        model=job.model, output=job.output, files=len(shards), skipped_inputs=skipped, score_histograms=histograms,
-        rows_passed=total("passed") if job.has_filter else None,
-    )

@@ -80,6 +80,9 @@ class Preprocess:
         except (OSError, ValueError) as err:
             raise MediaError("read_error", f"could not read {uri}: {type(err).__name__}: {err}") from None
 
+    def decode(self, data: bytes) -> Image.Image:
+        return decode_image(data, max_pixels=self.tiling.max_image_pixels, exif_transpose=self.tiling.exif_transpose)
+
     def _tile(self, image: Image.Image, max_tiles: int) -> np.ndarray:
         return tile_image(
             image, min_tiles=min(self.tiling.min_tiles, max_tiles), max_tiles=max_tiles, thumbnail=self.tiling.thumbnail
@@ -88,7 +91,7 @@ class Preprocess:
     def _images(self, uris: list[str]) -> dict[str, Any]:
         """One or several images; several share the tile budget (max_tiles // n each, as InternVL 2.5 does)."""
         budget = max(1, self.tiling.max_tiles // len(uris))
-        images = [decode_image(self.read(u)) for u in uris]
+        images = [self.decode(self.read(u)) for u in uris]
         tiles = [self._tile(image, budget) for image in images]
         return dict(pixels=np.concatenate(tiles), tiles_per_image=[len(t) for t in tiles],
                     media_type="image" if len(uris) == 1 else "images", width=images[0].width, height=images[0].height)
@@ -115,7 +118,7 @@ class Preprocess:
                 if extension(uri) in VIDEO_EXTENSIONS or looks_like_video(data):
                     row.update(self._video(data))
                 else:
-                    image = decode_image(data)
+                    image = self.decode(data)
                     pixels = self._tile(image, self.tiling.max_tiles)
                     row.update(pixels=pixels, tiles_per_image=[len(pixels)], media_type="image",
                                width=image.width, height=image.height)
@@ -313,19 +316,21 @@ class WriteShards:
     the same name there: a manifest ready for the next stage.
     """
 
-    def __init__(self, job: JobConfig, input_columns: list[str] | None = None) -> None:
+    def __init__(self, job: JobConfig, input_columns: list[str] | None = None, skip_ids: list[str] | None = None) -> None:
         self.job = job
         self.input_columns = input_columns or ["id", "uri"]
-        self.criteria = job.score_criteria() if job.task == "score" else []
+        self.skip_ids = pa.array(skip_ids or [], pa.string())  # rows a resumed run finds already written
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         _require(batch.column_names, "write", *OUTPUT_SCHEMA.names)
+        if len(self.skip_ids):
+            batch = batch.filter(pc.invert(pc.is_in(batch.column("id"), value_set=self.skip_ids)))
+        if batch.num_rows == 0:
+            return pa.Table.from_pylist([shard_stats(batch, "")])
         name = write_shard(batch, self.job.output, self.job.storage)
-        passed = None
-        if self.job.task == "score" and self.job.has_filter:
+        if self.job.output_passed:
             kept = batch.filter(pc.fill_null(batch.column("passed"), False))
-            passed = kept.num_rows
-            if self.job.output_passed and kept.num_rows:
+            if kept.num_rows:
                 columns = [c for c in self.input_columns if c in kept.column_names]
                 write_shard(kept.select(columns), self.job.output_passed, self.job.storage)
-        return pa.Table.from_pylist([shard_stats(batch, name, criteria=self.criteria, passed=passed)])
+        return pa.Table.from_pylist([shard_stats(batch, name)])

@@ -91,11 +91,14 @@ def test_caption_images_from_s3_to_s3(s3, s3_server, tiny_model, tmp_path):
         assert secret not in result.output and secret not in json.dumps(success)
     assert (tmp_path / "cache").exists()  # the s3:// checkpoint was copied into the node-local cache
 
-    # a second run into the same output is refused, naming the way out, and changes nothing
+    # the finished job re-run does nothing and says so; a changed configuration is refused; overwrite starts over
+    shards = sorted(s3.glob("bucket/e2e/captions/part-*.parquet"))
     again = run_cli(tmp_path, job)
-    assert again.exit_code == 2 and "already holds results" in again.output and "overwrite" in again.output
-    # overwrite replaces the results
-    assert run_cli(tmp_path, job, "--set", "overwrite=true").exit_code == 0
+    assert again.exit_code == 0 and "nothing to do" in again.output
+    assert sorted(s3.glob("bucket/e2e/captions/part-*.parquet")) == shards
+    changed = run_cli(tmp_path, job, "--set", "tiling.max_tiles=6")
+    assert changed.exit_code == 2 and "another configuration" in changed.output and "overwrite" in changed.output
+    assert run_cli(tmp_path, job, "--set", "overwrite=true", "--set", "tiling.max_tiles=6").exit_code == 0
     assert read_output(s3, "bucket/e2e/captions").num_rows == 4
 
 

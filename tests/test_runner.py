@@ -1,11 +1,9 @@
-"""Resource planning and the summary arithmetic, without starting Ray."""
-
-import json
+"""Resource planning and expected output rows, without starting Ray."""
 
 import pytest
 
 from pipeline.config import parse_job
-from pipeline.runner import RunError, plan_resources, summarize_shards
+from pipeline.runner import RunError, expected_ids, plan_resources
 
 BASE = {"task": "caption", "input": "in", "output": "out", "model": "m"}
 
@@ -31,13 +29,10 @@ def test_cuda_without_gpus_is_refused():
         plan_resources(parse_job(BASE, overrides=["compute.device=cuda"]), cluster_cpus=4, cluster_gpus=0)
 
 
-def test_summary_adds_up_shards():
-    shards = [
-        dict(file="a", rows=3, ok=2, errors=json.dumps({"decode_error": 1}), tiles=5, input_tokens=900, generated_tokens=20,
-             histograms="{}", passed=-1),
-        dict(file="b", rows=2, ok=1, errors=json.dumps({"decode_error": 1}), tiles=2, input_tokens=600, generated_tokens=10,
-             histograms="{}", passed=-1),
-    ]
-    s = summarize_shards(parse_job(BASE), shards, rows_in=5, wall_s=2.0, skipped={})
-    assert (s.rows_out, s.rows_ok, s.rows_error, s.errors_by_type) == (5, 3, 2, {"decode_error": 2})
-    assert s.samples_per_s == 2.5 and json.loads(s.to_json())["tokens_per_s"] == 15.0
+def test_expected_ids_one_per_question():
+    import pyarrow as pa
+
+    rows = pa.table({"id": ["a", "b", "c"], "questions": [["q1", "q2"], None, []]})
+    job = parse_job({**BASE, "task": "vqa", "questions": ["x", "y", "z"]})
+    assert expected_ids(job, rows) == [["a#0", "a#1"], ["b#0", "b#1", "b#2"], ["c#0", "c#1", "c#2"]]
+    assert expected_ids(parse_job(BASE), pa.table({"id": ["a"]})) == [["a"]]

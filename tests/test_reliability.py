@@ -1,0 +1,170 @@
+"""Faults really injected: a killed driver resumes without duplicates, a killed model actor is replaced, every
+broken or unusual input becomes one row with the right error type."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from PIL import Image
+
+from tests.conftest import pattern_image
+from tests.media import make_video
+
+pytestmark = pytest.mark.integration
+
+
+def clean_env() -> dict[str, str]:
+    """A job's own environment: no test credentials, its own local Ray."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS"))}
+
+
+def start_job(job: dict, folder: Path) -> subprocess.Popen:
+    path = folder / f"job-{time.monotonic_ns()}.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=clean_env(), start_new_session=True)
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def shards(out: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
+
+
+def read_rows(out: Path) -> list[dict]:
+    return [r for p in sorted(out.glob("part-*.parquet")) for r in pq.read_table(p).to_pylist()]
+
+
+def ray_pids(tag: str) -> list[int]:
+    out = subprocess.run(["pgrep", "-f", tag], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in out]
+
+
+@pytest.fixture()
+def images(tmp_path) -> Path:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(14):
+        pattern_image(448 + 8 * i, 448).save(folder / f"{i:02d}.png")
+    return folder
+
+
+def test_driver_killed_then_rerun_resumes_exactly_once(images, tiny_model, tmp_path):
+    out = tmp_path / "out"
+    job = {"task": "caption", "input": str(images), "output": str(out), "model": str(tiny_model), "rows_per_shard": 2,
+           "compute": {"batch_size": 2}, "generation": {"max_new_tokens": 200}}
+    first = start_job(job, tmp_path)
+    try:
+        wait_for(lambda: len(shards(out)) >= 2, 300, "two shards from the first run")
+    finally:
+        os.kill(first.pid, signal.SIGKILL)  # the driver only; its local Ray shares its fate
+        first.wait(60)
+    before: dict[str, int] = {}
+    wait_for(lambda: (before.update(shards(out)) or True) and time.sleep(3) is None and shards(out) == before, 60,
+             "the killed run's workers to stop writing")
+    assert 2 <= len(read_rows(out)) < 14
+    assert not (out / "_SUCCESS.json").exists()
+
+    second = start_job(job, tmp_path)
+    log, _ = second.communicate(timeout=600)
+    assert second.returncode == 0, log
+    assert "resuming:" in log
+    rows = read_rows(out)
+    assert len(rows) == 14 and len({r["id"] for r in rows}) == 14
+    assert {Path(r["uri"]).name for r in rows} == {p.name for p in images.iterdir()}
+    after = shards(out)
+    assert all(after.get(name) == stamp for name, stamp in before.items())  # the finished part was not redone
+    assert (out / "_SUCCESS.json").exists()
+
+
+def test_model_actor_killed_mid_job_is_replaced(images, tiny_model, tmp_path):
+    out = tmp_path / "out"
+    job = {"task": "caption", "input": str(images), "output": str(out), "model": str(tiny_model), "rows_per_shard": 2,
+           "compute": {"batch_size": 2}, "generation": {"max_new_tokens": 200}}
+    run = start_job(job, tmp_path)
+    try:
+        wait_for(lambda: len(shards(out)) >= 1, 300, "a first shard")
+        victims = ray_pids("MapBatches\\(Generate\\)")
+        assert victims, "no model actor process found"
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+        log, _ = run.communicate(timeout=600)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    assert run.returncode == 0, log
+    rows = read_rows(out)
+    assert len(rows) == 14 and len({r["id"] for r in rows}) == 14 and all(r["status"] == "ok" for r in rows)
+
+
+def _jpeg(image: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", **kw)
+    return buf.getvalue()
+
+
+def _png(image: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "PNG", **kw)
+    return buf.getvalue()
+
+
+def test_broken_and_unusual_media_become_rows(tiny_model, tmp_path):
+    import numpy as np
+
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    good = pattern_image(640, 480)
+    gif = io.BytesIO()
+    good.save(gif, "GIF", save_all=True, append_images=[pattern_image(640, 480).rotate(90)], duration=40)
+    huge = _png(Image.new("1", (20000, 20000)))  # 400 Mpx declared, tiny file: refused before decoding
+    corpus = {
+        "good.jpg": (_jpeg(good), "ok"),
+        "truncated.jpg": (_jpeg(good)[:2000], "decode_error"),
+        "empty.png": (b"", "decode_error"),
+        "text.jpg": (b"hello, I am not an image", "decode_error"),
+        "palette.png": (_png(good.convert("P"), transparency=0), "ok"),
+        "alpha.png": (_png(good.convert("RGBA")), "ok"),
+        "cmyk.jpg": (_jpeg(good.convert("CMYK")), "ok"),
+        "grey16.png": (_png(Image.fromarray((np.arange(640 * 480, dtype=np.uint32) % 65536).astype(np.uint16).reshape(480, 640))), "ok"),
+        "animated.gif": (gif.getvalue(), "ok"),
+        "huge.png": (huge, "too_large"),
+        "clip.mp4": (make_video(20, 10), "ok"),
+        "one-frame.mp4": (make_video(1, 10), "ok"),
+        "broken.mp4": (make_video(20, 10)[:300], "decode_error"),
+        "garbage.webm": (b"\x1a\x45\xdf\xa3" + b"\x00" * 64, "decode_error"),
+    }
+    for name, (data, _) in corpus.items():
+        (folder / name).write_bytes(data)
+    out = tmp_path / "out"
+    job = {"task": "caption", "input": str(folder), "output": str(out), "model": str(tiny_model),
+           "generation": {"max_new_tokens": 2}, "tiling": {"max_image_pixels": 100_000_000}, "video": {"num_frames": 2}}
+    run = start_job(job, tmp_path)
+    log, _ = run.communicate(timeout=600)
+    assert run.returncode == 0, log
+    rows = {Path(r["uri"]).name: r for r in read_rows(out)}
+    assert sorted(rows) == sorted(corpus)  # one row per input
+    for name, (_, expected) in corpus.items():
+        row = rows[name]
+        got = row["status"] if row["status"] == "ok" else row["error_type"]
+        assert got == expected, (name, row["error_message"])
+        if expected == "ok":
+            assert row["response"] and row["num_tiles"] >= 1
+        else:
+            assert row["error_message"]
+    assert rows["huge.png"]["error_message"].startswith("image is 20000x20000")
