@@ -106,8 +106,8 @@ class InternVLEngine:
             net = InternVLForConditionalGeneration.from_pretrained(
                 path, revision=revision, dtype=plan.dtype, attn_implementation=plan.attn_implementation
             )
-        except (OSError, ValueError, KeyError) as err:
-            raise ModelLoadError(f"model {model!r} could not be loaded as a native InternVL checkpoint: {err}") from err
+        except Exception as err:  # noqa: BLE001 - any failure here means this checkpoint cannot serve; say which and why
+            raise ModelLoadError(f"model {model!r} could not be loaded: {type(err).__name__}: {err}") from err
         if not tokenizer.chat_template:
             raise ModelLoadError(f"model {model!r} has no chat template (tokenizer_config.json or chat_template.jinja)")
         return cls(net.to(plan.device).eval(), tokenizer, plan)

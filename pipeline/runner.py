@@ -165,17 +165,17 @@ def run_job(job: JobConfig, *, echo: Callable[[str], None] = print) -> RunSummar
     import ray
 
     started = time.perf_counter()
-    _check_output_state(job, echo)
-    try:
+    try:  # preflight: seconds, before any model loads
+        _check_output_state(job, echo)
         check_checkpoint(job.model, job.storage)
+        listing = list_inputs(job.input, job.storage)
     except ModelLoadError as err:
         raise JobError(str(err)) from None
-    try:
-        listing = list_inputs(job.input, job.storage)
     except InputError as err:
         raise JobError(f"input: {err}") from None
     except PermissionError as err:
-        raise JobError(f"input {job.input!r}: access denied ({err}); check the AWS credentials") from None
+        raise JobError(f"access denied ({err}) reading {job.input!r} or {job.output!r}; check the AWS credentials "
+                       "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, profile or role)") from None
     if listing.table.num_rows == 0:
         raise JobError(f"input {job.input!r}: no images or videos found" + (f" (skipped: {listing.skipped})" if listing.skipped else ""))
     per_sample = expected_ids(job, listing.table)
@@ -196,7 +196,7 @@ def run_job(job: JobConfig, *, echo: Callable[[str], None] = print) -> RunSummar
                                             "model_revision": job.model_revision}, job.storage)
         remove_marker(job.output, SUCCESS_FILE, job.storage)  # the output is being extended
     except PermissionError as err:
-        raise JobError(f"output {job.output!r}: not writable ({err}); check the AWS credentials") from None
+        raise JobError(f"output {job.output!r}: access denied ({err}); check the AWS credentials") from None
 
     init_ray()
     ctx = ray.data.DataContext.get_current()
@@ -219,9 +219,11 @@ def run_job(job: JobConfig, *, echo: Callable[[str], None] = print) -> RunSummar
                 echo(f"[{written}/{rows_in - len(done)}] {shard['file']}: {shard['rows']} rows, "
                      f"{shard['rows'] - shard['ok']} errors ({written / elapsed:.2f} rows/s)")
     except Exception as err:  # noqa: BLE001 - Ray wraps the cause; report it, keep what was written
-        cause = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        text = str(err).strip()
+        cause = next((line for line in text.splitlines() if "ModelLoadError" in line), text.splitlines()[-1] if text else "")
+        hint = ("fix the model and re-run" if "ModelLoadError" in text else "re-run the same job to resume")
         raise RunError(f"the run stopped: {type(err).__name__}: {cause}. The {written} rows written so far are kept; "
-                       "re-run the same job to resume.") from err
+                       f"{hint}.") from err
     return _finish(job, listing, rows_in=rows_in, started=started, this_run=shards)
 
 

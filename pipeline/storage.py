@@ -19,9 +19,24 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", 
 MANIFEST_EXTENSIONS = frozenset({".parquet", ".jsonl", ".csv"})
 
 
+# Object stores throttle (503 SlowDown) and fail transiently; botocore retries those with backoff and jitter.
+# Ten attempts in "standard" mode ride out long bursts; a job's storage.config_kwargs.retries replaces this.
+S3_RETRIES = {"max_attempts": 10, "mode": "standard"}
+
+
+def with_defaults(url: str, options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The job's storage options plus our defaults for the URL's protocol (retries for S3)."""
+    merged = dict(options or {})
+    if protocol_of(url) in ("s3", "s3a"):
+        config = dict(merged.get("config_kwargs") or {})
+        config.setdefault("retries", S3_RETRIES)
+        merged["config_kwargs"] = config
+    return merged
+
+
 def get_filesystem(url: str, options: Mapping[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem for a URL (local paths included) and the path within it."""
-    return url_to_fs(url, **dict(options or {}))
+    return url_to_fs(url, **with_defaults(url, options))
 
 
 def protocol_of(url: str) -> str:

@@ -168,3 +168,52 @@ def test_broken_and_unusual_media_become_rows(tiny_model, tmp_path):
         else:
             assert row["error_message"]
     assert rows["huge.png"]["error_message"].startswith("image is 20000x20000")
+
+
+def test_s3_throttling_is_retried_and_wrong_credentials_fail_fast(s3_server, tiny_model, tmp_path):
+    """30% of S3 requests answered 503 SlowDown by a proxy: the job still succeeds, each input once."""
+    import s3fs
+
+    from tests.s3_proxy import FlakyProxy
+
+    fs = s3fs.S3FileSystem()
+    for i in range(6):
+        buf = io.BytesIO()
+        pattern_image(448 + 16 * i, 448).save(buf, "PNG")
+        fs.pipe(f"bucket/flaky/in/{i}.png", buf.getvalue())
+    job = {"task": "caption", "input": "s3://bucket/flaky/in/", "output": "s3://bucket/flaky/out/",
+           "model": str(tiny_model), "generation": {"max_new_tokens": 2}, "rows_per_shard": 2}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    with FlakyProxy(s3_server.endpoint_url, failure_rate=0.3) as proxy:
+        env = {**clean_env(), **s3_server.env(), "AWS_ENDPOINT_URL": proxy.endpoint_url}
+        run = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(path)], capture_output=True, text=True,
+                             env=env, timeout=600)
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert proxy.counts["failed"] >= 5, proxy.counts  # the faults really happened
+    files = fs.glob("bucket/flaky/out/part-*.parquet")
+    ids = [i for f in files for i in pq.read_table(f, filesystem=fs, columns=["id"]).column("id").to_pylist()]
+    assert len(ids) == 6 and len(set(ids)) == 6
+
+    env = {**clean_env(), **s3_server.env(), "AWS_SECRET_ACCESS_KEY": "wrong-secret"}
+    started = time.monotonic()
+    bad = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(path), "--set", "output=s3://bucket/flaky/out2/"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode != 0 and "access denied" in bad.stdout + bad.stderr
+    assert time.monotonic() - started < 5 + 3  # preflight within 5 s, plus the interpreter's start-up
+    assert "wrong-secret" not in bad.stdout + bad.stderr
+
+
+def test_model_that_cannot_load_fails_fast_with_the_cause(images, tiny_model, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_model, broken)
+    (broken / "model.safetensors").write_bytes(b"not safetensors at all")
+    job = {"task": "caption", "input": str(images), "output": str(tmp_path / "out"), "model": str(broken)}
+    started = time.monotonic()
+    run = start_job(job, tmp_path)
+    log, _ = run.communicate(timeout=300)
+    assert run.returncode == 1, log
+    assert "could not be loaded" in log and "fix the model and re-run" in log
+    assert time.monotonic() - started < 120  # no endless restart loop
