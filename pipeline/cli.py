@@ -61,6 +61,20 @@ def run(
     console.print(summary_table(summary))
 
 
+@app.command()
+def submit(
+    job_file: Annotated[Path, typer.Argument(help="Job YAML file (inside the project folder that travels as working dir).")],
+    address: Annotated[str, typer.Option(help="Ray dashboard address, e.g. http://HEAD:8265.", envvar="RAY_ADDRESS")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key: --set compute.replicas=4")] = None,
+    follow: Annotated[bool, typer.Option("--follow/--no-follow", help="Follow the job's logs until it ends.")] = True,
+) -> None:
+    """Submit a job to a Ray cluster (deterministic submission id, no secrets in the runtime env) and follow it."""
+    from pipeline.submit import submit_job
+
+    raise typer.Exit(submit_job(job_file, address=address, overrides=set_ or [], follow=follow,
+                                echo=lambda line: console.print(line, markup=False, highlight=False)))
+
+
 @app.command("make-tiny-model")
 def make_tiny_model_cmd(
     out_dir: Annotated[Path, typer.Argument(help="Folder to write the checkpoint into.")],
