@@ -9,7 +9,7 @@ import hashlib
 import os
 import shutil
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +37,7 @@ def check_checkpoint(model: str, options: Mapping[str, Any] | None = None) -> No
 
 
 def cache_checkpoint(url: str, *, cache_dir: str | Path | None = None, options: Mapping[str, Any] | None = None) -> Path:
-    """Copy a remote checkpoint prefix into the node-local cache once; later callers reuse it.
-
-    The copy lands in a temporary folder and is renamed into place, so a reader never sees half a checkpoint and
-    concurrent actors on one node do not corrupt each other (the loser of the rename discards its copy).
-    """
+    """Copy a remote checkpoint prefix into the node-local cache once (atomically); later callers reuse it."""
     cache = Path(cache_dir) if cache_dir else DEFAULT_CACHE
     dest = cache / hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
     if (dest / "config.json").exists():
@@ -49,17 +45,23 @@ def cache_checkpoint(url: str, *, cache_dir: str | Path | None = None, options: 
     fs, path = get_filesystem(url, options)
     if not fs.exists(f"{path.rstrip('/')}/config.json"):
         raise ModelLoadError(f"model {url!r}: no config.json under that prefix")
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = cache / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
+    _publish(dest, lambda tmp: fs.get(path.rstrip("/") + "/", str(tmp) + "/", recursive=True))
+    return dest
+
+
+def _publish(dest: Path, build: Callable[[Path], object]) -> None:
+    """Build a checkpoint folder in a temporary sibling and rename it into place: readers never see half of one,
+    and of concurrent builders on one node the first rename wins while the others discard their copy."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        fs.get(path.rstrip("/") + "/", str(tmp) + "/", recursive=True)
+        build(tmp)
         os.rename(tmp, dest)
     except OSError:
         if not (dest / "config.json").exists():
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return dest
 
 
 def resolve_checkpoint(model: str, *, cache_dir: str | Path | None = None, options: Mapping[str, Any] | None = None) -> str:
@@ -95,14 +97,5 @@ def native_checkpoint(path: str, *, cache_dir: str | Path | None = None) -> str:
     dest = cache / f"converted-{hashlib.sha256(stamp.encode()).hexdigest()[:16]}"
     if (dest / "config.json").exists():
         return str(dest)
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = cache / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        convert_checkpoint(path, str(tmp))
-        os.rename(tmp, dest)
-    except OSError:
-        if not (dest / "config.json").exists():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    _publish(dest, lambda tmp: convert_checkpoint(path, str(tmp)))
     return str(dest)

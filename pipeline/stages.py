@@ -142,6 +142,14 @@ class Preprocess:
         return to_table({**added, **passthrough}, PREPROCESS_SCHEMA)
 
 
+def load_engine(job: JobConfig) -> Any:
+    """The job's model replica; torch and transformers load here, on the worker, never on the driver."""
+    from pipeline.engine import InternVLEngine
+
+    return InternVLEngine.load(job.model, device=job.compute.device, dtype=job.compute.dtype, revision=job.model_revision,
+                               cache_dir=job.model_cache, storage_options=job.storage)
+
+
 def questions_of(job: JobConfig, row: dict[str, Any]) -> list[str | None]:
     """The questions asked of one sample: the row's `questions`, else the job's, else the row's `question`."""
     own = _as_list(row.get("questions"))
@@ -156,13 +164,8 @@ class Generate:
     """Model stage: one instance drives one replica; batched generation over a batch of samples."""
 
     def __init__(self, job: JobConfig, engine: Any | None = None) -> None:
-        from pipeline.engine import InternVLEngine  # torch/transformers load on the worker, not the driver
-
         self.job = job
-        self.engine = engine or InternVLEngine.load(
-            job.model, device=job.compute.device, dtype=job.compute.dtype, revision=job.model_revision,
-            cache_dir=job.model_cache, storage_options=job.storage,
-        )
+        self.engine = engine or load_engine(job)
         self.generation_json = json.dumps(job.generation.model_dump(), sort_keys=True)
 
     def __call__(self, batch: Batch) -> pa.Table:
@@ -248,13 +251,8 @@ class Score:
     """Model stage for task score: label probabilities of every criterion, one forward pass, one row per sample."""
 
     def __init__(self, job: JobConfig, engine: Any | None = None) -> None:
-        from pipeline.engine import InternVLEngine
-
         self.job = job
-        self.engine = engine or InternVLEngine.load(
-            job.model, device=job.compute.device, dtype=job.compute.dtype, revision=job.model_revision,
-            cache_dir=job.model_cache, storage_options=job.storage,
-        )
+        self.engine = engine or load_engine(job)
         self.criteria = job.score_criteria()
         self.labels = [label_token_ids(self.engine.tokenizer, c.answers) for c in self.criteria]
         self.schema = output_schema(job)
