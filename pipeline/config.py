@@ -143,6 +143,7 @@ class JobConfig(_Section):
     generation: GenerationConfig = Field(default_factory=GenerationConfig, description="Decoding parameters.")
     compute: ComputeConfig = Field(default_factory=ComputeConfig, description="Replicas, batching and devices.")
     rows_per_shard: int = Field(1000, ge=1, description="Rows per output Parquet shard (the last shard may hold fewer).")
+    incremental: bool = Field(False, description="Process only objects new or changed (ETag, else size+mtime) since the last successful run into this output; one run at a time (a lock in the output).")
     overwrite: bool = Field(False, description="Replace results already in `output` (otherwise such a run is refused).")
     storage: dict[str, Any] = Field(default_factory=dict, description="Extra fsspec/s3fs options, e.g. endpoint_url. No credentials.")
     model_cache: str | None = Field(None, description="Local folder where s3:// checkpoints are copied (default ~/.cache/internvl-batch/models).")
@@ -211,6 +212,7 @@ class JobConfig(_Section):
             "model_revision": self.model_revision,
             "prompt": self.effective_prompt,
             "questions": self.questions,
+            "incremental": self.incremental,
             "score": [c.model_dump() for c in self.score_criteria()] if self.task == "score" else None,
             "tiling": self.tiling.model_dump(),
             "video": self.video.model_dump(),

@@ -136,7 +136,8 @@ def existing_results(output: str, options: Mapping[str, Any] | None = None) -> l
     fs, path = get_filesystem(output, options)
     if not fs.exists(path):
         return []
-    return sorted(p for p in fs.find(path) if p.endswith((".parquet", SUCCESS_FILE, JOB_FILE)))
+    own = lambda p: p.endswith((".parquet", SUCCESS_FILE, JOB_FILE, "_INCREMENTAL.json")) or "/_runs/" in p  # noqa: E731
+    return sorted(p for p in fs.find(path) if own(p))
 
 
 def shard_files(output: str, options: Mapping[str, Any] | None = None) -> list[str]:
@@ -166,8 +167,9 @@ def read_marker(output: str, name: str, options: Mapping[str, Any] | None = None
 
 def write_marker(output: str, name: str, data: dict[str, Any], options: Mapping[str, Any] | None = None) -> None:
     fs, path = get_filesystem(output, options)
-    fs.makedirs(path, exist_ok=True)
-    with fs.open(f"{path.rstrip('/')}/{name}", "w") as f:
+    target = f"{path.rstrip('/')}/{name}"
+    fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(target, "w") as f:
         f.write(json.dumps(data, indent=2, sort_keys=True))
 
 
@@ -211,6 +213,7 @@ class RunSummary:
     tokens_this_run: int = 0
     score_histograms: dict[str, list[int]] = field(default_factory=dict)  # per criterion, 10 bins over [0, 1]
     rows_passed: int | None = None
+    objects_taken: int | None = None  # incremental runs: new or changed objects this run took
     finished_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
     @property

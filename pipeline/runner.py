@@ -11,13 +11,15 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.checkpoints import ModelLoadError, check_checkpoint
 from pipeline.config import JobConfig, JobError
-from pipeline.inputs import InputError, list_inputs
+from pipeline.incremental import LockedError, list_versions, new_or_changed, read_state, record_run, run_lock
+from pipeline.inputs import InputError, InputListing, derive_id, is_manifest, list_inputs
 from pipeline.output import (
     JOB_FILE,
     SUCCESS_FILE,
@@ -160,8 +162,36 @@ def run_job(job: JobConfig, *, echo: Callable[[str], None] = print) -> RunSummar
     """Run a job end to end and return its summary; _SUCCESS.json is written last.
 
     Re-running the same job into the same output resumes it: samples whose rows are all written are skipped,
-    rows of half-written samples are not written twice, and a finished job does nothing.
+    rows of half-written samples are not written twice, and a finished job does nothing. An incremental job
+    holds the output's lock and takes only objects new or changed since its last successful run.
     """
+    if not job.incremental:
+        return _run(job, echo)
+    if is_manifest(job.input):
+        raise JobError("incremental: needs a prefix or glob input (object versions come from the listing), not a manifest")
+    try:
+        with run_lock(job.output, job.storage):
+            return _run(job, echo)
+    except LockedError as err:
+        raise JobError(str(err)) from None
+
+
+def _take_new_or_changed(job: JobConfig, listing: Any, echo: Callable[[str], None]) -> tuple[Any, dict[str, str]]:
+    """Incremental: keep only rows whose object is new or changed; their ids include the object's version."""
+    versions = list_versions(job.input, job.storage)
+    uris = listing.table.column("uri").to_pylist()
+    state = read_state(job.output, job.storage)
+    changed = set(new_or_changed({u: versions[u] for u in uris if u in versions}, state))
+    keep = [i for i, u in enumerate(uris) if u in changed]
+    table = listing.table.take(pa.array(keep, pa.int64()))
+    kept = table.column("uri").to_pylist()
+    table = table.set_column(0, "id", pa.array([derive_id(f"{u}@{versions[u]}") for u in kept], pa.string()))
+    table = table.append_column("source_version", pa.array([versions[u] for u in kept], pa.string()))
+    echo(f"incremental: {len(keep)} of {len(uris)} objects are new or changed since the last successful run")
+    return InputListing(table=table, skipped=listing.skipped), {u: versions[u] for u in kept}
+
+
+def _run(job: JobConfig, echo: Callable[[str], None]) -> RunSummary:
     import ray
 
     started = time.perf_counter()
@@ -178,19 +208,23 @@ def run_job(job: JobConfig, *, echo: Callable[[str], None] = print) -> RunSummar
                        "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, profile or role)") from None
     if listing.table.num_rows == 0:
         raise JobError(f"input {job.input!r}: no images or videos found" + (f" (skipped: {listing.skipped})" if listing.skipped else ""))
+    taken: dict[str, str] = {}
+    if job.incremental:
+        listing, taken = _take_new_or_changed(job, listing, echo)
     per_sample = expected_ids(job, listing.table)
-    rows_in = sum(len(ids) for ids in per_sample)
     done = set(existing_ids(job.output, job.storage))
+    this_run = {r for ids in per_sample for r in ids}
+    rows_in = len(this_run) + (len(done - this_run) if job.incremental else 0)  # earlier runs' rows stay
     todo = [i for i, ids in enumerate(per_sample) if not all(r in done for r in ids)]
     skip_ids = sorted(r for i in todo for r in per_sample[i] if r in done)  # rows of half-written samples
     echo(f"{listing.table.num_rows} samples ({rows_in} output rows) from {job.input}"
          + (f"; skipped non-media files {listing.skipped}" if listing.skipped else ""))
-    if done:
-        echo(f"resuming: {rows_in - sum(len(per_sample[i]) for i in todo) + len(skip_ids)} of {rows_in} rows are "
-             f"already in {job.output}; {len(todo)} samples to process")
+    if done & this_run:
+        echo(f"resuming: {len(done & this_run)} of {len(this_run)} rows are already in {job.output}; "
+             f"{len(todo)} samples to process")
     if not todo:
         echo("nothing to do: every row of this job is already in the output")
-        return _finish(job, listing, rows_in=rows_in, started=started, this_run=[])
+        return _finish(job, listing, rows_in=rows_in, started=started, this_run=[], taken=taken)
     try:
         write_marker(job.output, JOB_FILE, {"fingerprint": job.fingerprint(), "task": job.task, "model": job.model,
                                             "model_revision": job.model_revision}, job.storage)
@@ -216,7 +250,7 @@ def run_job(job: JobConfig, *, echo: Callable[[str], None] = print) -> RunSummar
             written += int(shard["rows"])
             elapsed = time.perf_counter() - started
             if shard["file"]:
-                echo(f"[{written}/{rows_in - len(done)}] {shard['file']}: {shard['rows']} rows, "
+                echo(f"[{written}/{len(this_run - done)}] {shard['file']}: {shard['rows']} rows, "
                      f"{shard['rows'] - shard['ok']} errors ({written / elapsed:.2f} rows/s)")
     except Exception as err:  # noqa: BLE001 - Ray wraps the cause; report it, keep what was written
         text = str(err).strip()
@@ -224,10 +258,11 @@ def run_job(job: JobConfig, *, echo: Callable[[str], None] = print) -> RunSummar
         hint = ("fix the model and re-run" if "ModelLoadError" in text else "re-run the same job to resume")
         raise RunError(f"the run stopped: {type(err).__name__}: {cause}. The {written} rows written so far are kept; "
                        f"{hint}.") from err
-    return _finish(job, listing, rows_in=rows_in, started=started, this_run=shards)
+    return _finish(job, listing, rows_in=rows_in, started=started, this_run=shards, taken=taken)
 
 
-def _finish(job: JobConfig, listing, *, rows_in: int, started: float, this_run: list[dict]) -> RunSummary:
+def _finish(job: JobConfig, listing, *, rows_in: int, started: float, this_run: list[dict],
+            taken: dict[str, str]) -> RunSummary:
     """Read the whole output back, check every row is there exactly once, then write _SUCCESS.json."""
     criteria = job.score_criteria() if job.task == "score" else []
     counts = summarize_output(job.output, job.storage, criteria=criteria, with_passed=job.has_filter)
@@ -245,5 +280,8 @@ def _finish(job: JobConfig, listing, *, rows_in: int, started: float, this_run: 
             f"accounting failed: {rows_in} rows expected, {counts['rows_out']} rows in the output "
             f"({counts['unique_ids']} distinct ids); _SUCCESS.json not written"
         )
+    if job.incremental:
+        record_run(job.output, taken, job.storage)
+        summary.objects_taken = len(taken)
     write_success(job.output, summary, job.storage)
     return summary

@@ -79,7 +79,10 @@ def sample_video(
     limits: VideoLimits = VideoLimits(),
 ) -> SampledFrames:
     """Open a video from memory with decord and decode only the sampled frames (never the whole video)."""
-    import decord
+    try:
+        import decord
+    except ImportError:
+        raise MediaError("unsupported", "video input needs the decord package (pip install decord)") from None
 
     try:
         reader = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=1)
