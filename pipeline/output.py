@@ -125,10 +125,14 @@ def write_shard(table: pa.Table, output: str, options: Mapping[str, Any] | None 
 
 def shard_stats(table: pa.Table, name: str) -> dict[str, Any]:
     """Counts of one written shard, for progress output."""
-    status = table.column("status").to_pylist()
+    errors: dict[str, int] = {}
+    for s, t in zip(table.column("status").to_pylist(), table.column("error_type").to_pylist()):
+        if s != "ok":
+            errors[t or "unknown"] = errors.get(t or "unknown", 0) + 1
     total = lambda col: int(pc.sum(table.column(col)).as_py() or 0)  # noqa: E731
-    return dict(file=name, rows=table.num_rows, ok=sum(1 for s in status if s == "ok"), tiles=total("num_tiles"),
-                input_tokens=total("num_input_tokens"), generated_tokens=total("num_generated_tokens"))
+    return dict(file=name, rows=table.num_rows, ok=table.num_rows - sum(errors.values()), errors=json.dumps(errors),
+                tiles=total("num_tiles"), input_tokens=total("num_input_tokens"),
+                generated_tokens=total("num_generated_tokens"))
 
 
 def existing_results(output: str, options: Mapping[str, Any] | None = None) -> list[str]:

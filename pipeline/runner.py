@@ -5,6 +5,7 @@ This is the one module that imports Ray. It also owns preflight checks, resource
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -98,8 +99,31 @@ def preprocess_batch(batch: dict, job: JobConfig) -> pa.Table:
 
 
 def write_batch(batch: pa.Table, job: JobConfig, input_columns: list[str], skip_ids: list[str]) -> pa.Table:
-    """Ray task body for the write stage."""
-    return WriteShards(job, input_columns, skip_ids)(batch)
+    """Ray task body for the write stage; also counts what it wrote in the Prometheus metrics."""
+    stats = WriteShards(job, input_columns, skip_ids)(batch)
+    record_metrics(stats.to_pylist()[0])
+    return stats
+
+
+_METRICS: dict[str, Any] = {}
+
+
+def record_metrics(shard: dict[str, Any]) -> None:
+    """Counters exported by Ray's metrics agent (Prometheus): rows by status and error type, tiles, tokens."""
+    from ray.util.metrics import Counter
+
+    if not _METRICS:
+        _METRICS["rows"] = Counter("internvl_batch_rows", "Output rows written.", tag_keys=("status", "error_type"))
+        _METRICS["tiles"] = Counter("internvl_batch_tiles", "Image tiles fed to the model.")
+        _METRICS["tokens"] = Counter("internvl_batch_generated_tokens", "Tokens generated.")
+    counts = {("ok", ""): int(shard["ok"])}
+    counts.update({("error", kind): n for kind, n in json.loads(shard["errors"]).items()})
+    for (status, kind), n in counts.items():
+        if n:
+            _METRICS["rows"].inc(n, tags={"status": status, "error_type": kind})
+    for key, column in (("tiles", "tiles"), ("tokens", "generated_tokens")):
+        if shard[column]:
+            _METRICS[key].inc(int(shard[column]))
 
 
 def build_dataset(job: JobConfig, rows: pa.Table, resources: Resources, *, skip_ids: list[str] | None = None):

@@ -36,3 +36,28 @@ def test_expected_ids_one_per_question():
     job = parse_job({**BASE, "task": "vqa", "questions": ["x", "y", "z"]})
     assert expected_ids(job, rows) == [["a#0", "a#1"], ["b#0", "b#1", "b#2"], ["c#0", "c#1", "c#2"]]
     assert expected_ids(parse_job(BASE), pa.table({"id": ["a"]})) == [["a"]]
+
+
+def test_metrics_count_rows_by_status_and_error_type(monkeypatch):
+    import pipeline.runner as runner
+
+    class FakeCounter:
+        made: dict = {}
+
+        def __init__(self, name, description="", tag_keys=()):
+            self.calls = []
+            FakeCounter.made[name] = self
+
+        def inc(self, value, tags=None):
+            self.calls.append((value, tags))
+
+    import ray.util.metrics
+
+    monkeypatch.setattr(ray.util.metrics, "Counter", FakeCounter)
+    monkeypatch.setattr(runner, "_METRICS", {})
+    runner.record_metrics({"ok": 3, "errors": '{"decode_error": 1, "not_found": 2}', "tiles": 10, "generated_tokens": 0})
+    rows = FakeCounter.made["internvl_batch_rows"].calls
+    assert sorted((v, t["status"], t["error_type"]) for v, t in rows) == [
+        (1, "error", "decode_error"), (2, "error", "not_found"), (3, "ok", "")]
+    assert FakeCounter.made["internvl_batch_tiles"].calls == [(10, None)]
+    assert FakeCounter.made["internvl_batch_generated_tokens"].calls == []
