@@ -357,13 +357,14 @@ def _python(script: str, env: dict[str, str], timeout: float = 120) -> subproces
 
 
 @pytest.fixture(scope="module")
-def ray_head():
+def ray_head(s3_server):
     """A private Ray head (`ray start --head --block`) on free ports with its own temp dir, stopped by its pid.
 
     Not `ray stop`: that stops every Ray process of this user on the machine, other test sessions' included. The
     blocking `ray start` stops the processes it started when it gets SIGTERM; it gets one at teardown, or from the
     kernel if this process dies first; the process group it leads is killed if anything is left. Its own temp dir
-    keeps it out of /tmp/ray, so a plain ray.init() elsewhere on the machine does not join it.
+    keeps it out of /tmp/ray, so a plain ray.init() elsewhere on the machine does not join it. The cluster gets the
+    SeaweedFS credentials from its environment (as nodes get an instance role), never from a job.
     """
     missing = [m for m in DASHBOARD_DEPS if not _installed(m)]
     if missing:
@@ -430,17 +431,24 @@ def _job_info(job_id: str, address: str, env: dict[str, str]) -> dict:
 def test_submit_to_a_real_cluster(ray_head, tiny_model, tmp_path):
     from tests.conftest import pattern_image
 
+    import io
+
+    import pyarrow.parquet as pq
+    import s3fs
+
     address, env = ray_head
-    images = tmp_path / "images"
-    images.mkdir()
+    fs = s3fs.S3FileSystem()
     for i, size in enumerate([(64, 48), (500, 300), (900, 450)]):
-        pattern_image(*size).save(images / f"img{i}.png")
+        buf = io.BytesIO()
+        pattern_image(*size).save(buf, "PNG")
+        fs.pipe(f"bucket/submit/images/img{i}.png", buf.getvalue())
     project = tmp_path / "project"
     (project / "jobs").mkdir(parents=True)
     (project / "pyproject.toml").write_text("[project]\nname = 'submitted'\n")
     job_file = project / "jobs" / "caption.yaml"
     job_file.write_text(yaml.safe_dump({
-        "task": "caption", "input": str(images), "output": str(tmp_path / "out"), "model": str(tiny_model),
+        "task": "caption", "input": "s3://bucket/submit/images/", "output": "s3://bucket/submit/out/",
+        "model": str(tiny_model),
         "generation": {"max_new_tokens": 4}, "tiling": {"max_tiles": 2}, "compute": {"batch_size": 2}}))
     # Credentials in the submitting shell must not travel with the job.
     client_env = {**env, "AWS_ACCESS_KEY_ID": "AKIAIOSFODNN7EXAMPLE",
@@ -449,13 +457,18 @@ def test_submit_to_a_real_cluster(ray_head, tiny_model, tmp_path):
     code, log = _submit(job_file, address, client_env)
     assert code == 0, log
     assert "submitted internvl-batch-" in log and "SUCCEEDED" in log
-    assert json.loads((tmp_path / "out" / "_SUCCESS.json").read_text())["rows_out"] == 3
+    fs.invalidate_cache()
+    assert json.loads(fs.cat("bucket/submit/out/_SUCCESS.json"))["rows_out"] == 3  # read back from SeaweedFS
+    rows = [r for f in fs.glob("bucket/submit/out/part-*.parquet") for r in pq.read_table(f, filesystem=fs).to_pylist()]
+    assert sorted(r["uri"].rsplit("/", 1)[-1] for r in rows) == ["img0.png", "img1.png", "img2.png"]
+    assert all(r["status"] == "ok" and r["response"] for r in rows)
     job_id = submission_id(load_job(job_file), job_file, [])
     info = _job_info(job_id, address, env)
     assert info["status"] == "SUCCEEDED" and info["entrypoint"] == "internvl-batch run jobs/caption.yaml"
     assert info["runtime_env"]["working_dir"].startswith("gcs://")  # the project folder was uploaded
     sent = json.dumps({"runtime_env": info["runtime_env"], "metadata": info["metadata"]})
     assert "wJalrXUtnFEMI" not in sent and "AKIAIOSFODNN7EXAMPLE" not in sent
+    assert env["AWS_SECRET_ACCESS_KEY"] not in sent and env["AWS_ACCESS_KEY_ID"] not in sent  # the cluster's own
     assert not any(k.startswith("AWS_") for k in (info["runtime_env"].get("env_vars") or {}))
 
     # The same job again: reported, not run twice.
@@ -465,7 +478,7 @@ def test_submit_to_a_real_cluster(ray_head, tiny_model, tmp_path):
 
     # A job that fails on the cluster (its checkpoint does not exist there) exits 1.
     code, log = _submit(job_file, address, client_env,
-                        [f"model={tmp_path / 'no-such-model'}", f"output={tmp_path / 'out2'}"])
+                        [f"model={tmp_path / 'no-such-model'}", "output=s3://bucket/submit/out2/"])
     assert code == 1, log
     assert "FAILED: Job entrypoint command failed with exit code 2" in log, log
     assert "no-such-model" in log, log  # the run's own error, streamed from the cluster
