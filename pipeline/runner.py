@@ -200,7 +200,7 @@ def run_job(job: JobConfig, *, echo: Callable[[str], None] = print) -> RunSummar
         raise JobError(str(err)) from None
 
 
-def _take_new_or_changed(job: JobConfig, listing: Any, echo: Callable[[str], None]) -> tuple[Any, dict[str, str]]:
+def _take_new_or_changed(job: JobConfig, listing: InputListing, echo: Callable[[str], None]) -> tuple[InputListing, dict[str, str]]:
     """Incremental: keep only rows whose object is new or changed; their ids include the object's version."""
     versions = list_versions(job.input, job.storage)
     uris = listing.table.column("uri").to_pylist()
@@ -216,6 +216,7 @@ def _take_new_or_changed(job: JobConfig, listing: Any, echo: Callable[[str], Non
 
 
 def _run(job: JobConfig, echo: Callable[[str], None]) -> RunSummary:
+    """Preflight, plan what is left to do, run the Ray Data plan over it, then account for every row."""
     import ray
 
     started = time.perf_counter()
@@ -285,7 +286,7 @@ def _run(job: JobConfig, echo: Callable[[str], None]) -> RunSummary:
     return _finish(job, listing, rows_in=rows_in, started=started, this_run=shards, taken=taken)
 
 
-def _finish(job: JobConfig, listing, *, rows_in: int, started: float, this_run: list[dict],
+def _finish(job: JobConfig, listing: InputListing, *, rows_in: int, started: float, this_run: list[dict],
             taken: dict[str, str]) -> RunSummary:
     """Read the whole output back, check every row is there exactly once, then write _SUCCESS.json."""
     criteria = job.score_criteria() if job.task == "score" else []
