@@ -20,6 +20,20 @@ from pipeline.storage import get_filesystem, is_local
 SUCCESS_FILE = "_SUCCESS.json"
 JOB_FILE = "_JOB.json"  # written before the first shard: which configuration (fingerprint) this output belongs to
 
+# What the CPU stage learns about a sample's media; the CPU stage adds these, and the output keeps them.
+MEDIA_FIELDS = [
+    ("media_type", pa.string()),  # image | images | video
+    ("num_tiles", pa.int32()),
+    ("tiles_per_image", pa.list_(pa.int32())),  # per image of a sample, or per frame of a video
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("num_frames", pa.int32()),
+    ("frame_indices", pa.list_(pa.int32())),
+    ("fps", pa.float64()),
+    ("duration_s", pa.float64()),
+]
+STATUS_FIELDS = [("status", pa.string()), ("error_type", pa.string()), ("error_message", pa.string())]
+
 # Our columns, typed once so every shard has the same schema whatever its rows (all-error shards included).
 OUTPUT_SCHEMA = pa.schema([
     ("id", pa.string()),
@@ -27,21 +41,11 @@ OUTPUT_SCHEMA = pa.schema([
     ("task", pa.string()),
     ("prompt", pa.string()),
     ("response", pa.string()),
-    ("status", pa.string()),
-    ("error_type", pa.string()),
-    ("error_message", pa.string()),
+    *STATUS_FIELDS,
     ("sample_id", pa.string()),
     ("question", pa.string()),
     ("question_index", pa.int32()),
-    ("media_type", pa.string()),
-    ("num_tiles", pa.int32()),
-    ("tiles_per_image", pa.list_(pa.int32())),
-    ("width", pa.int32()),
-    ("height", pa.int32()),
-    ("num_frames", pa.int32()),
-    ("frame_indices", pa.list_(pa.int32())),
-    ("fps", pa.float64()),
-    ("duration_s", pa.float64()),
+    *MEDIA_FIELDS,
     ("num_input_tokens", pa.int32()),
     ("num_generated_tokens", pa.int32()),
     ("mean_logprob", pa.float64()),
@@ -51,22 +55,11 @@ OUTPUT_SCHEMA = pa.schema([
     ("infer_ms", pa.float64()),
 ])
 
-
 # What the CPU stage adds to each input row.
 PREPROCESS_SCHEMA = pa.schema([
     ("pixels", pa.large_binary()),  # uint8 tiles (num_tiles, 448, 448, 3), C order
-    ("num_tiles", pa.int32()),
-    ("tiles_per_image", pa.list_(pa.int32())),  # per image of a sample, or per frame of a video
-    ("media_type", pa.string()),  # image | images | video
-    ("width", pa.int32()),
-    ("height", pa.int32()),
-    ("num_frames", pa.int32()),
-    ("frame_indices", pa.list_(pa.int32())),
-    ("fps", pa.float64()),
-    ("duration_s", pa.float64()),
-    ("status", pa.string()),
-    ("error_type", pa.string()),
-    ("error_message", pa.string()),
+    *MEDIA_FIELDS,
+    *STATUS_FIELDS,
     ("preprocess_ms", pa.float64()),
 ])
 
