@@ -38,6 +38,12 @@ class TilingConfig(_Section):
     thumbnail: bool = Field(True, description="Append a 448 px thumbnail of the whole image when there is more than one tile.")
     exif_transpose: bool = Field(False, description="Rotate images by their EXIF orientation first (the cards do not).")
     max_image_pixels: int = Field(178_956_970, ge=1, description="Larger images become too_large error rows, checked before decoding.")
+    mode: Literal["exact", "fast"] = Field(
+        "exact", description="exact: tiles bit-identical to the cards; fast: JPEGs decoded at a reduced scale (DCT "
+                             "scaling) when the tile grid is much smaller than the image (see bench/cpu_stage.py for fidelity).")
+    max_tokens_per_sample: int | None = Field(
+        None, ge=256, description="Visual-token budget per sample: each sample gets the largest tile (or frame) count "
+                                  "whose visual tokens (256 per tile) fit, recorded in num_tiles.")
 
     @model_validator(mode="after")
     def _bounds(self) -> TilingConfig:
@@ -116,12 +122,44 @@ class GenerationConfig(_Section):
 
 
 class ComputeConfig(_Section):
-    replicas: int = Field(1, ge=1, description="Model replicas (Ray actors), each holding one copy of the model.")
+    replicas: int | tuple[int, int] = Field(
+        1, description="Model replicas, each holding one copy of the model: a number, or [min, max] to autoscale.")
+    tp: int = Field(1, ge=1, le=64, description="Tensor-parallel degree: devices (and processes) per replica, on one node.")
     batch_size: int = Field(8, ge=1, description="Samples per generate call in one replica.")
+    max_batch_tokens: int | None = Field(
+        None, ge=1, description="Token budget of one generate call: a replica's batch is split into calls of samples "
+                                "of similar length whose padded prompt tokens fit (default: one call per batch).")
     cpu_workers: int | None = Field(None, ge=1, description="Concurrent CPU preprocessing tasks (default: cluster CPUs not used by replicas).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto uses CUDA when a GPU is visible, else CPU.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bfloat16 on GPU, float32 on CPU.")
-    gpus_per_replica: float = Field(1.0, gt=0, description="GPUs requested per replica when device is cuda.")
+    gpus_per_replica: float = Field(1.0, gt=0, description="GPUs requested per replica when device is cuda (tp > 1: one per rank).")
+
+    @field_validator("replicas")
+    @classmethod
+    def _replicas(cls, value: int | tuple[int, int]) -> int | tuple[int, int]:
+        low, high = (value, value) if isinstance(value, int) else value
+        if low < 1 or high < low:
+            raise ValueError(f"need a number >= 1 or [min, max] with 1 <= min <= max, got {list(value) if isinstance(value, tuple) else value}")
+        return value
+
+    @model_validator(mode="after")
+    def _tp(self) -> ComputeConfig:
+        if self.tp > 1 and self.gpus_per_replica != 1.0:
+            raise ValueError("gpus_per_replica: with tp > 1 every rank holds one whole GPU; leave gpus_per_replica at 1")
+        return self
+
+    @property
+    def replica_range(self) -> tuple[int, int]:
+        """(min, max) replicas; equal for a fixed count."""
+        return (self.replicas, self.replicas) if isinstance(self.replicas, int) else tuple(self.replicas)
+
+
+class DecodeConfig(_Section):
+    isolate: Literal["none", "video", "all"] = Field(
+        "video", description="Decode these media in a child process, so a decoder that crashes or hangs costs one "
+                             "error row (crashed / timeout), never the worker.")
+    timeout_s: float = Field(120.0, gt=0, description="Per-sample decode time limit for isolated media (timeout error row).")
+    attempts: int = Field(2, ge=1, le=10, description="Tries of a sample whose decoder crashes before it becomes a crashed error row.")
 
 
 class JobConfig(_Section):
@@ -142,6 +180,7 @@ class JobConfig(_Section):
     video: VideoConfig = Field(default_factory=VideoConfig, description="Frame sampling for video inputs.")
     generation: GenerationConfig = Field(default_factory=GenerationConfig, description="Decoding parameters.")
     compute: ComputeConfig = Field(default_factory=ComputeConfig, description="Replicas, batching and devices.")
+    decode: DecodeConfig = Field(default_factory=DecodeConfig, description="Crash and hang isolation of media decoding.")
     rows_per_shard: int = Field(1000, ge=1, description="Rows per output Parquet shard (the last shard may hold fewer).")
     incremental: bool = Field(False, description="Process only objects new or changed (ETag, else size+mtime) since the last successful run into this output; one run at a time (a lock in the output).")
     overwrite: bool = Field(False, description="Replace results already in `output` (otherwise such a run is refused).")

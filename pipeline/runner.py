@@ -57,7 +57,7 @@ class RunError(RuntimeError):
 class Resources:
     """What the plan asks of the cluster."""
 
-    replicas: int
+    replicas: tuple[int, int]  # (min, max); equal for a fixed count
     cpus_per_replica: float
     gpus_per_replica: float
     cpu_workers: int
@@ -70,9 +70,10 @@ def plan_resources(job: JobConfig, *, cluster_cpus: float, cluster_gpus: float) 
     if on_gpu and cluster_gpus < compute.gpus_per_replica:
         raise RunError(f"compute.device needs GPUs but the cluster has {cluster_gpus:g}")
     cpus_per_replica = 1.0
-    left = max(cluster_cpus - (0 if on_gpu else cpus_per_replica * compute.replicas), 1)
+    low, high = compute.replica_range
+    left = max(cluster_cpus - (0 if on_gpu else cpus_per_replica * low), 1)
     return Resources(
-        replicas=compute.replicas,
+        replicas=(low, high),
         cpus_per_replica=cpus_per_replica,
         gpus_per_replica=compute.gpus_per_replica if on_gpu else 0.0,
         cpu_workers=compute.cpu_workers or int(left),
@@ -139,7 +140,7 @@ def build_dataset(job: JobConfig, rows: pa.Table, resources: Resources, *, skip_
     )
     ds = ds.map_batches(
         Score if job.task == "score" else Generate, fn_constructor_kwargs={"job": job}, batch_size=job.compute.batch_size, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=resources.replicas), num_cpus=resources.cpus_per_replica,
+        compute=ray.data.ActorPoolStrategy(min_size=resources.replicas[0], max_size=resources.replicas[1]), num_cpus=resources.cpus_per_replica,
         num_gpus=resources.gpus_per_replica or None,
     )
     return ds.map_batches(write_batch, fn_kwargs={"job": job, "input_columns": rows.column_names, "skip_ids": skip_ids or []},
@@ -263,7 +264,8 @@ def _run(job: JobConfig, echo: Callable[[str], None]) -> RunSummary:
     ctx.execution_options.preserve_order = False
     cluster = ray.cluster_resources()
     resources = plan_resources(job, cluster_cpus=cluster.get("CPU", 1), cluster_gpus=cluster.get("GPU", 0))
-    echo(f"{resources.replicas} replica(s), {resources.cpu_workers} CPU worker(s), "
+    low, high = resources.replicas
+    echo(f"{low if low == high else f'{low}-{high}'} replica(s), {resources.cpu_workers} CPU worker(s), "
          f"{resources.gpus_per_replica:g} GPU(s) per replica")
 
     rows = listing.table.take(pa.array(todo, pa.int64())) if len(todo) < listing.table.num_rows else listing.table

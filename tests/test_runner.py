@@ -10,7 +10,7 @@ BASE = {"task": "caption", "input": "in", "output": "out", "model": "m"}
 
 def test_cpu_cluster_leaves_cpus_for_preprocessing():
     r = plan_resources(parse_job(BASE, overrides=["compute.replicas=2"]), cluster_cpus=8, cluster_gpus=0)
-    assert (r.replicas, r.gpus_per_replica, r.cpu_workers) == (2, 0.0, 6)
+    assert (r.replicas, r.gpus_per_replica, r.cpu_workers) == ((2, 2), 0.0, 6)
 
 
 def test_gpu_cluster_puts_replicas_on_gpus():
