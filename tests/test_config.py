@@ -21,7 +21,7 @@ def test_unknown_key_lists_valid_keys():
     with pytest.raises(JobError) as err:
         parse_job({**BASE, "tiling": {"max_tile": 4}})
     msg = str(err.value)
-    assert "tiling.max_tile: unknown key" in msg and "max_tiles, min_tiles, thumbnail" in msg
+    assert "tiling.max_tile: unknown key" in msg and "max_tiles, max_tokens_per_sample, min_tiles, mode, thumbnail" in msg
 
 
 def test_unknown_top_level_key():
