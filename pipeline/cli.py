@@ -33,6 +33,9 @@ def summary_table(summary: RunSummary) -> Table:
     table.add_row("samples/s", f"{summary.samples_per_s:.2f}")
     table.add_row("tokens/s", f"{summary.generated_tokens / summary.wall_s:.1f}" if summary.wall_s else "-")
     table.add_row("tiles/s", f"{summary.tiles / summary.wall_s:.1f}" if summary.wall_s else "-")
+    if summary.model_busy_fraction is not None:
+        table.add_row("model busy", f"{summary.model_busy_fraction:.0%} of {len(summary.replicas)} replica(s)' time "
+                      "(low: the CPU stage cannot keep up)")
     table.add_row("fingerprint", summary.fingerprint)
     return table
 

@@ -116,6 +116,33 @@ def write_shard(table: pa.Table, output: str, options: Mapping[str, Any] | None 
     return name
 
 
+# Columns the model stage adds for the run summary only (which replica, when its batch ran); never written.
+TIMING_FIELDS = ("__replica", "__ready", "__start", "__end")
+
+
+def batch_timings(table: pa.Table) -> list[dict[str, Any]]:
+    """The distinct model batches whose rows are in `table`: replica, when it was ready, batch start and end."""
+    if "__replica" not in table.column_names:
+        return []
+    seen = {tuple(r.values()) for r in table.select(list(TIMING_FIELDS)).to_pylist() if r["__replica"] is not None}
+    return [dict(zip(("replica", "ready", "start", "end"), t)) for t in sorted(seen)]
+
+
+def replica_usage(batches: list[dict[str, Any]]) -> tuple[float | None, dict[str, dict[str, float]]]:
+    """Per replica: batches, seconds busy, seconds from ready to its last batch's end; and the busy fraction of
+    all replicas together (None without batches). Each replica's times come from its own clock."""
+    per: dict[str, dict[str, float]] = {}
+    for b in {(b["replica"], b["start"]): b for b in batches}.values():
+        r = per.setdefault(b["replica"], {"batches": 0, "busy_s": 0.0, "ready": b["ready"], "end": b["end"]})
+        r["batches"] += 1
+        r["busy_s"] += b["end"] - b["start"]
+        r["ready"], r["end"] = min(r["ready"], b["ready"]), max(r["end"], b["end"])
+    usage = {k: {"batches": int(v["batches"]), "busy_s": round(v["busy_s"], 3), "span_s": round(v["end"] - v["ready"], 3)}
+             for k, v in sorted(per.items())}
+    span = sum(u["span_s"] for u in usage.values())
+    return (round(sum(u["busy_s"] for u in usage.values()) / span, 4) if span > 0 else None), usage
+
+
 def shard_stats(table: pa.Table, name: str) -> dict[str, Any]:
     """Counts of one written shard, for progress output."""
     errors: dict[str, int] = {}
@@ -125,7 +152,7 @@ def shard_stats(table: pa.Table, name: str) -> dict[str, Any]:
     total = lambda col: int(pc.sum(table.column(col)).as_py() or 0)  # noqa: E731
     return dict(file=name, rows=table.num_rows, ok=table.num_rows - sum(errors.values()), errors=json.dumps(errors),
                 tiles=total("num_tiles"), input_tokens=total("num_input_tokens"),
-                generated_tokens=total("num_generated_tokens"))
+                generated_tokens=total("num_generated_tokens"), batches=json.dumps(batch_timings(table)))
 
 
 def existing_results(output: str, options: Mapping[str, Any] | None = None) -> list[str]:
@@ -211,6 +238,10 @@ class RunSummary:
     score_histograms: dict[str, list[int]] = field(default_factory=dict)  # per criterion, 10 bins over [0, 1]
     rows_passed: int | None = None
     objects_taken: int | None = None  # incremental runs: new or changed objects this run took
+    # Fraction of the model replicas' time (from loaded to their last batch) spent running batches, not waiting
+    # for input: near 1 means the CPU stage keeps up; per replica: batches, busy_s, span_s.
+    model_busy_fraction: float | None = None
+    replicas: dict[str, dict[str, float]] = field(default_factory=dict)
     finished_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
     @property

@@ -29,6 +29,7 @@ from pipeline.output import (
     existing_ids,
     read_marker,
     remove_marker,
+    replica_usage,
     shard_files,
     summarize_output,
     write_marker,
@@ -302,6 +303,8 @@ def _finish(job: JobConfig, listing: InputListing, *, rows_in: int, started: flo
         rows_this_run=sum(int(s["rows"]) for s in this_run), tiles_this_run=sum(int(s["tiles"]) for s in this_run),
         tokens_this_run=sum(int(s["generated_tokens"]) for s in this_run),
     )
+    summary.model_busy_fraction, summary.replicas = replica_usage(
+        [b for s in this_run for b in json.loads(s.get("batches") or "[]")])
     if counts["rows_out"] != rows_in or counts["unique_ids"] != rows_in:
         raise RunError(
             f"accounting failed: {rows_in} rows expected, {counts['rows_out']} rows in the output "

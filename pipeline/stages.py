@@ -12,6 +12,8 @@ A bad sample becomes a row with `status = error`, an `error_type` and a message;
 from __future__ import annotations
 
 import json
+import os
+import socket
 import time
 from typing import Any
 
@@ -22,7 +24,7 @@ from PIL import Image
 
 from pipeline.config import JobConfig
 from pipeline.images import MediaError, decode_image
-from pipeline.output import OUTPUT_SCHEMA, PREPROCESS_SCHEMA, shard_stats, to_table, write_shard
+from pipeline.output import OUTPUT_SCHEMA, PREPROCESS_SCHEMA, TIMING_FIELDS, shard_stats, to_table, write_shard
 from pipeline.prompts import PromptError, user_text
 from pipeline.scoring import column, evaluate, label_token_ids, passes, score_fields
 from pipeline.storage import extension, read_bytes
@@ -160,15 +162,35 @@ def questions_of(job: JobConfig, row: dict[str, Any]) -> list[str | None]:
     return [row.get("question")]
 
 
-class Generate:
-    """Model stage: one instance drives one replica; batched generation over a batch of samples."""
+class ModelStage:
+    """What both model stages share: the replica's engine, and timing columns for the run summary."""
 
     def __init__(self, job: JobConfig, engine: Any | None = None) -> None:
         self.job = job
         self.engine = engine or load_engine(job)
-        self.generation_json = json.dumps(job.generation.model_dump(), sort_keys=True)
+        self.replica = f"{socket.gethostname()}:{os.getpid()}"
+        self.ready = time.time()
 
     def __call__(self, batch: Batch) -> pa.Table:
+        start = time.time()
+        table = self.run(batch)
+        values = (self.replica, self.ready, start, time.time())
+        for name, value in zip(TIMING_FIELDS, values):
+            table = table.append_column(name, pa.array([value] * table.num_rows))
+        return table
+
+    def run(self, batch: Batch) -> pa.Table:
+        raise NotImplementedError
+
+
+class Generate(ModelStage):
+    """Model stage: one instance drives one replica; batched generation over a batch of samples."""
+
+    def __init__(self, job: JobConfig, engine: Any | None = None) -> None:
+        super().__init__(job, engine)
+        self.generation_json = json.dumps(job.generation.model_dump(), sort_keys=True)
+
+    def run(self, batch: Batch) -> pa.Table:
         _require(batch, "generate", "id", "uri", "pixels", "num_tiles", "tiles_per_image", "media_type", "status")
         out: list[dict[str, Any]] = []
         prompts: list[list[int]] = []
@@ -247,17 +269,16 @@ def with_memory_fallback(call: Any, prompts: list, samples: list[np.ndarray], ow
     return results
 
 
-class Score:
+class Score(ModelStage):
     """Model stage for task score: label probabilities of every criterion, one forward pass, one row per sample."""
 
     def __init__(self, job: JobConfig, engine: Any | None = None) -> None:
-        self.job = job
-        self.engine = engine or load_engine(job)
+        super().__init__(job, engine)
         self.criteria = job.score_criteria()
         self.labels = [label_token_ids(self.engine.tokenizer, c.answers) for c in self.criteria]
         self.schema = output_schema(job)
 
-    def __call__(self, batch: Batch) -> pa.Table:
+    def run(self, batch: Batch) -> pa.Table:
         _require(batch, "score", "id", "uri", "pixels", "num_tiles", "tiles_per_image", "media_type", "status")
         out: list[dict[str, Any]] = []
         prompts, samples, owners, labels, pending = [], [], [], [], []
@@ -325,10 +346,12 @@ class WriteShards:
             batch = batch.filter(pc.invert(pc.is_in(batch.column("id"), value_set=self.skip_ids)))
         if batch.num_rows == 0:
             return pa.Table.from_pylist([shard_stats(batch, "")])
-        name = write_shard(batch, self.job.output, self.job.storage)
+        stats = shard_stats(batch, "")
+        batch = batch.drop_columns([c for c in TIMING_FIELDS if c in batch.column_names])
+        stats["file"] = name = write_shard(batch, self.job.output, self.job.storage)
         if self.job.output_passed:
             kept = batch.filter(pc.fill_null(batch.column("passed"), False))
             if kept.num_rows:
                 columns = [c for c in self.input_columns if c in kept.column_names]
                 write_shard(kept.select(columns), self.job.output_passed, self.job.storage)
-        return pa.Table.from_pylist([shard_stats(batch, name)])
+        return pa.Table.from_pylist([stats])

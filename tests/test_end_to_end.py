@@ -88,6 +88,10 @@ def test_caption_images_from_s3_to_s3(s3, s3_server, tiny_model, tmp_path):
     assert (success["rows_in"], success["rows_out"], success["rows_ok"], success["rows_error"]) == (4, 4, 3, 1)
     assert success["errors_by_type"] == {"decode_error": 1} and success["skipped_inputs"] == {".txt": 1}
     assert success["tiles"] == 21
+    assert not any(name.startswith("__") for name in table.schema.names)  # timing columns stay out of the output
+    (replica, usage), = success["replicas"].items()
+    assert usage["batches"] >= 2 and 0 < usage["busy_s"] <= usage["span_s"]
+    assert 0 < success["model_busy_fraction"] <= 1
     assert_no_secrets(s3_server, result.output, [s3.cat_file(p) for p in s3.find("bucket/e2e/captions")])
     assert (tmp_path / "cache").exists()  # the s3:// checkpoint was copied into the node-local cache
 
