@@ -61,15 +61,43 @@ class Generation:
     text: str
 
 
-class InternVLEngine:
-    """A loaded replica: tokenizer, chat template, model on its device."""
+class Prompter:
+    """Prompt building, which needs only the tokenizer (with its chat template) and the tokens per tile."""
+
+    def __init__(self, tokenizer: Any, image_seq_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.image_tokens = ImageTokens.from_tokenizer(tokenizer)
+        self.image_seq_length = image_seq_length
+
+    @classmethod
+    def load(cls, path: str | Path, revision: str | None = None) -> Prompter:
+        """Tokenizer and image_seq_length of a local native checkpoint, without its weights."""
+        from transformers import AutoConfig, AutoTokenizer
+
+        config = AutoConfig.from_pretrained(path, revision=revision)
+        return cls(AutoTokenizer.from_pretrained(path, revision=revision), int(getattr(config, "image_seq_length", 256)))
+
+    def prompt_text(self, text: str, tiles_per_image: Sequence[int], *, video: bool = False) -> str:
+        """The full prompt string: chat template rendered, image (or video frame) placeholders expanded."""
+        messages = chat_messages(text, num_images=len(tiles_per_image), video=video)
+        rendered = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return expand_image_placeholders(
+            rendered, tiles_per_image=list(tiles_per_image), tokens=self.image_tokens,
+            image_seq_length=self.image_seq_length, video=video,
+        )
+
+    def prompt_ids(self, text: str, tiles_per_image: Sequence[int], *, video: bool = False) -> list[int]:
+        """Token ids of the full prompt."""
+        return self.tokenizer(self.prompt_text(text, tiles_per_image, video=video), add_special_tokens=False)["input_ids"]
+
+
+class InternVLEngine(Prompter):
+    """A loaded replica (or one tensor-parallel rank of it): tokenizer, chat template, model on its device."""
 
     def __init__(self, model: Any, tokenizer: Any, plan: DevicePlan) -> None:
+        super().__init__(tokenizer, int(getattr(model.config, "image_seq_length", 256)))
         self.model = model
-        self.tokenizer = tokenizer
         self.plan = plan
-        self.image_tokens = ImageTokens.from_tokenizer(tokenizer)
-        self.image_seq_length = int(getattr(model.config, "image_seq_length", 256))
         context_id = tokenizer.convert_tokens_to_ids(self.image_tokens.context)
         if context_id != model.config.image_token_id:
             raise ModelLoadError(
@@ -92,9 +120,14 @@ class InternVLEngine:
         revision: str | None = None,
         cache_dir: str | Path | None = None,
         storage_options: Mapping[str, Any] | None = None,
+        tp: int = 1,
     ) -> InternVLEngine:
         """Load an InternVL checkpoint onto this process's device: native as it is, original format converted first
-        (pipeline.convert); remote code is never run."""
+        (pipeline.convert); remote code is never run.
+
+        tp > 1: this process is one rank of an initialised torch.distributed group of tp processes; the language
+        model loads with transformers' tensor-parallel plan, each rank reading only its shard of every weight.
+        """
         from transformers import AutoTokenizer, InternVLForConditionalGeneration
         from transformers.utils import logging as hf_logging
 
@@ -103,27 +136,15 @@ class InternVLEngine:
         path = native_checkpoint(resolve_checkpoint(model, cache_dir=cache_dir, options=storage_options), cache_dir=cache_dir)
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
+            sharding = {"tp_plan": "auto", "tp_size": tp} if tp > 1 else {}
             net = InternVLForConditionalGeneration.from_pretrained(
-                path, revision=revision, dtype=plan.dtype, attn_implementation=plan.attn_implementation
+                path, revision=revision, dtype=plan.dtype, attn_implementation=plan.attn_implementation, **sharding
             )
         except Exception as err:  # noqa: BLE001 - any failure here means this checkpoint cannot serve; say which and why
             raise ModelLoadError(f"model {model!r} could not be loaded: {type(err).__name__}: {err}") from err
         if not tokenizer.chat_template:
             raise ModelLoadError(f"model {model!r} has no chat template (tokenizer_config.json or chat_template.jinja)")
-        return cls(net.to(plan.device).eval(), tokenizer, plan)
-
-    def prompt_text(self, text: str, tiles_per_image: Sequence[int], *, video: bool = False) -> str:
-        """The full prompt string: chat template rendered, image (or video frame) placeholders expanded."""
-        messages = chat_messages(text, num_images=len(tiles_per_image), video=video)
-        rendered = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return expand_image_placeholders(
-            rendered, tiles_per_image=list(tiles_per_image), tokens=self.image_tokens,
-            image_seq_length=self.image_seq_length, video=video,
-        )
-
-    def prompt_ids(self, text: str, tiles_per_image: Sequence[int], *, video: bool = False) -> list[int]:
-        """Token ids of the full prompt."""
-        return self.tokenizer(self.prompt_text(text, tiles_per_image, video=video), add_special_tokens=False)["input_ids"]
+        return cls((net if tp > 1 else net.to(plan.device)).eval(), tokenizer, plan)
 
     def normalize(self, pixels: np.ndarray) -> torch.Tensor:
         """uint8 (N, H, W, 3) tiles -> model dtype (N, 3, H, W), ImageNet mean/std of x/255, computed on device."""

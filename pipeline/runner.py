@@ -35,6 +35,7 @@ from pipeline.output import (
     write_marker,
     write_success,
 )
+from pipeline.replica import remove_replica_groups, replica_remote_args, replica_resources
 from pipeline.stages import Generate, Preprocess, Score, WriteShards
 
 log = logging.getLogger("internvl_batch")
@@ -62,22 +63,44 @@ class Resources:
     cpus_per_replica: float
     gpus_per_replica: float
     cpu_workers: int
+    tp: int = 1
+    on_gpu: bool = False
+
+    def model_stage_args(self) -> dict[str, Any]:
+        """map_batches resource arguments of the model stage: the actor holds the device itself (tp = 1), or sits
+        in a placement group of tp bundles whose rank actors hold the devices (tp > 1)."""
+        if self.tp > 1:
+            return replica_remote_args(self.tp, on_gpu=self.on_gpu)
+        return {"num_cpus": self.cpus_per_replica, "num_gpus": self.gpus_per_replica or None}
 
 
-def plan_resources(job: JobConfig, *, cluster_cpus: float, cluster_gpus: float) -> Resources:
-    """Replicas on GPUs when the job (or auto) says so; CPU workers fill the CPUs the replicas leave."""
+def plan_resources(job: JobConfig, *, cluster_cpus: float, cluster_gpus: float, node_gpus: float | None = None) -> Resources:
+    """Replicas on GPUs when the job (or auto) says so; CPU workers fill the CPUs the replicas leave.
+
+    `node_gpus` is the most GPUs one node has: a tensor-parallel replica needs tp of them on one node. On CPU the
+    replicas' CPUs are taken from the preprocessing workers; on GPU their host CPUs mostly wait on the device.
+    """
     compute = job.compute
+    tp = compute.tp
     on_gpu = compute.device == "cuda" or (compute.device == "auto" and cluster_gpus > 0)
-    if on_gpu and cluster_gpus < compute.gpus_per_replica:
-        raise RunError(f"compute.device needs GPUs but the cluster has {cluster_gpus:g}")
-    cpus_per_replica = 1.0
+    gpus_per_replica = float(tp) if tp > 1 else compute.gpus_per_replica
+    if on_gpu and cluster_gpus < gpus_per_replica:
+        raise RunError(f"compute.device needs {gpus_per_replica:g} GPU(s) per replica but the cluster has {cluster_gpus:g}")
+    if on_gpu and tp > 1 and node_gpus is not None and node_gpus < tp:
+        raise RunError(f"compute.tp={tp} needs {tp} GPUs on one node; the largest node has {node_gpus:g}")
+    cpus_per_replica = replica_resources(tp, on_gpu=on_gpu)["CPU"] if tp > 1 else 1.0
     low, high = compute.replica_range
-    left = max(cluster_cpus - (0 if on_gpu else cpus_per_replica * low), 1)
+    left = cluster_cpus - (0 if on_gpu else cpus_per_replica * low)
+    if left < 1 and not compute.cpu_workers:
+        raise RunError(f"{low} replica(s) with tp={tp} on CPU take {cpus_per_replica * low:g} of the cluster's "
+                       f"{cluster_cpus:g} CPUs and leave none for preprocessing; use fewer replicas or a larger cluster")
     return Resources(
         replicas=(low, high),
         cpus_per_replica=cpus_per_replica,
-        gpus_per_replica=compute.gpus_per_replica if on_gpu else 0.0,
-        cpu_workers=compute.cpu_workers or int(left),
+        gpus_per_replica=gpus_per_replica if on_gpu else 0.0,
+        cpu_workers=compute.cpu_workers or int(max(left, 1)),
+        tp=tp,
+        on_gpu=on_gpu,
     )
 
 
@@ -141,8 +164,8 @@ def build_dataset(job: JobConfig, rows: pa.Table, resources: Resources, *, skip_
     )
     ds = ds.map_batches(
         Score if job.task == "score" else Generate, fn_constructor_kwargs={"job": job}, batch_size=job.compute.batch_size, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=resources.replicas[0], max_size=resources.replicas[1]), num_cpus=resources.cpus_per_replica,
-        num_gpus=resources.gpus_per_replica or None,
+        compute=ray.data.ActorPoolStrategy(min_size=resources.replicas[0], max_size=resources.replicas[1]),
+        **resources.model_stage_args(),
     )
     return ds.map_batches(write_batch, fn_kwargs={"job": job, "input_columns": rows.column_names, "skip_ids": skip_ids or []},
                           batch_size=job.rows_per_shard, batch_format="pyarrow",
@@ -264,10 +287,11 @@ def _run(job: JobConfig, echo: Callable[[str], None]) -> RunSummary:
     ctx.enable_progress_bars = sys.stdout.isatty()
     ctx.execution_options.preserve_order = False
     cluster = ray.cluster_resources()
-    resources = plan_resources(job, cluster_cpus=cluster.get("CPU", 1), cluster_gpus=cluster.get("GPU", 0))
+    node_gpus = max((n["Resources"].get("GPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+    resources = plan_resources(job, cluster_cpus=cluster.get("CPU", 1), cluster_gpus=cluster.get("GPU", 0), node_gpus=node_gpus)
     low, high = resources.replicas
-    echo(f"{low if low == high else f'{low}-{high}'} replica(s), {resources.cpu_workers} CPU worker(s), "
-         f"{resources.gpus_per_replica:g} GPU(s) per replica")
+    echo(f"{low if low == high else f'{low}-{high}'} replica(s)" + (f" of tp={resources.tp}" if resources.tp > 1 else "")
+         + f", {resources.cpu_workers} CPU worker(s), {resources.gpus_per_replica:g} GPU(s) per replica")
 
     rows = listing.table.take(pa.array(todo, pa.int64())) if len(todo) < listing.table.num_rows else listing.table
     shards: list[dict] = []
@@ -286,6 +310,9 @@ def _run(job: JobConfig, echo: Callable[[str], None]) -> RunSummary:
         hint = ("fix the model and re-run" if "ModelLoadError" in text else "re-run the same job to resume")
         raise RunError(f"the run stopped: {type(err).__name__}: {cause}. The {written} rows written so far are kept; "
                        f"{hint}.") from err
+    finally:
+        if resources.tp > 1:
+            remove_replica_groups()
     return _finish(job, listing, rows_in=rows_in, started=started, this_run=shards, taken=taken)
 
 

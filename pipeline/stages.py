@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
+from pipeline.budget import pack_calls
 from pipeline.config import JobConfig
 from pipeline.images import MediaError, decode_image
 from pipeline.output import OUTPUT_SCHEMA, PREPROCESS_SCHEMA, TIMING_FIELDS, shard_stats, to_table, write_shard
@@ -145,7 +146,13 @@ class Preprocess:
 
 
 def load_engine(job: JobConfig) -> Any:
-    """The job's model replica; torch and transformers load here, on the worker, never on the driver."""
+    """The job's model replica; torch and transformers load here, on the worker, never on the driver.
+
+    With compute.tp > 1 the replica is a group of rank actors driven from here (pipeline.replica)."""
+    if job.compute.tp > 1:
+        from pipeline.replica import TensorParallelEngine
+
+        return TensorParallelEngine(job)
     from pipeline.engine import InternVLEngine
 
     return InternVLEngine.load(job.model, device=job.compute.device, dtype=job.compute.dtype, revision=job.model_revision,
@@ -181,6 +188,11 @@ class ModelStage:
 
     def run(self, batch: Batch) -> pa.Table:
         raise NotImplementedError
+
+    def __del__(self) -> None:
+        close = getattr(getattr(self, "engine", None), "close", None)  # a tensor-parallel replica's ranks and devices
+        if close is not None:
+            close()
 
 
 class Generate(ModelStage):
@@ -243,7 +255,27 @@ class Generate(ModelStage):
         gen = self.job.generation
         params = dict(max_new_tokens=gen.max_new_tokens, do_sample=gen.do_sample, temperature=gen.temperature,
                       top_p=gen.top_p, seed=gen.seed if gen.do_sample else None)
-        return with_memory_fallback(lambda p, s, o, _: self.engine.generate(p, s, o, **params), prompts, samples, owners)
+        return in_calls(lambda p, s, o, _: self.engine.generate(p, s, o, **params), prompts, samples, owners,
+                        max_tokens=self.job.compute.max_batch_tokens)
+
+
+def in_calls(call: Any, prompts: list, samples: list[np.ndarray], owners: list[int], extras: list | None = None, *,
+             max_tokens: int | None = None) -> list[Any]:
+    """call(prompts, samples, owners, extras) over groups of samples (each with all its prompts, so its tiles go
+    through the vision encoder once) packed by padded prompt tokens (compute.max_batch_tokens); results in
+    prompt order. Greedy results do not depend on the grouping: batched equals one at a time."""
+    extras = extras if extras is not None else [None] * len(prompts)
+    per_sample = [[i for i, o in enumerate(owners) if o == s] for s in range(len(samples))]
+    lengths = [max((len(prompts[i]) for i in mine), default=0) for mine in per_sample]
+    results: list[Any] = [None] * len(prompts)
+    for group in pack_calls(lengths, max_tokens=max_tokens, sizes=[len(m) for m in per_sample]):
+        index = {s: k for k, s in enumerate(group)}
+        mine = [i for s in group for i in per_sample[s]]
+        part = with_memory_fallback(call, [prompts[i] for i in mine], [samples[s] for s in group],
+                                    [index[owners[i]] for i in mine], [extras[i] for i in mine])
+        for i, r in zip(mine, part):
+            results[i] = r
+    return results
 
 
 def with_memory_fallback(call: Any, prompts: list, samples: list[np.ndarray], owners: list[int],
@@ -301,7 +333,8 @@ class Score(ModelStage):
                 labels.append(self.labels[c])
                 pending.append((len(out) - 1, c))
         start = time.perf_counter()
-        results = with_memory_fallback(lambda p, s, o, e: self.engine.score(p, s, o, e), prompts, samples, owners, labels)
+        results = in_calls(lambda p, s, o, e: self.engine.score(p, s, o, e), prompts, samples, owners, labels,
+                           max_tokens=self.job.compute.max_batch_tokens)
         per_sample_ms = (time.perf_counter() - start) * 1000.0 / max(len(samples), 1)
         for (index, c), result in zip(pending, results):
             row = out[index]

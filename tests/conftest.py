@@ -51,6 +51,7 @@ def ray_local(request):
     if find_weed() is not None:
         request.getfixturevalue("s3_server")
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    # 4 logical CPUs (on 2 cores): room for a tp=2 replica, or two replicas, next to the preprocessing workers.
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
     yield ray
     ray.shutdown()
