@@ -22,11 +22,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
-from pipeline.budget import pack_calls
-from pipeline.config import JobConfig
+from pipeline.budget import frames_within, max_tiles_within, pack_calls
+from pipeline.config import DecodeConfig, JobConfig, TilingConfig, VideoConfig
 from pipeline.images import MediaError, decode_image
 from pipeline.output import OUTPUT_SCHEMA, PREPROCESS_SCHEMA, TIMING_FIELDS, shard_stats, to_table, write_shard
 from pipeline.prompts import PromptError, user_text
+from pipeline.sandbox import Sandbox
 from pipeline.scoring import column, evaluate, label_token_ids, passes, score_fields
 from pipeline.storage import extension, read_bytes
 from pipeline.tiling import TILE_SIZE, tile_image
@@ -35,7 +36,8 @@ from pipeline.video import VIDEO_EXTENSIONS, VideoLimits, looks_like_video, samp
 Batch = dict[str, np.ndarray]
 
 # Error types written to `error_type` (documented in the README).
-ERROR_TYPES = ("not_found", "read_error", "decode_error", "too_large", "bad_input", "model_error")
+ERROR_TYPES = ("not_found", "read_error", "decode_error", "too_large", "unsupported", "timeout", "crashed", "bad_input",
+               "model_error")
 # Input columns the model stage consumes rather than passes through.
 CONSUMED_COLUMNS = ("pixels", "questions")
 
@@ -64,15 +66,63 @@ def tiles_from_bytes(data: bytes | None, num_tiles: int) -> np.ndarray:
     return np.frombuffer(data or b"", dtype=np.uint8).reshape(num_tiles, TILE_SIZE, TILE_SIZE, 3)
 
 
+def image_tiles(data: bytes, tiling: TilingConfig, max_tiles: int, tokens: int | None = None) -> tuple[np.ndarray, int, int]:
+    """Decode one image and cut it into tiles: (uint8 tiles, width, height). With a visual-token budget, the
+    largest tile count whose tokens fit (tiling.max_tokens_per_sample)."""
+    image = decode_image(data, max_pixels=tiling.max_image_pixels, exif_transpose=tiling.exif_transpose)
+    if tokens is not None:
+        fitting = max_tiles_within(image.width, image.height, tokens=tokens, min_tiles=min(tiling.min_tiles, max_tiles),
+                                   max_tiles=max_tiles, thumbnail=tiling.thumbnail)
+        if fitting is None:
+            raise MediaError("too_large", f"even min_tiles={tiling.min_tiles} tiles exceed the budget of {tokens} "
+                                          "visual tokens (tiling.max_tokens_per_sample)")
+        max_tiles = fitting
+    pixels = tile_image(image, min_tiles=min(tiling.min_tiles, max_tiles), max_tiles=max_tiles,
+                        thumbnail=tiling.thumbnail).pixels
+    return pixels, image.width, image.height
+
+
+def video_tiles(data: bytes, video: VideoConfig, tiling: TilingConfig) -> dict[str, Any]:
+    """Sample frames (the cards' segment middles) and tile each with tiles_per_frame (1: a single 448 px resize,
+    as the cards); with a visual-token budget, as many frames as fit."""
+    frames = video.num_frames
+    if tiling.max_tokens_per_sample is not None:
+        frames = frames_within(frames, tokens=tiling.max_tokens_per_sample, tiles_per_frame=video.tiles_per_frame,
+                               thumbnail=tiling.thumbnail)
+    limits = VideoLimits(max_duration_s=video.max_duration_s, max_frames=video.max_frames, max_pixels=video.max_pixels)
+    sampled = sample_video(data, num_segments=frames, start_s=video.start_s, end_s=video.end_s, limits=limits)
+    per_frame = dict(min_tiles=min(tiling.min_tiles, video.tiles_per_frame), max_tiles=video.tiles_per_frame)
+    tiles = [tile_image(Image.fromarray(frame, "RGB"), **per_frame,
+                        thumbnail=tiling.thumbnail).pixels for frame in sampled.frames]
+    return dict(pixels=np.concatenate(tiles), tiles_per_image=[len(t) for t in tiles], media_type="video",
+                width=int(sampled.frames.shape[2]), height=int(sampled.frames.shape[1]), num_frames=sampled.num_frames,
+                frame_indices=sampled.indices, fps=sampled.fps, duration_s=sampled.duration_s)
+
+
+_SANDBOXES: dict[tuple, Sandbox] = {}  # per worker process: one decoder child per function, reused across tasks
+
+
+def isolated(fn: Any, decode: DecodeConfig) -> Any:
+    """fn, run in this worker's decoder child process (pipeline.sandbox): a crash or hang costs one error row."""
+    key = (fn.__module__, fn.__qualname__, decode.timeout_s, decode.attempts)
+    if key not in _SANDBOXES:
+        _SANDBOXES[key] = Sandbox(fn, timeout_s=decode.timeout_s, attempts=decode.attempts)
+    return _SANDBOXES[key]
+
+
 class Preprocess:
-    """CPU stage: read bytes through fsspec, decode, tile images / sample and tile video frames; uint8 out."""
+    """CPU stage: read bytes through fsspec, decode, tile images / sample and tile video frames; uint8 out.
+
+    Decoding runs in a child process for the media `decode.isolate` names (video by default: decoders of
+    containers and codecs are where crashes and hangs come from)."""
 
     def __init__(self, job: JobConfig) -> None:
         self.tiling = job.tiling
         self.video = job.video
-        self.limits = VideoLimits(max_duration_s=job.video.max_duration_s, max_frames=job.video.max_frames,
-                                  max_pixels=job.video.max_pixels)
         self.storage = dict(job.storage)
+        isolate = job.decode.isolate
+        self.image_tiles = isolated(image_tiles, job.decode) if isolate == "all" else image_tiles
+        self.video_tiles = isolated(video_tiles, job.decode) if isolate in ("all", "video") else video_tiles
 
     def read(self, uri: str) -> bytes:
         """Bytes of one object; missing objects and storage failures become classified errors."""
@@ -83,30 +133,15 @@ class Preprocess:
         except (OSError, ValueError) as err:
             raise MediaError("read_error", f"could not read {uri}: {type(err).__name__}: {err}") from None
 
-    def decode(self, data: bytes) -> Image.Image:
-        return decode_image(data, max_pixels=self.tiling.max_image_pixels, exif_transpose=self.tiling.exif_transpose)
-
-    def _tile(self, image: Image.Image, max_tiles: int) -> np.ndarray:
-        return tile_image(
-            image, min_tiles=min(self.tiling.min_tiles, max_tiles), max_tiles=max_tiles, thumbnail=self.tiling.thumbnail
-        ).pixels
-
     def _images(self, uris: list[str]) -> dict[str, Any]:
-        """One or several images; several share the tile budget (max_tiles // n each, as InternVL 2.5 does)."""
+        """One or several images; several share the tile budget (max_tiles // n each, as InternVL 2.5 does) and
+        the visual-token budget (an equal share each)."""
         budget = max(1, self.tiling.max_tiles // len(uris))
-        images = [self.decode(self.read(u)) for u in uris]
-        tiles = [self._tile(image, budget) for image in images]
-        return dict(pixels=np.concatenate(tiles), tiles_per_image=[len(t) for t in tiles],
-                    media_type="image" if len(uris) == 1 else "images", width=images[0].width, height=images[0].height)
-
-    def _video(self, data: bytes) -> dict[str, Any]:
-        """Sampled frames, each tiled with tiles_per_frame (1: a single 448 px resize, as the cards)."""
-        video = sample_video(data, num_segments=self.video.num_frames, start_s=self.video.start_s,
-                             end_s=self.video.end_s, limits=self.limits)
-        tiles = [self._tile(Image.fromarray(frame, "RGB"), self.video.tiles_per_frame) for frame in video.frames]
-        return dict(pixels=np.concatenate(tiles), tiles_per_image=[len(t) for t in tiles], media_type="video",
-                    width=int(video.frames.shape[2]), height=int(video.frames.shape[1]), num_frames=video.num_frames,
-                    frame_indices=video.indices, fps=video.fps, duration_s=video.duration_s)
+        tokens = self.tiling.max_tokens_per_sample // len(uris) if self.tiling.max_tokens_per_sample else None
+        done = [self.image_tiles(self.read(u), self.tiling, budget, tokens)
+                for u in uris]
+        return dict(pixels=np.concatenate([d[0] for d in done]), tiles_per_image=[len(d[0]) for d in done],
+                    media_type="image" if len(uris) == 1 else "images", width=done[0][1], height=done[0][2])
 
     def prepare(self, uri: str, uris: list[str] | None = None) -> dict[str, Any]:
         """Everything the CPU stage adds for one sample; failures become an error row."""
@@ -119,12 +154,11 @@ class Preprocess:
             else:
                 data = self.read(uri)
                 if extension(uri) in VIDEO_EXTENSIONS or looks_like_video(data):
-                    row.update(self._video(data))
+                    row.update(self.video_tiles(data, self.video, self.tiling))
                 else:
-                    image = self.decode(data)
-                    pixels = self._tile(image, self.tiling.max_tiles)
-                    row.update(pixels=pixels, tiles_per_image=[len(pixels)], media_type="image",
-                               width=image.width, height=image.height)
+                    pixels, width, height = self.image_tiles(data, self.tiling, self.tiling.max_tiles,
+                                                             self.tiling.max_tokens_per_sample)
+                    row.update(pixels=pixels, tiles_per_image=[len(pixels)], media_type="image", width=width, height=height)
             row["num_tiles"] = len(row["pixels"])
             row["pixels"] = row["pixels"].tobytes()
         except MediaError as err:

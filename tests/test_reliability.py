@@ -148,6 +148,8 @@ def test_broken_and_unusual_media_become_rows(tiny_model, tmp_path):
         "one-frame.mp4": (make_video(1, 10), "ok"),
         "broken.mp4": (make_video(20, 10)[:300], "decode_error"),
         "garbage.webm": (b"\x1a\x45\xdf\xa3" + b"\x00" * 64, "decode_error"),
+        # a randomly corrupted mp4 on which decord segfaults, every time: isolated, retried, then one error row
+        "segfault.mp4": ((Path(__file__).parent / "data" / "decord_segfault.mp4").read_bytes(), "crashed"),
     }
     for name, (data, _) in corpus.items():
         (folder / name).write_bytes(data)
@@ -168,6 +170,23 @@ def test_broken_and_unusual_media_become_rows(tiny_model, tmp_path):
         else:
             assert row["error_message"]
     assert rows["huge.png"]["error_message"].startswith("image is 20000x20000")
+    assert "SIGSEGV" in rows["segfault.mp4"]["error_message"]
+
+
+def test_decode_that_takes_too_long_becomes_a_timeout_row(tmp_path):
+    from pipeline.config import parse_job
+    from pipeline.stages import Preprocess
+
+    (tmp_path / "long.mp4").write_bytes(make_video(600, 25, width=640, height=480))
+    (tmp_path / "short.mp4").write_bytes(make_video(10, 10))
+    job = parse_job({"task": "caption", "input": str(tmp_path), "output": str(tmp_path / "out"), "model": "m",
+                     "decode": {"timeout_s": 0.3}, "video": {"num_frames": 64}})
+    stage = Preprocess(job)
+    slow = stage.prepare(str(tmp_path / "long.mp4"))
+    assert (slow["status"], slow["error_type"]) == ("error", "timeout") and "0.3 s" in slow["error_message"]
+    fine = Preprocess(parse_job({**job.model_dump(exclude_none=True), "decode": {"timeout_s": 60}})).prepare(
+        str(tmp_path / "short.mp4"))
+    assert fine["status"] == "ok" and fine["num_tiles"] == 64  # the next sample gets a fresh decoder child
 
 
 def test_s3_throttling_is_retried_and_wrong_credentials_fail_fast(s3_server, tiny_model, tmp_path):
