@@ -120,7 +120,8 @@ def models() -> None:
                       f"{m.weights_gb:.0f} GB", tp_hint(m.gpus_needed(80)), tp_hint(m.gpus_needed(24)), str(m.default_max_tiles))
     wide = Console(width=max(console.width, 160), soft_wrap=True)
     wide.print(table)
-    wide.print("tp: GPUs one replica needs for its bf16 weights with 25% headroom (a rule of thumb); "
+    wide.print("tp: GPUs one replica needs: its shard of the language model plus the replicated vision tower, bf16, "
+               "25% headroom (a rule of thumb); "
                "'-': more than one 8-GPU node.")
 
 
