@@ -78,3 +78,25 @@ def test_in_calls_keeps_prompt_order_and_each_sample_with_its_prompts():
     calls.clear()
     packed = in_calls(call, prompts, samples, owners, list(range(7)), max_tokens=4000)
     assert packed == whole and len(calls) > 1 and sum(calls) == 4  # each sample in exactly one call
+
+
+def test_preprocess_fits_each_sample_to_the_token_budget(tmp_path):
+    from pipeline.config import parse_job
+    from pipeline.stages import Preprocess
+    from tests.conftest import pattern_image
+    from tests.media import make_video
+
+    pattern_image(4032, 3024).save(tmp_path / "big.jpg")
+    pattern_image(448, 448).save(tmp_path / "small.jpg")  # one tile: within any budget
+    (tmp_path / "clip.mp4").write_bytes(make_video(40, 10))
+    job = {"task": "caption", "input": str(tmp_path), "output": str(tmp_path / "out"), "model": "m"}
+    full = Preprocess(parse_job(job))
+    fitted = Preprocess(parse_job({**job, "tiling": {"max_tokens_per_sample": 1280}, "video": {"num_frames": 16}}))
+    assert full.prepare(str(tmp_path / "big.jpg"))["num_tiles"] == 13
+    big = fitted.prepare(str(tmp_path / "big.jpg"))
+    assert big["num_tiles"] == 5  # the most tiles within 1280 tokens: a 2x2 grid + thumbnail
+    assert fitted.prepare(str(tmp_path / "small.jpg"))["num_tiles"] == full.prepare(str(tmp_path / "small.jpg"))["num_tiles"]
+    clip = fitted.prepare(str(tmp_path / "clip.mp4"))
+    assert (len(clip["frame_indices"]), clip["num_tiles"]) == (5, 5)  # 5 sampled frames x 256 tokens
+    pair = fitted.prepare(str(tmp_path / "big.jpg"), [str(tmp_path / "big.jpg"), str(tmp_path / "small.jpg")])
+    assert pair["num_tiles"] * 256 <= 1280
