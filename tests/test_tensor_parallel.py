@@ -168,3 +168,14 @@ def test_two_replicas_share_the_work_and_survive_a_killed_replica(ray_local, tin
     assert len(rows) == 12 and len({r["id"] for r in rows}) == 12 and all(r["status"] == "ok" for r in rows)
     worked = [name for name, usage in summary.replicas.items() if usage["batches"] > 0]
     assert len(worked) >= 2, summary.replicas  # both replicas (and the killed one's replacement) took batches
+
+
+def test_readme_sizing_table_is_the_computed_one():
+    from pathlib import Path
+
+    from pipeline.models import MODELS, markdown, sizing_table
+
+    assert markdown(sizing_table()) in (Path(__file__).parents[1] / "README.md").read_text()
+    by_name = {m.name: m for m in MODELS}
+    assert by_name["InternVL3-78B"].gb_per_gpu(4) < 80 / 1.25 < by_name["InternVL3-78B"].gb_per_gpu(2)
+    assert by_name["InternVL3-1B"].gpus_needed(24) == 1
