@@ -80,9 +80,10 @@ def resolve_checkpoint(model: str, *, cache_dir: str | Path | None = None, optio
 
 
 
-def native_checkpoint(path: str, *, cache_dir: str | Path | None = None) -> str:
+def native_checkpoint(path: str, *, cache_dir: str | Path | None = None, trust_remote_code: bool = False) -> str:
     """A native checkpoint for a local folder: itself, or for an original-format (remote-code) checkpoint its
-    conversion, made once into the cache (atomically) without running any code from the checkpoint."""
+    conversion, made once into the cache (atomically) without running any code from the checkpoint, except its
+    tokenizer's when the job sets trust_remote_code (with a pinned revision)."""
     import json
 
     config = Path(path) / "config.json"
@@ -97,5 +98,5 @@ def native_checkpoint(path: str, *, cache_dir: str | Path | None = None) -> str:
     dest = cache / f"converted-{hashlib.sha256(stamp.encode()).hexdigest()[:16]}"
     if (dest / "config.json").exists():
         return str(dest)
-    _publish(dest, lambda tmp: convert_checkpoint(path, str(tmp)))
+    _publish(dest, lambda tmp: convert_checkpoint(path, str(tmp), trust_remote_code=trust_remote_code))
     return str(dest)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -169,6 +170,9 @@ class JobConfig(_Section):
     output: str = Field(description="Folder or s3:// prefix for the Parquet shards and _SUCCESS.json.")
     model: str = Field(description="Native InternVL checkpoint: local directory, s3:// prefix, or hub id.")
     model_revision: str | None = Field(None, description="Hub revision (commit) of the model, recorded in the fingerprint.")
+    trust_remote_code: bool = Field(
+        False, description="Allow the checkpoint's own tokenizer code (InternLM2/3 original format) when converting; "
+                           "needs model_revision pinned to a 40-character commit. Model code never runs.")
     prompt: str | None = Field(None, description="caption: the instruction; vqa: a template with {question} (default '{question}').")
     questions: list[str] | None = Field(None, min_length=1, description="vqa: questions asked of every sample (one output row each); rows may carry their own `questions`.")
     labels: list[str] | None = Field(None, min_length=2, description="score: the answers scored (default [yes, no]).")
@@ -202,6 +206,13 @@ class JobConfig(_Section):
 
         walk(value, "")
         return value
+
+    @model_validator(mode="after")
+    def _remote_code(self) -> JobConfig:
+        if self.trust_remote_code and not re.fullmatch(r"[0-9a-f]{40}", self.model_revision or ""):
+            raise ValueError("trust_remote_code: runs code from the checkpoint, so model_revision must pin it to a "
+                             f"40-character commit hash (got {self.model_revision!r})")
+        return self
 
     @model_validator(mode="after")
     def _prompt(self) -> JobConfig:
@@ -249,6 +260,7 @@ class JobConfig(_Section):
             "task": self.task,
             "model": self.model,
             "model_revision": self.model_revision,
+            "trust_remote_code": self.trust_remote_code,
             "prompt": self.effective_prompt,
             "questions": self.questions,
             "incremental": self.incremental,

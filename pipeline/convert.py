@@ -336,17 +336,33 @@ def load_original_weights(folder: Path) -> dict[str, torch.Tensor]:
     raise ConversionError(f"{folder}: no model.safetensors or model.safetensors.index.json (found {found})")
 
 
-def convert_tokenizer(source: str | Path, template: str | None) -> Any:
-    """The source tokenizer (never remote code) with the named image/video tokens and the cards' chat template."""
+def _remote_tokenizer(source: Path, stage: str) -> None:
+    """Load a remote-code tokenizer (the job allowed it) and save its fast backend as a plain native tokenizer."""
+    from transformers import PreTrainedTokenizerFast
+
+    remote = AutoTokenizer.from_pretrained(str(source), trust_remote_code=True)
+    if not remote.is_fast:
+        raise ConversionError(f"remote-code tokenizer {type(remote).__name__!r} in {str(source)!r} has no fast "
+                              "(tokenizers) backend to convert; pass tokenizer= a native tokenizer instead")
+    native = PreTrainedTokenizerFast(tokenizer_object=remote.backend_tokenizer, **remote.special_tokens_map)
+    native.save_pretrained(stage)
+
+
+def convert_tokenizer(source: str | Path, template: str | None, *, trust_remote_code: bool = False) -> Any:
+    """The source tokenizer with the named image/video tokens and the cards' chat template. A tokenizer that is
+    remote code is refused unless trust_remote_code (then its fast backend is kept, its code is not)."""
     with tempfile.TemporaryDirectory() as stage:
         src = Path(source)
-        if src.is_dir():  # copy only tokenizer files: the folder's config.json names a remote-code model type
-            config_file = src / "tokenizer_config.json"
-            tok_config = json.loads(config_file.read_text()) if config_file.exists() else {}
+        config_file = src / "tokenizer_config.json"
+        tok_config = json.loads(config_file.read_text()) if src.is_dir() and config_file.exists() else {}
+        if tok_config.get("auto_map") and trust_remote_code:
+            _remote_tokenizer(src, stage)
+        elif src.is_dir():  # copy only tokenizer files: the folder's config.json names a remote-code model type
             if tok_config.get("auto_map"):
                 raise ConversionError(
                     f"tokenizer {tok_config.get('tokenizer_class')!r} in {str(source)!r} needs remote code; "
-                    "pass tokenizer= a native tokenizer folder or hub id (e.g. the matching *-hf checkpoint)"
+                    "pass tokenizer= a native tokenizer folder or hub id (e.g. the matching *-hf checkpoint), "
+                    "or set trust_remote_code: true with a pinned model_revision in the job"
                 )
             for name in TOKENIZER_FILES:
                 if (src / name).exists():
@@ -396,7 +412,7 @@ def _fetch(url: str, dest: Path, options: Mapping[str, Any] | None) -> Path:
     return dest
 
 
-def _native_model(src_dir: Path, tokenizer: str | None) -> tuple[InternVLForConditionalGeneration, Any]:
+def _native_model(src_dir: Path, tokenizer: str | None, trust_remote_code: bool = False) -> tuple[InternVLForConditionalGeneration, Any]:
     """The converted model (weights assigned, no random init) and tokenizer for a local original checkpoint."""
     if not (src_dir / "config.json").exists():
         raise ConversionError(f"{str(src_dir)!r}: no config.json")
@@ -404,7 +420,7 @@ def _native_model(src_dir: Path, tokenizer: str | None) -> tuple[InternVLForCond
     if not is_original_format(config):
         arch = config.get("architectures")
         raise ConversionError(f"{str(src_dir)!r} is not an original-format InternVL checkpoint ({arch!r})")
-    tok = convert_tokenizer(tokenizer or src_dir, config.get("template"))
+    tok = convert_tokenizer(tokenizer or src_dir, config.get("template"), trust_remote_code=trust_remote_code and not tokenizer)
     native = convert_config(config, image_token_id=tok.context_image_token_id)
     if native.image_token_id >= native.text_config.vocab_size:
         vocab = native.text_config.vocab_size
@@ -425,6 +441,7 @@ def convert_checkpoint(
     storage_options: Mapping[str, Any] | None = None,
     tokenizer: str | None = None,
     cache_dir: str | Path | None = None,
+    trust_remote_code: bool = False,
 ) -> Path:
     """Convert an original checkpoint (local or fsspec URL) into a native one at ``dst`` (local or fsspec URL).
 
@@ -440,7 +457,7 @@ def convert_checkpoint(
     scratch = tempfile.TemporaryDirectory(prefix=".convert-", dir=cache) if remote else contextlib.nullcontext("")
     with scratch as work:
         src_dir = _fetch(src, Path(work) / "src", storage_options) if is_remote(src) else _local(src)
-        model, tok = _native_model(src_dir, tokenizer)
+        model, tok = _native_model(src_dir, tokenizer, trust_remote_code)
         out = Path(work) / "native" if is_remote(dst) else _local(dst)
         model.save_pretrained(out)
         tok.save_pretrained(out)

@@ -121,6 +121,7 @@ class InternVLEngine(Prompter):
         cache_dir: str | Path | None = None,
         storage_options: Mapping[str, Any] | None = None,
         tp: int = 1,
+        trust_remote_code: bool = False,
     ) -> InternVLEngine:
         """Load an InternVL checkpoint onto this process's device: native as it is, original format converted first
         (pipeline.convert); remote code is never run.
@@ -133,7 +134,8 @@ class InternVLEngine(Prompter):
 
         hf_logging.disable_progress_bar()  # per-shard bars from every replica would flood the job log
         plan = local_plan(device, dtype)
-        path = native_checkpoint(resolve_checkpoint(model, cache_dir=cache_dir, options=storage_options), cache_dir=cache_dir)
+        path = native_checkpoint(resolve_checkpoint(model, cache_dir=cache_dir, options=storage_options), cache_dir=cache_dir,
+                                 trust_remote_code=trust_remote_code)
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
             sharding = {"tp_plan": "auto", "tp_size": tp} if tp > 1 else {}

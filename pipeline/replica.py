@@ -132,7 +132,8 @@ class TensorParallelEngine:
         self.restarts = restarts
         # Copy an s3:// checkpoint into this node's cache once, here, before the ranks (on this node) read it.
         self.checkpoint = str(native_checkpoint(
-            resolve_checkpoint(job.model, cache_dir=job.model_cache, options=job.storage), cache_dir=job.model_cache))
+            resolve_checkpoint(job.model, cache_dir=job.model_cache, options=job.storage), cache_dir=job.model_cache,
+            trust_remote_code=job.trust_remote_code))
         self.prompter = Prompter.load(self.checkpoint, revision=job.model_revision)
         self.tokenizer = self.prompter.tokenizer
         self.on_gpu = job.compute.device == "cuda" or (job.compute.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)

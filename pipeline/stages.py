@@ -190,7 +190,7 @@ def load_engine(job: JobConfig) -> Any:
     from pipeline.engine import InternVLEngine
 
     return InternVLEngine.load(job.model, device=job.compute.device, dtype=job.compute.dtype, revision=job.model_revision,
-                               cache_dir=job.model_cache, storage_options=job.storage)
+                               cache_dir=job.model_cache, storage_options=job.storage, trust_remote_code=job.trust_remote_code)
 
 
 def questions_of(job: JobConfig, row: dict[str, Any]) -> list[str | None]:

@@ -559,3 +559,34 @@ def test_engine_runs_a_converted_checkpoint(tokenizer_files, tmp_path):
                                 do_sample=False, eos_token_id=sorted(engine.eos_ids), pad_token_id=engine.pad_id)
     assert out.shape[1] > len(ids)
     assert token_id(tokenizer_files, "<|end|>") in engine.eos_ids  # phi3-chat turns end at <|end|>
+
+
+def test_remote_code_tokenizer_with_trust_remote_code(tokenizer_files, tmp_path):
+    """trust_remote_code lets conversion run the checkpoint's tokenizer code; only its fast backend is kept."""
+    config = original_config("internlm2", "300m", tokenizer_files)
+    src = write_original(tmp_path / "o", config, original_state(config), tokenizer_files)
+    (src / "tokenization_custom.py").write_text(
+        "from transformers import PreTrainedTokenizerFast\n\n"
+        "class CustomTokenizer(PreTrainedTokenizerFast):\n    pass\n")
+    tok_config = json.loads((src / "tokenizer_config.json").read_text())
+    tok_config |= {"tokenizer_class": "CustomTokenizer",
+                   "auto_map": {"AutoTokenizer": [None, "tokenization_custom.CustomTokenizer"]}}
+    (src / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    with pytest.raises(ConversionError, match="trust_remote_code"):
+        convert_checkpoint(str(src), str(tmp_path / "refused"))
+    dst = convert_checkpoint(str(src), str(tmp_path / "n"), trust_remote_code=True)
+    native = AutoTokenizer.from_pretrained(dst)
+    assert "auto_map" not in json.loads((dst / "tokenizer_config.json").read_text())  # no code travels on
+    reference = AutoTokenizer.from_pretrained(str(tokenizer_files))
+    assert native("<img>a cat</img>")["input_ids"] == reference("<img>a cat</img>")["input_ids"]
+
+
+def test_trust_remote_code_needs_a_pinned_revision():
+    from pipeline.config import JobError, parse_job
+
+    base = {"task": "caption", "input": "in", "output": "out", "model": "OpenGVLab/InternVL2_5-2B"}
+    for revision in (None, "main", "v1.0"):
+        with pytest.raises(JobError, match="40-character commit"):
+            parse_job({**base, "trust_remote_code": True, "model_revision": revision})
+    job = parse_job({**base, "trust_remote_code": True, "model_revision": "0123456789abcdef0123456789abcdef01234567"})
+    assert job.trust_remote_code and job.fingerprint() != parse_job(base).fingerprint()
