@@ -85,7 +85,7 @@ def plan_resources(job: JobConfig, *, cluster_cpus: float, cluster_gpus: float, 
     on_gpu = compute.device == "cuda" or (compute.device == "auto" and cluster_gpus > 0)
     gpus_per_replica = float(tp) if tp > 1 else compute.gpus_per_replica
     if on_gpu and cluster_gpus < gpus_per_replica:
-        raise RunError(f"compute.device needs {gpus_per_replica:g} GPU(s) per replica but the cluster has {cluster_gpus:g}")
+        raise RunError(f"compute.device needs GPUs ({gpus_per_replica:g} per replica) but the cluster has {cluster_gpus:g}")
     if on_gpu and tp > 1 and node_gpus is not None and node_gpus < tp:
         raise RunError(f"compute.tp={tp} needs {tp} GPUs on one node; the largest node has {node_gpus:g}")
     cpus_per_replica = replica_resources(tp, on_gpu=on_gpu)["CPU"] if tp > 1 else 1.0
