@@ -41,7 +41,7 @@ class TilingConfig(_Section):
     max_image_pixels: int = Field(178_956_970, ge=1, description="Larger images become too_large error rows, checked before decoding.")
     mode: Literal["exact", "fast"] = Field(
         "exact", description="exact: tiles bit-identical to the cards; fast: JPEGs decoded at a reduced scale (DCT "
-                             "scaling) when the tile grid is much smaller than the image (see bench/cpu_stage.py for fidelity).")
+                             "scaling) when the tile grid is much smaller than the image (fidelity and speed: bench/fast_mode.py).")
     max_tokens_per_sample: int | None = Field(
         None, ge=256, description="Visual-token budget per sample: each sample gets the largest tile (or frame) count "
                                   "whose visual tokens (256 per tile) fit, recorded in num_tiles.")

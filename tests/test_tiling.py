@@ -7,7 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.tiling import candidate_grids, choose_grid, normalize_tiles, tile_image
+import io
+
+from pipeline.images import load_tiles
+from pipeline.tiling import candidate_grids, choose_grid, grid_pixels, normalize_tiles, tile_image
 from tests.conftest import pattern_image
 
 DATA = Path(__file__).parent / "data"
@@ -31,6 +34,23 @@ def test_tiling_matches_cards(case):
     assert tiles.num_tiles == case["num_tiles"]
     assert tiles.pixels.dtype == np.uint8 and tiles.pixels.shape == (case["num_tiles"], 448, 448, 3)
     assert hashlib.sha256(np.ascontiguousarray(tiles.pixels).tobytes()).hexdigest() == case["tiles_uint8_sha256"]
+
+
+@pytest.mark.parametrize("case", TILING_CASES[::7], ids=case_id)
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_load_tiles_from_png_bytes_matches_cards(case, mode):
+    """The CPU stage's bytes -> tiles call gives the facts' tiles (PNG is lossless; fast mode never reduces PNGs)."""
+    buf = io.BytesIO()
+    pattern_image(case["width"], case["height"]).save(buf, "PNG", compress_level=1)
+    tiles = load_tiles(buf.getvalue(), min_tiles=case["min_num"], max_tiles=case["max_num"],
+                       thumbnail=case["use_thumbnail"], mode=mode)
+    assert tiles.grid == (case["grid_cols"], case["grid_rows"]) and tiles.source_size == (case["width"], case["height"])
+    assert hashlib.sha256(tiles.pixels.tobytes()).hexdigest() == case["tiles_uint8_sha256"]
+
+
+def test_grid_pixels_is_the_grid_times_the_tile_size():
+    assert grid_pixels(width=4032, height=3024) == (4 * 448, 3 * 448)
+    assert grid_pixels(width=100, height=1000, max_tiles=6) == (448, 6 * 448)
 
 
 @pytest.mark.parametrize("case", NORMALIZE_CASES, ids=case_id)

@@ -122,3 +122,90 @@ def test_long_video_memory_stays_bounded(tmp_path):
     whole_mb = 9000 * 160 * 102 * 3 // 2**20
     assert frames == 9000
     assert grown_mb < 100 < whole_mb, f"peak memory grew {grown_mb} MB while sampling (whole video: {whole_mb} MB)"
+
+
+# --- the PyAV path: decord's exact frames, decoding fewer frames ------------------------------------------------
+
+import io  # noqa: E402
+from fractions import Fraction  # noqa: E402
+
+import av  # noqa: E402
+
+from pipeline.video import Unverified, sample_with_decord, sample_with_pyav  # noqa: E402
+
+
+def encode(width: int, height: int, frames: int = 60, *, codec: str = "libx264", pix_fmt: str = "yuv420p",
+           options: dict | None = None, rotation: int = 0) -> bytes:
+    """A textured scene panning right, with the codec's defaults (libx264: GOP 250, B-frames, b-pyramid)."""
+    if codec not in av.codecs_available:
+        pytest.skip(f"PyAV has no {codec} encoder here")
+    rng = np.random.default_rng(0)
+    scene = rng.integers(0, 256, (height // 8 + 1, width // 8 + 1, 3), dtype=np.uint8).repeat(8, 0).repeat(8, 1)
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as container:
+        stream = container.add_stream(codec, rate=Fraction(25))
+        stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
+        stream.options = options or {}
+        if rotation:
+            stream.set_display_rotation(rotation)
+        for i in range(frames):
+            pixels = np.ascontiguousarray(np.roll(scene, 3 * i, axis=1)[:height, :width])
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buf.getvalue()
+
+
+def assert_same(a, b):
+    assert (a.indices, a.fps, a.num_frames) == (b.indices, b.fps, b.num_frames)
+    assert a.frames.shape == b.frames.shape and np.array_equal(a.frames, b.frames)
+
+
+VERIFIED = {
+    "h264-bframes-1080p": lambda: encode(1920, 1080, 30),
+    "h264-long-gop": lambda: encode(320, 240, 300, options={"preset": "veryfast"}),
+    "h264-odd-size": lambda: encode(334, 250),
+    "h264-yuvj420p": lambda: encode(320, 240, pix_fmt="yuvj420p"),
+    "h264-yuv422p": lambda: encode(320, 240, pix_fmt="yuv422p"),
+    "h264-yuv444p": lambda: encode(320, 240, pix_fmt="yuv444p"),
+    "hevc": lambda: encode(320, 240, codec="libx265", options={"preset": "ultrafast", "log-level": "error"}),
+    "mpeg4-mp4": lambda: make_video(40, 25, width=160, height=102),
+    "mpeg4-avi": lambda: make_video(40, 25, width=160, height=120, kind="avi"),
+    "mpeg4-mkv": lambda: make_video(40, 25, width=160, height=120, kind="mkv"),
+    "mpeg4-mov": lambda: make_video(40, 25, width=160, height=120, kind="mov"),
+    "vp9-webm": lambda: make_video(40, 25, width=160, height=120, kind="webm"),
+    "vfr": lambda: make_video(12, 10, frame_times=[0, 0.03, 0.1, 0.12, 0.3, 0.31, 0.5, 0.9, 1.0, 1.2, 1.21, 1.5]),
+}
+
+
+@pytest.mark.parametrize("name", list(VERIFIED))
+@pytest.mark.parametrize("segments, bound", [(6, {}), (16, {}), (4, dict(start_s=0.5, end_s=1.1))])
+def test_pyav_gives_decords_frames(name, segments, bound):
+    """Same indices, fps, frame count and pixels as decord (the cards' decoder) on every verified kind of stream."""
+    data = VERIFIED[name]()
+    assert_same(sample_with_pyav(data, num_segments=segments, **bound),
+                sample_with_decord(data, num_segments=segments, **bound))
+
+
+@pytest.mark.parametrize("kind, data", [
+    ("10-bit", lambda: encode(320, 240, pix_fmt="yuv420p10le")),
+    ("rotated", lambda: encode(320, 240, 30, rotation=90)),
+])
+def test_unverified_streams_go_to_decord(kind, data):
+    data = data()
+    with pytest.raises(Unverified):
+        sample_with_pyav(data, num_segments=4)
+    assert_same(sample_video(data, num_segments=4), sample_with_decord(data, num_segments=4))
+
+
+def test_verified_streams_do_not_touch_decord(monkeypatch):
+    """The faster path is really taken for a verified stream (a regression would silently cost ~1.5x)."""
+    import pipeline.video as video
+
+    def no_decord(*args, **kwargs):
+        raise AssertionError("decord used for a verified stream")
+
+    monkeypatch.setattr(video, "sample_with_decord", no_decord)
+    sampled = video.sample_video(make_video(30, 25, width=64, height=48), num_segments=4)
+    assert [read_index(f) for f in sampled.frames] == sampled.indices
