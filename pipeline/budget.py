@@ -2,7 +2,7 @@
 
 InternVL turns every 448 px tile into `image_seq_length` (256) tokens. With `tiling.max_tokens_per_sample` each
 sample gets the largest tile (or frame) count whose tokens fit; with `compute.max_batch_tokens` a replica's batch
-is split into calls of samples of similar length, so little compute goes to padding.
+is split into calls of samples of similar length; with or without it, a call never carries more than 25% padding.
 """
 
 from __future__ import annotations
@@ -41,26 +41,32 @@ def frames_within(num_frames: int, *, tokens: int, tiles_per_frame: int, thumbna
     return max(1, min(num_frames, tokens // per_frame))
 
 
-def pack_calls(lengths: Sequence[int], *, max_tokens: int | None, sizes: Sequence[int] | None = None) -> list[list[int]]:
-    """Split items into groups whose padded size (rows x longest length) stays within max_tokens, similar lengths
-    together. Item i is `sizes[i]` rows (default 1: e.g. a sample's questions) of at most `lengths[i]` tokens.
+MAX_PADDING = 0.25  # padding a call may carry, as a fraction of its real prompt tokens, before it is split
 
-    Every item is in exactly one group; an item over the budget gets a group of its own. None: one group.
+
+def pack_calls(lengths: Sequence[int], *, max_tokens: int | None, sizes: Sequence[int] | None = None,
+               max_padding: float = MAX_PADDING) -> list[list[int]]:
+    """Split items into groups of similar lengths: a group ends when its padded size (rows x longest length) would
+    exceed max_tokens, or exceed its real tokens by more than max_padding. Item i is `sizes[i]` rows (default 1:
+    e.g. a sample's questions) of at most `lengths[i]` tokens.
+
+    Every item is in exactly one group; an item over the budget gets a group of its own.
     """
-    order = list(range(len(lengths)))
-    if max_tokens is None or not order:
-        return [order] if order else []
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     sizes = sizes if sizes is not None else [1] * len(lengths)
-    order.sort(key=lambda i: lengths[i])
     groups: list[list[int]] = []
     current: list[int] = []
-    rows = 0
+    rows = real = 0
     for i in order:  # ascending, so the newest item is the longest of its group
-        if current and (rows + sizes[i]) * lengths[i] > max_tokens:
+        padded = (rows + sizes[i]) * lengths[i]
+        over_budget = max_tokens is not None and padded > max_tokens
+        too_padded = padded > (1 + max_padding) * (real + sizes[i] * lengths[i])
+        if current and (over_budget or too_padded):
             groups.append(current)
-            current, rows = [], 0
+            current, rows, real = [], 0, 0
         current.append(i)
         rows += sizes[i]
+        real += sizes[i] * lengths[i]
     if current:
         groups.append(current)
     return groups
