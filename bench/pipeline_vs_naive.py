@@ -143,7 +143,8 @@ def ours_run(model_dir: Path, images: Path, output: Path, max_new_tokens: int) -
     from pipeline.runner import run_job
 
     job = parse_job({"task": "caption", "input": str(images), "output": str(output), "model": str(model_dir),
-                     "generation": {"max_new_tokens": max_new_tokens}}, source="bench")
+                     "generation": {"max_new_tokens": max_new_tokens}, "compute": {"max_batch_tokens": 65536}},
+                    source="bench")
     lines: list[str] = []
     start = time.perf_counter()
     run_job(job, echo=lines.append)

@@ -2,7 +2,7 @@
 
 InternVL turns every 448 px tile into `image_seq_length` (256) tokens. With `tiling.max_tokens_per_sample` each
 sample gets the largest tile (or frame) count whose tokens fit; with `compute.max_batch_tokens` a replica's batch
-is split into calls of samples of similar length; with or without it, a call never carries more than 25% padding.
+is split into calls of samples of similar length, none carrying more than 25% padding.
 """
 
 from __future__ import annotations
@@ -50,8 +50,11 @@ def pack_calls(lengths: Sequence[int], *, max_tokens: int | None, sizes: Sequenc
     exceed max_tokens, or exceed its real tokens by more than max_padding. Item i is `sizes[i]` rows (default 1:
     e.g. a sample's questions) of at most `lengths[i]` tokens.
 
-    Every item is in exactly one group; an item over the budget gets a group of its own.
+    Every item is in exactly one group; an item over the budget gets a group of its own. max_tokens None: one group
+    (packing is off).
     """
+    if max_tokens is None:
+        return [list(range(len(lengths)))] if len(lengths) else []
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     sizes = sizes if sizes is not None else [1] * len(lengths)
     groups: list[list[int]] = []

@@ -129,7 +129,7 @@ class ComputeConfig(_Section):
     batch_size: int = Field(8, ge=1, description="Samples per generate call in one replica.")
     max_batch_tokens: int | None = Field(
         None, ge=1, description="Token budget of one generate call: a replica's batch is split into calls of samples "
-                                "of similar length whose padded prompt tokens fit (always: no call padded by more than 25%).")
+                                "of similar length whose padded prompt tokens fit, none padded by more than 25% (default: one call).")
     cpu_workers: int | None = Field(None, ge=1, description="Concurrent CPU preprocessing tasks (default: cluster CPUs not used by replicas).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto uses CUDA when a GPU is visible, else CPU.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bfloat16 on GPU, float32 on CPU.")

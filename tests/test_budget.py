@@ -48,8 +48,9 @@ def test_pack_calls_groups_similar_lengths_within_budget():
         assert len(g) * max(lengths[i] for i in g) <= 7000 or len(g) == 1
     padded = sum(len(g) * max(lengths[i] for i in g) for g in groups)
     assert padded < 0.6 * len(lengths) * max(lengths)  # far less padding than one call
-    assert pack_calls([300, 310, 305], max_tokens=None) == [[0, 2, 1]]  # similar lengths: one call
-    loose = pack_calls(lengths, max_tokens=None)  # no budget: still no call padded by more than 25%
+    assert pack_calls(lengths, max_tokens=None) == [list(range(len(lengths)))]  # packing off: one call
+    assert pack_calls([300, 310, 305], max_tokens=10**9) == [[0, 2, 1]]  # similar lengths: one call
+    loose = pack_calls(lengths, max_tokens=10**9)  # a loose budget: still no call padded by more than 25%
     for g in loose:
         assert len(g) * max(lengths[i] for i in g) <= 1.25 * sum(lengths[i] for i in g)
     assert pack_calls([5000], max_tokens=100) == [[0]]  # too long for the budget: alone
