@@ -16,7 +16,7 @@ Measured from this (parent) process, every --interval seconds (0.25 by default) 
 Then the ratio 10k/1k of each, and where the growth is.
 
     python bench/memory_scaling.py [--sizes 1000 10000] [--max-new-tokens 4] [--image-size 64] [--interval 0.25]
-                                   [--object-store-cap-mb N]   # experiment: cap Ray Data's object-store budget
+                                   [--object-store-mb N]   # the job's compute.object_store_mb (default: auto)
 """
 
 from __future__ import annotations
@@ -160,14 +160,9 @@ def run_child(args: argparse.Namespace) -> None:
 
     poller = threading.Thread(target=poll_store, daemon=True)
     poller.start()
-    if args.object_store_cap_mb:  # experiment only, not a pipeline setting: cap Ray Data's object-store budget
-        import ray.data
-
-        ctx = ray.data.DataContext.get_current()  # the process-wide context run_job uses
-        ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
-            object_store_memory=args.object_store_cap_mb * MiB)
+    compute = {"object_store_mb": args.object_store_mb} if args.object_store_mb else {}
     job = parse_job({"task": "caption", "input": args.manifest, "output": args.output, "model": args.model,
-                     "generation": {"max_new_tokens": args.max_new_tokens}}, source="bench")
+                     "generation": {"max_new_tokens": args.max_new_tokens}, "compute": compute}, source="bench")
     start = time.perf_counter()
     summary = run_job(job, echo=lambda line: print(f"    | {line}", flush=True))
     wall = time.perf_counter() - start
@@ -186,7 +181,7 @@ def measure(n: int, uris: list[str], tmp: Path, model: Path, args: argparse.Name
     result = tmp / f"result-{n}.json"
     cmd = [sys.executable, __file__, "--child", "--manifest", str(manifest), "--output", str(tmp / f"out-{n}"),
            "--model", str(model), "--result", str(result), "--max-new-tokens", str(args.max_new_tokens),
-           "--object-store-cap-mb", str(args.object_store_cap_mb)]
+           "--object-store-mb", str(args.object_store_mb)]
     start = time.perf_counter()
     child = subprocess.Popen(cmd)
     sampler = TreeSampler(child.pid, args.interval)
@@ -208,8 +203,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=4)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--interval", type=float, default=0.25)
-    parser.add_argument("--object-store-cap-mb", type=int, default=0,
-                        help="experiment: cap Ray Data's object-store budget (DataContext resource_limits) in the run")
+    parser.add_argument("--object-store-mb", type=int, default=0,
+                        help="the job's compute.object_store_mb (default 0: the pipeline's own budget)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     for name in ("--manifest", "--output", "--model", "--result"):
         parser.add_argument(name, help=argparse.SUPPRESS)
@@ -239,8 +234,7 @@ def main() -> None:
     print()
     print(f"peak memory over time, sampled every {args.interval} s (RSS unless marked), "
           f"caption, max_new_tokens {args.max_new_tokens}, job defaults"
-          + (f"; EXPERIMENT: Ray Data object store budget capped at {args.object_store_cap_mb} MiB"
-             if args.object_store_cap_mb else ""))
+          + (f"; compute.object_store_mb {args.object_store_mb}" if args.object_store_mb else ""))
     header = "".join(f"{r['n']:>14} inputs" for r in runs)
     ratio_head = f"   ratio {runs[-1]['n']}/{runs[0]['n']}" if len(runs) > 1 else ""
     print(f"{'':34}{header}{ratio_head}")

@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +37,7 @@ from pipeline.output import (
 )
 from pipeline.replica import remove_replica_groups, replica_remote_args, replica_resources
 from pipeline.stages import Generate, Preprocess, Score, WriteShards
+from pipeline.tiling import TILE_SIZE
 
 log = logging.getLogger("internvl_batch")
 
@@ -49,6 +50,11 @@ PREPROCESS_BATCH = 4
 # batch), it keeps Ray from fusing the CPU stage into the model actors, so the two stages scale independently.
 PREPROCESS_MEMORY = 512 * 1024**2
 WRITE_CPUS = 0.25  # writing a shard of text rows is light work
+# Model batches of tiles per replica that may wait in Ray's object store: enough to keep a replica fed, few enough
+# that memory stays flat however far the CPU stage runs ahead (bench/memory_scaling.py).
+QUEUED_BATCHES = 4
+TILE_BYTES = TILE_SIZE * TILE_SIZE * 3
+MIN_OBJECT_STORE = 256 * 1024**2
 
 
 class RunError(RuntimeError):
@@ -104,6 +110,18 @@ def plan_resources(job: JobConfig, *, cluster_cpus: float, cluster_gpus: float, 
     )
 
 
+def object_store_budget(job: JobConfig, resources: Resources) -> int:
+    """Bytes of object store the plan may use (compute.object_store_mb, else QUEUED_BATCHES batches of the largest
+    samples the job allows per replica, at least MIN_OBJECT_STORE). Ray Data holds back the CPU stage at this
+    budget, so a run of 10 million inputs queues no more tiles than a run of ten thousand."""
+    if job.compute.object_store_mb:
+        return job.compute.object_store_mb * 1024**2
+    per_frame = job.video.tiles_per_frame + (job.tiling.thumbnail and job.video.tiles_per_frame > 1)
+    largest = max(job.tiling.max_tiles + job.tiling.thumbnail, job.video.num_frames * per_frame)
+    queued = QUEUED_BATCHES * job.compute.batch_size * largest * TILE_BYTES * resources.replicas[1]
+    return max(MIN_OBJECT_STORE, queued)
+
+
 def init_ray() -> None:
     """Connect to the cluster in RAY_ADDRESS, or start a local one; quiet unless something goes wrong."""
     import ray
@@ -118,9 +136,12 @@ def init_ray() -> None:
     )
 
 
-def preprocess_batch(batch: dict, job: JobConfig) -> pa.Table:
-    """Ray task body for the CPU stage."""
-    return Preprocess(job)(batch)
+def preprocess_block(block: dict, job: JobConfig) -> Iterator[pa.Table]:
+    """Ray task body for the CPU stage: one block of input rows, tiled PREPROCESS_BATCH rows at a time so a task
+    never holds more than a few samples' tiles."""
+    stage = Preprocess(job)
+    for start in range(0, len(block["id"]), PREPROCESS_BATCH):
+        yield stage({name: values[start:start + PREPROCESS_BATCH] for name, values in block.items()})
 
 
 def write_batch(batch: pa.Table, job: JobConfig, input_columns: list[str], skip_ids: list[str]) -> pa.Table:
@@ -151,25 +172,50 @@ def record_metrics(shard: dict[str, Any]) -> None:
             _METRICS[key].inc(int(shard[column]))
 
 
+def input_rows(rows: pa.Table, per_block: int):
+    """The rows to process as a Ray Data source of lazy read tasks, `per_block` rows each.
+
+    ray.data.from_arrow over the same blocks would put one object per block in the driver's object store (~40 KB of
+    driver memory each: +28 MiB at 10k inputs); a read task only carries its rows, copied out of the listing,
+    since pickling an Arrow slice serialises the whole table it is cut from.
+    """
+    from ray.data import Datasource, ReadTask
+    from ray.data.block import BlockMetadata
+
+    class InputRows(Datasource):
+        def estimate_inmemory_data_size(self) -> int:
+            return rows.nbytes
+
+        def get_read_tasks(self, parallelism: int, **_: Any) -> list[ReadTask]:
+            tasks = []
+            for start in range(0, rows.num_rows, per_block):
+                part = rows.take(pa.array(range(start, min(start + per_block, rows.num_rows)), pa.int64()))
+                meta = BlockMetadata(num_rows=part.num_rows, size_bytes=part.nbytes, input_files=None, exec_stats=None)
+                tasks.append(ReadTask(lambda part=part: [part], meta, schema=part.schema))
+            return tasks
+
+    return InputRows()
+
+
 def build_dataset(job: JobConfig, rows: pa.Table, resources: Resources, *, skip_ids: list[str] | None = None):
     """The lazy Ray Data plan: input rows -> tiles -> generated text (one row out per row in)."""
     import ray
 
-    per_block = BLOCK_BATCHES * job.compute.batch_size
-    blocks = [rows.slice(start, per_block) for start in range(0, rows.num_rows, per_block)]
-    ds = ray.data.from_arrow(blocks)
-    ds = ds.map_batches(
-        preprocess_batch, fn_kwargs={"job": job}, batch_size=PREPROCESS_BATCH, batch_format="numpy",
-        num_cpus=1, memory=PREPROCESS_MEMORY, compute=ray.data.TaskPoolStrategy(size=resources.cpu_workers),
-    )
+    # Reading a block of rows and tiling it run as one task (same resources and concurrency: Ray Data fuses them).
+    cpu_task = {"num_cpus": 1, "memory": PREPROCESS_MEMORY}
+    ds = ray.data.read_datasource(input_rows(rows, BLOCK_BATCHES * job.compute.batch_size),
+                                  concurrency=resources.cpu_workers, **cpu_task)
+    ds = ds.map_batches(preprocess_block, fn_kwargs={"job": job}, batch_size=None, batch_format="numpy",
+                        compute=ray.data.TaskPoolStrategy(size=resources.cpu_workers), **cpu_task)
     ds = ds.map_batches(
         Score if job.task == "score" else Generate, fn_constructor_kwargs={"job": job}, batch_size=job.compute.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=resources.replicas[0], max_size=resources.replicas[1]),
         **resources.model_stage_args(),
     )
+    # One writer per replica at most: shards are light work, and every concurrent writer is a worker process.
     return ds.map_batches(write_batch, fn_kwargs={"job": job, "input_columns": rows.column_names, "skip_ids": skip_ids or []},
                           batch_size=job.rows_per_shard, batch_format="pyarrow",
-                          num_cpus=WRITE_CPUS)
+                          num_cpus=WRITE_CPUS, compute=ray.data.TaskPoolStrategy(size=resources.replicas[1]))
 
 
 def _check_output_state(job: JobConfig, echo: Callable[[str], None]) -> None:
@@ -290,8 +336,11 @@ def _run(job: JobConfig, echo: Callable[[str], None]) -> RunSummary:
     node_gpus = max((n["Resources"].get("GPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
     resources = plan_resources(job, cluster_cpus=cluster.get("CPU", 1), cluster_gpus=cluster.get("GPU", 0), node_gpus=node_gpus)
     low, high = resources.replicas
+    budget = object_store_budget(job, resources)
+    ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(object_store_memory=budget)
     echo(f"{low if low == high else f'{low}-{high}'} replica(s)" + (f" of tp={resources.tp}" if resources.tp > 1 else "")
-         + f", {resources.cpu_workers} CPU worker(s), {resources.gpus_per_replica:g} GPU(s) per replica")
+         + f", {resources.cpu_workers} CPU worker(s), {resources.gpus_per_replica:g} GPU(s) per replica, "
+         f"{budget / 1024**2:.0f} MiB object store for queued tiles")
 
     rows = listing.table.take(pa.array(todo, pa.int64())) if len(todo) < listing.table.num_rows else listing.table
     shards: list[dict] = []

@@ -3,7 +3,7 @@
 import pytest
 
 from pipeline.config import parse_job
-from pipeline.runner import RunError, expected_ids, plan_resources
+from pipeline.runner import MIN_OBJECT_STORE, TILE_BYTES, RunError, expected_ids, input_rows, object_store_budget, plan_resources
 
 BASE = {"task": "caption", "input": "in", "output": "out", "model": "m"}
 
@@ -27,6 +27,31 @@ def test_explicit_cpu_workers_and_cpu_device_on_gpu_cluster():
 def test_cuda_without_gpus_is_refused():
     with pytest.raises(RunError, match="GPUs"):
         plan_resources(parse_job(BASE, overrides=["compute.device=cuda"]), cluster_cpus=4, cluster_gpus=0)
+
+
+def test_object_store_budget_is_a_few_batches_of_the_largest_samples_per_replica():
+    def budget(*overrides):
+        job = parse_job(BASE, overrides=list(overrides))
+        return object_store_budget(job, plan_resources(job, cluster_cpus=64, cluster_gpus=8))
+
+    assert budget() == MIN_OBJECT_STORE  # 4 batches of 8 samples of 13 tiles: 250 MB, under the floor
+    assert budget("compute.replicas=[1, 4]", "compute.batch_size=16") == 4 * 16 * 13 * TILE_BYTES * 4
+    assert budget("compute.batch_size=16", "video.num_frames=32") == 4 * 16 * 32 * TILE_BYTES
+    assert budget("compute.object_store_mb=100") == 100 * 1024**2
+    with pytest.raises(Exception, match="object_store_mb"):
+        parse_job(BASE, overrides=["compute.object_store_mb=1"])
+
+
+def test_input_rows_are_lazy_read_tasks_carrying_only_their_rows():
+    import pyarrow as pa
+    from ray import cloudpickle  # how Ray ships a read task
+
+    rows = pa.table({"id": [f"{i:06d}" for i in range(10_000)], "uri": [f"s3://bucket/images/{i:06d}.jpg" for i in range(10_000)]})
+    tasks = input_rows(rows, per_block=16).get_read_tasks(parallelism=1)
+    assert len(tasks) == 625 and [t.metadata.num_rows for t in tasks[-2:]] == [16, 16]
+    blocks = [block for task in tasks for block in task()]
+    assert pa.concat_tables(blocks).equals(rows)
+    assert len(cloudpickle.dumps(tasks[3])) < 10_000  # a slice of the listing would pickle all 10k rows (~400 KB)
 
 
 def test_expected_ids_one_per_question():
