@@ -73,3 +73,11 @@ def pack_calls(lengths: Sequence[int], *, max_tokens: int | None, sizes: Sequenc
     if current:
         groups.append(current)
     return groups
+
+
+def equal_length_groups(lengths: Sequence[int]) -> list[list[int]]:
+    """Indices grouped by length (no padding within a group), groups in order of first appearance."""
+    groups: dict[int, list[int]] = {}
+    for i, length in enumerate(lengths):
+        groups.setdefault(length, []).append(i)
+    return list(groups.values())

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from pipeline.budget import frames_within, max_tiles_within, pack_calls, tile_count
+from pipeline.budget import equal_length_groups, frames_within, max_tiles_within, pack_calls, tile_count
 
 
 def test_tile_count_matches_the_cards_grid_plus_thumbnail():
@@ -55,6 +55,11 @@ def test_pack_calls_groups_similar_lengths_within_budget():
         assert len(g) * max(lengths[i] for i in g) <= 1.25 * sum(lengths[i] for i in g)
     assert pack_calls([5000], max_tokens=100) == [[0]]  # too long for the budget: alone
     assert pack_calls([], max_tokens=10) == []
+
+
+def test_equal_length_groups():
+    assert equal_length_groups([30, 50, 30, 40, 50]) == [[0, 2], [1, 4], [3]]
+    assert equal_length_groups([]) == []
 
 
 def test_pack_calls_counts_every_question_of_a_sample():

@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, InternVLForConditionalGeneration
 
+from pipeline.budget import equal_length_groups
 from pipeline.config import parse_job
 from pipeline.engine import InternVLEngine, ModelLoadError, plan_device, resolve_checkpoint
 from pipeline.stages import Generate, Preprocess
@@ -81,6 +82,29 @@ def test_batched_equals_one_at_a_time(engine, tiny_model, samples):
         np.testing.assert_allclose(got.logprobs, ref_logprobs, atol=1e-4)
     # generated text differs between images: the output depends on the pixels
     assert len({tuple(g.token_ids) for g in batched}) == len(batched)
+
+
+def test_cpu_runs_equal_length_groups_through_the_language_model_and_padded_batches_agree(engine, samples, monkeypatch):
+    prompt = "Describe the image in detail."
+    pixels = [*samples, samples[0]]  # two prompts of the same length, others of other lengths
+    prompts = [engine.prompt_ids(prompt, [len(p)]) for p in pixels]
+    groups = engine.language_groups(prompts)
+    assert sorted(map(sorted, groups)) == sorted(equal_length_groups([len(p) for p in prompts]))
+    assert [0, len(pixels) - 1] in groups and len(groups) == len(samples)
+    prefills = []
+    hook = engine.model.model.language_model.register_forward_hook(
+        lambda module, args, kwargs, out: prefills.append(tuple(kwargs["inputs_embeds"].shape[:2])), with_kwargs=True)
+    try:
+        grouped = engine.generate(prompts, pixels, max_new_tokens=MAX_NEW_TOKENS)
+    finally:
+        hook.remove()
+    prefills = [shape for shape in prefills if shape[1] > 1]  # decode steps feed one token each
+    assert sorted(prefills) == sorted((len(g), len(prompts[g[0]])) for g in groups)  # no call carries padding
+    monkeypatch.setattr(engine, "language_groups", lambda p: [list(range(len(p)))])  # the GPU way: one padded batch
+    padded = engine.generate(prompts, pixels, max_new_tokens=MAX_NEW_TOKENS)
+    assert [g.token_ids for g in padded] == [g.token_ids for g in grouped]
+    for a, b in zip(padded, grouped):
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
 
 
 def numpy_batch(table):
