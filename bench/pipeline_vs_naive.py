@@ -6,8 +6,8 @@
          (`<img>` + `<IMG_CONTEXT>` x 256 x tiles + `</img>\\n{prompt}` in the checkpoint's chat template), greedy.
          torch keeps its default thread count (2 on this machine): what a naive user gets.
 - ours:  `internvl-batch run` as a library call, `pipeline.runner.run_job(parse_job({...}))`, with the job defaults
-         (compute.batch_size 8, replicas 1, cpu_workers auto) except compute.max_batch_tokens 65536 (generate calls
-         packed by prompt length), on a local Ray the run starts itself, output to a temporary folder. Ray runs each task/actor with OMP_NUM_THREADS = its num_cpus (1), printed below.
+         (compute.batch_size 8, replicas 1, cpu_workers auto; on CPU a batch's prompts go through the language model
+         in groups of equal length), on a local Ray the run starts itself, output to a temporary folder. Ray runs each task/actor with OMP_NUM_THREADS = its num_cpus (1), printed below.
 Both ask the caption prompt with the same max_new_tokens and both sides' responses are compared image by image
 (batched == one-at-a-time is a project guarantee; a difference is printed, not hidden).
 
@@ -143,7 +143,7 @@ def ours_run(model_dir: Path, images: Path, output: Path, max_new_tokens: int) -
     from pipeline.runner import run_job
 
     job = parse_job({"task": "caption", "input": str(images), "output": str(output), "model": str(model_dir),
-                     "generation": {"max_new_tokens": max_new_tokens}, "compute": {"max_batch_tokens": 65536}},
+                     "generation": {"max_new_tokens": max_new_tokens}},
                     source="bench")
     lines: list[str] = []
     start = time.perf_counter()

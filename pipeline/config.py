@@ -135,8 +135,9 @@ class ComputeConfig(_Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bfloat16 on GPU, float32 on CPU.")
     gpus_per_replica: float = Field(1.0, gt=0, description="GPUs requested per replica when device is cuda (tp > 1: one per rank).")
     object_store_mb: int | None = Field(
-        None, ge=64, description="Ray object-store memory the run's queues may hold (default: 4 model batches of the "
-                                 "largest samples per replica, at least 256 MiB): bounds memory however large the input.")
+        None, ge=64, description="Ray object-store memory the run's queues may hold (default: 8 model batches of the "
+                                 "largest samples per replica, at least 256 MiB, at most half the cluster's object "
+                                 "store): bounds memory however large the input.")
 
     @field_validator("replicas")
     @classmethod

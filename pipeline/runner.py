@@ -50,11 +50,15 @@ PREPROCESS_BATCH = 4
 # batch), it keeps Ray from fusing the CPU stage into the model actors, so the two stages scale independently.
 PREPROCESS_MEMORY = 512 * 1024**2
 WRITE_CPUS = 0.25  # writing a shard of text rows is light work
-# Model batches of tiles per replica that may wait in Ray's object store: enough to keep a replica fed, few enough
-# that memory stays flat however far the CPU stage runs ahead (bench/memory_scaling.py).
-QUEUED_BATCHES = 4
+# Model batches of tiles per replica that may wait in Ray's object store: enough to keep a replica fed (Ray Data
+# shares the budget out among the stages; with 4, a replica on 13-tile photos waited a third of its time), few
+# enough that memory stays flat however far the CPU stage runs ahead (bench/memory_scaling.py).
+QUEUED_BATCHES = 8
 TILE_BYTES = TILE_SIZE * TILE_SIZE * 3
 MIN_OBJECT_STORE = 256 * 1024**2
+# Tiles leave a CPU task in blocks of about this size (Ray Data's default, 128 MiB, would hold back the tiles of a
+# whole 16-row input block of camera photos until the task ends, while the model waits for them).
+TILE_BLOCK_BYTES = 32 * 1024**2
 
 
 class RunError(RuntimeError):
@@ -112,7 +116,7 @@ def plan_resources(job: JobConfig, *, cluster_cpus: float, cluster_gpus: float, 
 
 def object_store_budget(job: JobConfig, resources: Resources) -> int:
     """Bytes of object store the plan may use (compute.object_store_mb, else QUEUED_BATCHES batches of the largest
-    samples the job allows per replica, at least MIN_OBJECT_STORE). Ray Data holds back the CPU stage at this
+    samples the job allows per replica, at least MIN_OBJECT_STORE; the run caps it at half the cluster's store). Ray Data holds back the CPU stage at this
     budget, so a run of 10 million inputs queues no more tiles than a run of ten thousand."""
     if job.compute.object_store_mb:
         return job.compute.object_store_mb * 1024**2
@@ -332,11 +336,14 @@ def _run(job: JobConfig, echo: Callable[[str], None]) -> RunSummary:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = sys.stdout.isatty()
     ctx.execution_options.preserve_order = False
+    ctx.target_max_block_size = TILE_BLOCK_BYTES
     cluster = ray.cluster_resources()
     node_gpus = max((n["Resources"].get("GPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
     resources = plan_resources(job, cluster_cpus=cluster.get("CPU", 1), cluster_gpus=cluster.get("GPU", 0), node_gpus=node_gpus)
     low, high = resources.replicas
     budget = object_store_budget(job, resources)
+    if not job.compute.object_store_mb:  # never above Ray Data's own default: half the cluster's object store
+        budget = min(budget, int(cluster.get("object_store_memory", 2 * budget) / 2))
     ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(object_store_memory=budget)
     echo(f"{low if low == high else f'{low}-{high}'} replica(s)" + (f" of tp={resources.tp}" if resources.tp > 1 else "")
          + f", {resources.cpu_workers} CPU worker(s), {resources.gpus_per_replica:g} GPU(s) per replica, "

@@ -34,9 +34,10 @@ def test_object_store_budget_is_a_few_batches_of_the_largest_samples_per_replica
         job = parse_job(BASE, overrides=list(overrides))
         return object_store_budget(job, plan_resources(job, cluster_cpus=64, cluster_gpus=8))
 
-    assert budget() == MIN_OBJECT_STORE  # 4 batches of 8 samples of 13 tiles: 250 MB, under the floor
-    assert budget("compute.replicas=[1, 4]", "compute.batch_size=16") == 4 * 16 * 13 * TILE_BYTES * 4
-    assert budget("compute.batch_size=16", "video.num_frames=32") == 4 * 16 * 32 * TILE_BYTES
+    assert budget() == 8 * 8 * 13 * TILE_BYTES  # 8 batches of 8 samples of 12 tiles + thumbnail: 478 MiB
+    assert budget("compute.batch_size=2") == MIN_OBJECT_STORE
+    assert budget("compute.replicas=[1, 4]", "compute.batch_size=16") == 8 * 16 * 13 * TILE_BYTES * 4
+    assert budget("compute.batch_size=16", "video.num_frames=32") == 8 * 16 * 32 * TILE_BYTES
     assert budget("compute.object_store_mb=100") == 100 * 1024**2
     with pytest.raises(Exception, match="object_store_mb"):
         parse_job(BASE, overrides=["compute.object_store_mb=1"])
