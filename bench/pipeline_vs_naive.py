@@ -1,7 +1,7 @@
 """The whole pipeline vs a naive sequential loop: same tiny model, same photo-like JPEGs, same answers, 2 cores.
 
 - naive: one Python process, the model loaded once with plain transformers, then for each image in turn the
-         cards' `load_image` (max_num=12; torchvision's operations in PIL + torch, bench/cards.py, else bench/cpu_stage.py)
+         cards' `load_image` (max_num=12; torchvision's operations in PIL + torch, bench/cards.py)
          and one `generate` call for that one sample, prompt laid out as the cards' `chat()` does
          (`<img>` + `<IMG_CONTEXT>` x 256 x tiles + `</img>\\n{prompt}` in the checkpoint's chat template), greedy.
          torch keeps its default thread count (2 on this machine): what a naive user gets.
@@ -37,14 +37,8 @@ import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-try:  # the cards' reference load_image: bench/cards.py when present, else the copy in bench/cpu_stage.py
-    from bench.cards import load_image as cards_load_image  # noqa: E402
-except ImportError:
-    from bench.cpu_stage import cards_load_image  # noqa: E402
-try:  # photo-like test pictures (smooth colour waves + sensor noise): bench/media.py, formerly bench/cpu_stage.py
-    from bench.media import noisy_photo as photo_like  # noqa: E402
-except ImportError:
-    from bench.cpu_stage import photo_like  # noqa: E402
+from bench.cards import load_image as cards_load_image  # noqa: E402  the cards' reference load_image
+from bench.media import noisy_photo as photo_like  # noqa: E402  smooth colour waves + sensor noise
 from pipeline.config import parse_job  # noqa: E402
 from pipeline.tiny_model import make_tiny_model  # noqa: E402
 
