@@ -189,7 +189,7 @@ class JobConfig(_Section):
     generation: GenerationConfig = Field(default_factory=GenerationConfig, description="Decoding parameters.")
     compute: ComputeConfig = Field(default_factory=ComputeConfig, description="Replicas, batching and devices.")
     decode: DecodeConfig = Field(default_factory=DecodeConfig, description="Crash and hang isolation of media decoding.")
-    rows_per_shard: int = Field(1000, ge=1, description="Rows per output Parquet shard (the last shard may hold fewer).")
+    rows_per_shard: int = Field(1000, ge=1, description="Rows per output Parquet shard, at least: a shard takes whole model batches (only the run's last may hold fewer).")
     incremental: bool = Field(False, description="Process only objects new or changed (ETag, else size+mtime) since the last successful run into this output; one run at a time (a lock in the output).")
     overwrite: bool = Field(False, description="Replace results already in `output` (otherwise such a run is refused).")
     storage: dict[str, Any] = Field(default_factory=dict, description="Extra fsspec/s3fs options, e.g. endpoint_url. No credentials.")

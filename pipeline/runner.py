@@ -148,6 +148,11 @@ def preprocess_block(block: dict, job: JobConfig) -> Iterator[pa.Table]:
         yield stage({name: values[start:start + PREPROCESS_BATCH] for name, values in block.items()})
 
 
+def _gather(batch: pa.Table) -> pa.Table:
+    """Identity: its batches of rows_per_shard rows and the remainder leave the task as one block."""
+    return batch
+
+
 def write_batch(batch: pa.Table, job: JobConfig, input_columns: list[str], skip_ids: list[str]) -> pa.Table:
     """Ray task body for the write stage; also counts what it wrote in the Prometheus metrics."""
     stats = WriteShards(job, input_columns, skip_ids)(batch)
@@ -216,10 +221,13 @@ def build_dataset(job: JobConfig, rows: pa.Table, resources: Resources, *, skip_
         compute=ray.data.ActorPoolStrategy(min_size=resources.replicas[0], max_size=resources.replicas[1]),
         **resources.model_stage_args(),
     )
-    # One writer per replica at most: shards are light work, and every concurrent writer is a worker process.
+    # Writing: one writer per replica at most (shards are light work, and every concurrent writer is a worker
+    # process). Rows are first gathered into blocks of at least rows_per_shard rows (a batch_size would also cut off
+    # the bundle's remainder, leaving a tiny shard beside every full one), then each block is one shard.
+    writer = {"batch_format": "pyarrow", "num_cpus": WRITE_CPUS, "compute": ray.data.TaskPoolStrategy(size=resources.replicas[1])}
+    ds = ds.map_batches(_gather, batch_size=job.rows_per_shard, zero_copy_batch=True, **writer)
     return ds.map_batches(write_batch, fn_kwargs={"job": job, "input_columns": rows.column_names, "skip_ids": skip_ids or []},
-                          batch_size=job.rows_per_shard, batch_format="pyarrow",
-                          num_cpus=WRITE_CPUS, compute=ray.data.TaskPoolStrategy(size=resources.replicas[1]))
+                          batch_size=None, **writer)
 
 
 def _check_output_state(job: JobConfig, echo: Callable[[str], None]) -> None:

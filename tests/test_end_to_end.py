@@ -254,6 +254,19 @@ def test_job_runs_on_an_original_format_checkpoint(family, ray_local, tmp_path):
     assert any(p.name.startswith("converted-") for p in (tmp_path / "cache").iterdir())
 
 
+def test_shards_hold_at_least_rows_per_shard_rows(ray_local, tiny_model, tmp_path):
+    """Model batches of 2 rows and shards of 3: a shard takes whole blocks (4 rows), never a 1-row remainder."""
+    (tmp_path / "img").mkdir()
+    for i in range(13):
+        pattern_image(64 + 8 * i, 64).save(tmp_path / "img" / f"{i:02d}.png")
+    job = {"task": "caption", "input": str(tmp_path / "img"), "output": str(tmp_path / "out"), "model": str(tiny_model),
+           "rows_per_shard": 3, "compute": {"batch_size": 2}, "generation": {"max_new_tokens": 2}}
+    result = run_cli(tmp_path, job)
+    assert result.exit_code == 0, result.output
+    sizes = sorted(pq.read_metadata(p).num_rows for p in (tmp_path / "out").glob("part-*.parquet"))
+    assert sum(sizes) == 13 and sum(n < 3 for n in sizes) <= 1, sizes  # only the run's last rows may fall short
+
+
 def assert_no_secrets(server, output: str, blobs: list[bytes]) -> None:
     """Neither the command's output, nor the files written, nor Ray's session logs hold the credentials."""
     import glob

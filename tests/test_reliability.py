@@ -215,7 +215,8 @@ def test_s3_throttling_is_retried_and_wrong_credentials_fail_fast(s3_server, tin
         pattern_image(448 + 16 * i, 448).save(buf, "PNG")
         fs.pipe(f"bucket/flaky/in/{i}.png", buf.getvalue())
     job = {"task": "caption", "input": "s3://bucket/flaky/in/", "output": "s3://bucket/flaky/out/",
-           "model": str(tiny_model), "generation": {"max_new_tokens": 2}, "rows_per_shard": 2}
+           "model": str(tiny_model), "generation": {"max_new_tokens": 2}, "rows_per_shard": 1,
+           "compute": {"batch_size": 1}}  # a shard per input: more requests to fail
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job))
     with FlakyProxy(s3_server.endpoint_url, failure_rate=0.3) as proxy:
