@@ -210,9 +210,11 @@ def build_dataset(job: JobConfig, rows: pa.Table, resources: Resources, *, skip_
     """The lazy Ray Data plan: input rows -> tiles -> generated text (one row out per row in)."""
     import ray
 
-    # Reading a block of rows and tiling it run as one task (same resources and concurrency: Ray Data fuses them).
+    # Reading a block of rows and tiling it run as one task: same resources and concurrency, and exactly one block
+    # per read task (Ray Data would otherwise split a small input's blocks for parallelism, which prevents fusing).
     cpu_task = {"num_cpus": 1, "memory": PREPROCESS_MEMORY}
-    ds = ray.data.read_datasource(input_rows(rows, BLOCK_BATCHES * job.compute.batch_size),
+    per_block = BLOCK_BATCHES * job.compute.batch_size
+    ds = ray.data.read_datasource(input_rows(rows, per_block), override_num_blocks=-(-rows.num_rows // per_block),
                                   concurrency=resources.cpu_workers, **cpu_task)
     ds = ds.map_batches(preprocess_block, fn_kwargs={"job": job}, batch_size=None, batch_format="numpy",
                         compute=ray.data.TaskPoolStrategy(size=resources.cpu_workers), **cpu_task)

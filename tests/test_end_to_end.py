@@ -254,6 +254,22 @@ def test_job_runs_on_an_original_format_checkpoint(family, ray_local, tmp_path):
     assert any(p.name.startswith("converted-") for p in (tmp_path / "cache").iterdir())
 
 
+@pytest.mark.parametrize("inputs", [3, 100])
+def test_plan_reads_and_tiles_in_one_task_and_gathers_before_writing(inputs, ray_local, capsys):
+    """Small inputs too: Ray Data must not split the read blocks (which would keep reading a separate stage)."""
+    import pyarrow as pa
+
+    from pipeline.config import parse_job
+    from pipeline.runner import build_dataset, plan_resources
+
+    job = parse_job({"task": "caption", "input": "in", "output": "out", "model": "m"})
+    rows = pa.table({"id": [f"{i}" for i in range(inputs)], "uri": [f"/x/{i}.png" for i in range(inputs)]})
+    build_dataset(job, rows, plan_resources(job, cluster_cpus=4, cluster_gpus=0)).explain()
+    optimized = capsys.readouterr().out.split("Physical Plan (Optimized)")[-1]
+    assert "TaskPoolMapOperator[ReadInputRows->MapBatches(preprocess_block)]" in optimized
+    assert "TaskPoolMapOperator[MapBatches(_gather)->MapBatches(write_batch)]" in optimized
+
+
 def test_shards_hold_at_least_rows_per_shard_rows(ray_local, tiny_model, tmp_path):
     """Model batches of 2 rows and shards of 3: a shard takes whole blocks (4 rows), never a 1-row remainder."""
     (tmp_path / "img").mkdir()
