@@ -211,13 +211,9 @@ class InternVLEngine(Prompter):
         features = self.image_features(samples)
         if seed is not None:
             torch.manual_seed(seed)
-        results: list[Generation] = [None] * len(prompts)  # type: ignore[list-item]
-        for group in self.language_groups(prompts):
-            done = self._generate([prompts[i] for i in group], [features[owners[i]] for i in group],
-                                  max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p)
-            for i, generation in zip(group, done):
-                results[i] = generation
-        return results
+        return self._by_language_group(prompts, lambda group: self._generate(
+            [prompts[i] for i in group], [features[owners[i]] for i in group],
+            max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p))
 
     def language_groups(self, prompts: Sequence[list[int]]) -> list[list[int]]:
         """How a call's prompts go through the language model: on GPU all at once (left-padded; batched decode steps
@@ -226,6 +222,14 @@ class InternVLEngine(Prompter):
         if self.plan.device != "cpu":
             return [list(range(len(prompts)))]
         return equal_length_groups([len(p) for p in prompts])
+
+    def _by_language_group(self, prompts: Sequence[list[int]], run: Any) -> list[Any]:
+        """run(indices) over each of language_groups(prompts); results put back in prompt order."""
+        results: list[Any] = [None] * len(prompts)
+        for group in self.language_groups(prompts):
+            for i, result in zip(group, run(group)):
+                results[i] = result
+        return results
 
     def _generate(self, prompts: Sequence[list[int]], features: Sequence[torch.Tensor], *, max_new_tokens: int,
                   do_sample: bool, temperature: float, top_p: float) -> list[Generation]:
@@ -271,12 +275,8 @@ class InternVLEngine(Prompter):
         if not prompts:
             return []
         features = self.image_features(samples)
-        results: list[list[float]] = [None] * len(prompts)  # type: ignore[list-item]
-        for group in self.language_groups(prompts):
-            done = self._score([prompts[i] for i in group], [features[owners[i]] for i in group], [labels[i] for i in group])
-            for i, scores in zip(group, done):
-                results[i] = scores
-        return results
+        return self._by_language_group(prompts, lambda group: self._score(
+            [prompts[i] for i in group], [features[owners[i]] for i in group], [labels[i] for i in group]))
 
     def _score(self, prompts: Sequence[list[int]], features: Sequence[torch.Tensor],
                labels: Sequence[Sequence[list[int]]]) -> list[list[float]]:

@@ -114,16 +114,17 @@ def plan_resources(job: JobConfig, *, cluster_cpus: float, cluster_gpus: float, 
     )
 
 
-def object_store_budget(job: JobConfig, resources: Resources) -> int:
-    """Bytes of object store the plan may use (compute.object_store_mb, else QUEUED_BATCHES batches of the largest
-    samples the job allows per replica, at least MIN_OBJECT_STORE; the run caps it at half the cluster's store). Ray Data holds back the CPU stage at this
-    budget, so a run of 10 million inputs queues no more tiles than a run of ten thousand."""
+def object_store_budget(job: JobConfig, resources: Resources, cluster_store: float | None = None) -> int:
+    """Bytes of object store the plan may use: compute.object_store_mb, else QUEUED_BATCHES batches of the largest
+    samples the job allows per replica, at least MIN_OBJECT_STORE and at most half of `cluster_store` (Ray Data's
+    own default). Ray Data holds back the CPU stage at this budget, so a run of 10 million inputs queues no more
+    tiles than a run of ten thousand."""
     if job.compute.object_store_mb:
         return job.compute.object_store_mb * 1024**2
     per_frame = job.video.tiles_per_frame + (job.tiling.thumbnail and job.video.tiles_per_frame > 1)
     largest = max(job.tiling.max_tiles + job.tiling.thumbnail, job.video.num_frames * per_frame)
-    queued = QUEUED_BATCHES * job.compute.batch_size * largest * TILE_BYTES * resources.replicas[1]
-    return max(MIN_OBJECT_STORE, queued)
+    queued = max(MIN_OBJECT_STORE, QUEUED_BATCHES * job.compute.batch_size * largest * TILE_BYTES * resources.replicas[1])
+    return queued if cluster_store is None else min(queued, int(cluster_store / 2))
 
 
 def init_ray() -> None:
@@ -351,9 +352,7 @@ def _run(job: JobConfig, echo: Callable[[str], None]) -> RunSummary:
     node_gpus = max((n["Resources"].get("GPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
     resources = plan_resources(job, cluster_cpus=cluster.get("CPU", 1), cluster_gpus=cluster.get("GPU", 0), node_gpus=node_gpus)
     low, high = resources.replicas
-    budget = object_store_budget(job, resources)
-    if not job.compute.object_store_mb:  # never above Ray Data's own default: half the cluster's object store
-        budget = min(budget, int(cluster.get("object_store_memory", 2 * budget) / 2))
+    budget = object_store_budget(job, resources, cluster.get("object_store_memory"))
     ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(object_store_memory=budget)
     echo(f"{low if low == high else f'{low}-{high}'} replica(s)" + (f" of tp={resources.tp}" if resources.tp > 1 else "")
          + f", {resources.cpu_workers} CPU worker(s), {resources.gpus_per_replica:g} GPU(s) per replica, "

@@ -39,6 +39,9 @@ def test_object_store_budget_is_a_few_batches_of_the_largest_samples_per_replica
     assert budget("compute.replicas=[1, 4]", "compute.batch_size=16") == 8 * 16 * 13 * TILE_BYTES * 4
     assert budget("compute.batch_size=16", "video.num_frames=32") == 8 * 16 * 32 * TILE_BYTES
     assert budget("compute.object_store_mb=100") == 100 * 1024**2
+    job = parse_job(BASE)
+    resources = plan_resources(job, cluster_cpus=4, cluster_gpus=0)
+    assert object_store_budget(job, resources, cluster_store=400 * 1024**2) == 200 * 1024**2  # half the cluster's store
     with pytest.raises(Exception, match="object_store_mb"):
         parse_job(BASE, overrides=["compute.object_store_mb=1"])
 
