@@ -1,7 +1,7 @@
 """CPU stage throughput, exact mode: our preprocessing vs the model cards' `load_image`, same JPEGs, one process.
 
 Both sides read the same JPEG bytes from local disk and tile with max_tiles=12 + thumbnail.
-- ours:  Preprocess.tile_one: read -> decode -> grid resize + thumbnail resize -> tiles cut from the grid array
+- ours:  Preprocess.prepare: read -> decode -> grid resize + thumbnail resize -> tiles cut from the grid array
          with one copy into a preallocated uint8 block -> bytes (normalisation happens on the model's device, so it
          is not CPU-stage work).
 - cards: bench/cards.py `load_image`: Image.open().convert('RGB') -> dynamic_preprocess (resize, crop each tile,
@@ -34,8 +34,8 @@ from bench import cards  # noqa: E402
 from bench.media import camera_jpeg  # noqa: E402
 from bench.timing import Clock, cpu_seconds  # noqa: E402
 from pipeline.config import parse_job  # noqa: E402
-from pipeline.stages import Preprocess  # noqa: E402
-from pipeline.tiling import choose_grid, normalize_tiles  # noqa: E402
+from pipeline.media.tiling import choose_grid, normalize_tiles  # noqa: E402
+from pipeline.stages.preprocess import Preprocess  # noqa: E402
 
 CAMERA = [(4032, 3024), (4000, 3000), (3024, 4032), (1920, 1080), (6000, 4000)]
 WEB = [(640, 480), (1024, 1024), (1280, 720), (2048, 1536), (800, 1200), (3000, 1000)]
@@ -100,14 +100,14 @@ def main() -> None:
     stage = Preprocess(parse_job({"task": "caption", "input": "x", "output": "y", "model": "m"}))
     tiles = 0
     for p in paths:  # same pixels as the cards feed the model, bit for bit, for every image
-        row = stage.tile_one(str(p))
+        row = stage.prepare(str(p))
         pixels = np.frombuffer(row["pixels"], np.uint8).reshape(row["num_tiles"], 448, 448, 3)
         assert np.array_equal(normalize_tiles(pixels), cards.load_image(str(p)).numpy()), p
         tiles += row["num_tiles"]
     clock = Clock()
     for _ in range(args.rounds):
         for p in paths:
-            clock.run(f"ours {p.name}", stage.tile_one, str(p))
+            clock.run(f"ours {p.name}", stage.prepare, str(p))
         for p in paths:
             clock.run(f"cards {p.name}", cards.load_image, str(p))
 

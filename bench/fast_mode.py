@@ -1,6 +1,6 @@
 """`tiling.mode: fast` vs `exact` on camera-size JPEGs: throughput ratio and fidelity (PSNR of fast vs exact tiles).
 
-Both modes run `pipeline.images.load_tiles` on the same JPEG bytes (read from disk each time) and produce the
+Both modes run `pipeline.media.images.load_tiles` on the same JPEG bytes (read from disk each time) and produce the
 bytes the CPU stage ships (`.tobytes()`), max_tiles=12 + thumbnail:
 - exact: full decode, the cards' two bicubic resizes (bit-identical to the cards).
 - fast:  when the grid is at most half the picture both ways, DCT-scaled decode (1/2, 1/4, 1/8; never below the
@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.media import camera_jpeg  # noqa: E402
 from bench.timing import Clock  # noqa: E402
-from pipeline.images import load_tiles  # noqa: E402
+from pipeline.media.images import load_tiles  # noqa: E402
 
 CAMERA = [(4032, 3024), (4000, 3000), (3024, 4032), (1920, 1080), (6000, 4000)]
 

@@ -1,6 +1,6 @@
 """Video frame sampling: our CPU stage vs the model cards' per-frame `load_video` loop, same videos, one process.
 
-- ours:  Preprocess.prepare: the video's bytes read once; pipeline.video.sample_video decodes only the sampled
+- ours:  Preprocess.prepare: the video's bytes read once; pipeline.media.video.sample_video decodes only the sampled
          frames (PyAV dropping non-reference frames nobody asked for when verified identical to decord, else one
          decord get_batch), each frame tiled (1 tile: a single 448 px resize) into one uint8 block.
 - cards: bench/cards.py `load_video(max_num=1)`: decord VideoReader(num_threads=1) on the file, `vr[i].asnumpy()`
@@ -33,9 +33,9 @@ from bench import cards  # noqa: E402
 from bench.media import cached, camera_video  # noqa: E402
 from bench.timing import Clock, cpu_seconds  # noqa: E402
 from pipeline.config import parse_job  # noqa: E402
-from pipeline.stages import Preprocess  # noqa: E402
-from pipeline.tiling import normalize_tiles  # noqa: E402
-from pipeline.video import sample_with_decord, sample_with_pyav  # noqa: E402
+from pipeline.media.tiling import normalize_tiles  # noqa: E402
+from pipeline.media.video import sample_with_decord, sample_with_pyav  # noqa: E402
+from pipeline.stages.preprocess import Preprocess  # noqa: E402
 from tests.media import make_video  # noqa: E402
 
 REALISTIC = [(20, 30, 1280, 720), (12, 30, 1920, 1080), (40, 24, 1280, 720)]  # seconds, fps, width, height

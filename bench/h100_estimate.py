@@ -51,7 +51,7 @@ def measure_per_core(seconds: float = 3.0) -> dict[int, float]:
 
     from bench.media import camera_jpeg
     from pipeline.config import parse_job
-    from pipeline.stages import Preprocess
+    from pipeline.stages.preprocess import Preprocess
 
     torch.set_num_threads(1)
     stage = Preprocess(parse_job({"task": "caption", "input": "x", "output": "y", "model": "m"}))

@@ -4,7 +4,7 @@ Setup: 10,000 small PNGs (64x64 by default: square, so one 448 px tile each with
 image would become a 4x3 grid + thumbnail = 13 tiles, as the cards' aspect-ratio rule picks), content varied
 by seed, and the tiny model. Each size runs as a `caption` job (job defaults, max_new_tokens 4) over a JSONL
 manifest of the first N images (`uri` column), in a fresh child process of this script: the child calls
-`pipeline.runner.run_job`, which starts a local Ray (GCS, raylet, workers: all descendants of the child).
+`pipeline.run.runner.run_job`, which starts a local Ray (GCS, raylet, workers: all descendants of the child).
 
 Measured from this (parent) process, every --interval seconds (0.25 by default) with psutil:
 - total: the sum of RSS over the child and all its descendants (the headline number; peak over time);
@@ -135,7 +135,7 @@ class TreeSampler(threading.Thread):
 def run_child(args: argparse.Namespace) -> None:
     """In the child: run the job (run_job starts Ray), poll the object store, write the result file."""
     from pipeline.config import parse_job
-    from pipeline.runner import run_job
+    from pipeline.run.runner import run_job
 
     store = {"peak_used": 0, "capacity": 0, "spilled": 0, "polls": 0}
     done = threading.Event()
@@ -213,7 +213,7 @@ def main() -> None:
         run_child(args)
         return
 
-    from pipeline.tiny_model import make_tiny_model
+    from pipeline.embedded.tiny_model import make_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)

@@ -5,7 +5,7 @@
          and one `generate` call for that one sample, prompt laid out as the cards' `chat()` does
          (`<img>` + `<IMG_CONTEXT>` x 256 x tiles + `</img>\\n{prompt}` in the checkpoint's chat template), greedy.
          torch keeps its default thread count (2 on this machine): what a naive user gets.
-- ours:  `internvl-batch run` as a library call, `pipeline.runner.run_job(parse_job({...}))`, with the job defaults
+- ours:  `internvl-batch run` as a library call, `pipeline.run.runner.run_job(parse_job({...}))`, with the job defaults
          (compute.batch_size 8, replicas 1, cpu_workers auto; on CPU a batch's prompts go through the language model
          in groups of equal length), on a local Ray the run starts itself, output to a temporary folder. Ray runs each task/actor with OMP_NUM_THREADS = its num_cpus (1), printed below.
 Both ask the caption prompt with the same max_new_tokens and both sides' responses are compared image by image
@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.cards import load_image as cards_load_image  # noqa: E402  the cards' reference load_image
 from bench.media import noisy_photo as photo_like  # noqa: E402  smooth colour waves + sensor noise
 from pipeline.config import parse_job  # noqa: E402
-from pipeline.tiny_model import make_tiny_model  # noqa: E402
+from pipeline.embedded.tiny_model import make_tiny_model  # noqa: E402
 
 PROMPT = "Describe the image in detail."  # the caption task's default prompt, asked on both sides
 # Mixed camera / phone / web sizes (tiles with max_num=12: 13, 13, 9, 9, 13, 13, 13, 13, 13, 10, 7, 13)
@@ -134,7 +134,7 @@ def ours_run(model_dir: Path, images: Path, output: Path, max_new_tokens: int) -
     """One run_job call; returns responses by file name, wall time, _SUCCESS.json and the run's echo lines."""
     import pyarrow.dataset as pads
 
-    from pipeline.runner import run_job
+    from pipeline.run.runner import run_job
 
     job = parse_job({"task": "caption", "input": str(images), "output": str(output), "model": str(model_dir),
                      "generation": {"max_new_tokens": max_new_tokens}},

@@ -1,7 +1,7 @@
 """Timing for the benches: wall time and CPU time of this process and its children (psutil).
 
 The machine is shared and noisy, so CPU time is the steadier measure, and it is what "per core" means. It must
-include child processes: the CPU stage may decode in a persistent child (pipeline.sandbox, `decode.isolate`),
+include child processes: the CPU stage may decode in a persistent child (pipeline.media.sandbox, `decode.isolate`),
 whose time `time.process_time()` would miss.
 """
 

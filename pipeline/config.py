@@ -12,7 +12,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+from pipeline.credentials import is_credential_key
+from pipeline.errors import JobError
 
 DEFAULT_PROMPTS = {
     "caption": "Describe the image in detail.",
@@ -20,13 +23,6 @@ DEFAULT_PROMPTS = {
     "score": "",
 }
 
-# Keys that would put a credential into the job file. Credentials come only from the AWS chain (env, profile, role).
-CREDENTIAL_KEYS = {"key", "secret", "token", "aws_access_key_id", "aws_secret_access_key", "aws_session_token",
-                   "password", "access_key", "secret_key", "session_token"}
-
-
-class JobError(ValueError):
-    """A job file that cannot run; the message names the file and the offending keys."""
 
 
 class _Section(BaseModel):
@@ -194,13 +190,14 @@ class JobConfig(_Section):
     overwrite: bool = Field(False, description="Replace results already in `output` (otherwise such a run is refused).")
     storage: dict[str, Any] = Field(default_factory=dict, description="Extra fsspec/s3fs options, e.g. endpoint_url. No credentials.")
     model_cache: str | None = Field(None, description="Local folder where s3:// checkpoints are copied (default ~/.cache/internvl-batch/models).")
+    _criteria: list[Criterion] = PrivateAttr(default_factory=list)
 
     @field_validator("storage")
     @classmethod
     def _no_credentials(cls, value: dict[str, Any]) -> dict[str, Any]:
         def walk(d: dict[str, Any], path: str) -> None:
             for k, v in d.items():
-                if k.lower() in CREDENTIAL_KEYS:
+                if is_credential_key(k):
                     raise ValueError(
                         f"'{path}{k}' looks like a credential; credentials come only from the AWS chain "
                         "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, profiles, instance roles), never from the job file"
@@ -226,7 +223,7 @@ class JobConfig(_Section):
         if self.task != "score" and score_keys:
             raise ValueError(f"{', '.join(score_keys)}: only for task score")
         if self.task == "score":
-            self.score_criteria()  # validates the combination
+            self._criteria = self._normalized_criteria()  # normalised once, here
         if self.questions is not None:
             if self.task != "vqa":
                 raise ValueError("questions: only task vqa asks questions")
@@ -234,7 +231,7 @@ class JobConfig(_Section):
                 raise ValueError("questions: every question must be non-empty")
         return self
 
-    def score_criteria(self) -> list[Criterion]:
+    def _normalized_criteria(self) -> list[Criterion]:
         """The criteria a score job evaluates; a job without `criteria` is one criterion named '' (plain columns)."""
         if self.criteria is not None:
             if self.prompt is not None or self.labels is not None or self.scale is not None or self.filter is not None:
@@ -248,6 +245,10 @@ class JobConfig(_Section):
         single = Criterion.model_construct(name="", prompt=self.prompt, labels=self.labels, scale=self.scale, filter=self.filter)
         Criterion._labels_or_scale(single)
         return [single]
+
+    def score_criteria(self) -> list[Criterion]:
+        """The criteria a score job evaluates (normalised at validation); empty for other tasks."""
+        return list(self._criteria)
 
     @property
     def has_filter(self) -> bool:

@@ -9,8 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.s3_server import find_weed, local_s3_server
-from pipeline.tiny_model import make_tiny_model
+from pipeline.embedded.s3_server import find_weed, local_s3_server
+from pipeline.embedded.tiny_model import make_tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "tests" / "data"
 
 
 def pattern_image(width: int, height: int) -> Image.Image:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.images import MediaError
+from pipeline.errors import MediaError
 
 
 def _count_try(counter: str) -> int:

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.engine import InternVLEngine
-from pipeline.tiling import tile_image
+from pipeline.media.tiling import tile_image
+from pipeline.model.engine import InternVLEngine
 from tests.conftest import pattern_image
 
 pytestmark = pytest.mark.gpu

@@ -22,8 +22,8 @@ def needs_two_gpus():
 def test_tp2_on_nccl_matches_tp1(tiny_model):
     import ray
 
-    from pipeline.engine import InternVLEngine
-    from pipeline.replica import TensorParallelEngine
+    from pipeline.model.engine import InternVLEngine
+    from pipeline.run.replica import TensorParallelEngine
 
     ray.init(num_gpus=2, ignore_reinit_error=True)
     job = parse_job({"task": "caption", "input": "in", "output": "out", "model": str(tiny_model),
@@ -48,7 +48,7 @@ def test_tp2_bf16_flash_attention_loads(tiny_model):
 
     import ray
 
-    from pipeline.replica import TensorParallelEngine
+    from pipeline.run.replica import TensorParallelEngine
 
     if importlib.util.find_spec("flash_attn") is None:
         pytest.skip("flash-attn not installed")

@@ -1,0 +1,83 @@
+"""fsspec URLs: filesystems with the job's storage options, listing, reading and writing. Knows nothing of models.
+
+Credentials are never passed here: s3fs/botocore find them through the standard AWS chain (environment,
+profiles, instance roles), and AWS_ENDPOINT_URL is honoured by botocore itself.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import fsspec
+from fsspec.core import url_to_fs
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+MANIFEST_EXTENSIONS = frozenset({".parquet", ".jsonl", ".csv"})
+
+
+# Object stores throttle (503 SlowDown) and fail transiently; botocore retries those with backoff and jitter.
+# Ten attempts in "standard" mode ride out long bursts; a job's storage.config_kwargs.retries replaces this.
+S3_RETRIES = {"max_attempts": 10, "mode": "standard"}
+
+
+def with_defaults(url: str, options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The job's storage options plus our defaults for the URL's protocol (retries for S3)."""
+    merged = dict(options or {})
+    if protocol_of(url) in ("s3", "s3a"):
+        config = dict(merged.get("config_kwargs") or {})
+        config.setdefault("retries", S3_RETRIES)
+        merged["config_kwargs"] = config
+    return merged
+
+
+def get_filesystem(url: str, options: Mapping[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem for a URL (local paths included) and the path within it."""
+    return url_to_fs(url, **with_defaults(url, options))
+
+
+def protocol_of(url: str) -> str:
+    """'s3', 'gs', 'file', ... for a URL or local path."""
+    return url.split("://", 1)[0] if "://" in url else "file"
+
+
+def is_local(url: str) -> bool:
+    return protocol_of(url) in ("file", "local")
+
+
+def is_remote(url: str) -> bool:
+    """An fsspec URL of a non-local filesystem (s3://, gs://, memory://, ...)."""
+    return "://" in url and not is_local(url)
+
+
+def full_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """The URL of a path returned by a filesystem's listing (which drops the protocol)."""
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return path if protocol in ("file", "local") else f"{protocol}://{path}"
+
+
+def extension(url: str) -> str:
+    """Lower-case extension of a URL's last path element, query strings aside."""
+    return os.path.splitext(url.split("?", 1)[0])[1].lower()
+
+
+def list_files(url: str, options: Mapping[str, Any] | None = None) -> list[str]:
+    """All files under a prefix, or matching a glob, as full URLs in sorted order."""
+    fs, path = get_filesystem(url, options)
+    if any(ch in path for ch in "*?["):
+        paths = [p for p in fs.glob(path) if fs.isfile(p)]
+    elif fs.isfile(path):
+        paths = [path]
+    elif fs.isdir(path):
+        paths = fs.find(path)
+    else:
+        raise FileNotFoundError(f"input {url!r} does not exist (no such file, prefix or glob match)")
+    return sorted(full_url(fs, p) for p in paths)
+
+
+def read_bytes(url: str, options: Mapping[str, Any] | None = None) -> bytes:
+    """The whole content of one object."""
+    fs, path = get_filesystem(url, options)
+    with fs.open(path, "rb") as f:
+        return f.read()

@@ -1,0 +1,59 @@
+"""A sample's media to uint8 tiles: one image, several images sharing the tile budget, or a video's sampled frames.
+
+Pure functions with the job's tiling / video sections as arguments; the CPU stage (stages/preprocess.py) calls
+them, in a decoder child process where decode.isolate says so.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from pipeline.config import TilingConfig, VideoConfig
+from pipeline.errors import ErrorType, MediaError
+from pipeline.media.budget import frames_within, max_tiles_within
+from pipeline.media.images import load_tiles
+from pipeline.media.tiling import TILE_SIZE, tile_image
+from pipeline.media.video import VideoLimits, sample_video
+
+
+def tiles_from_bytes(data: bytes | None, num_tiles: int) -> np.ndarray:
+    """The uint8 (num_tiles, 448, 448, 3) view of a `pixels` cell."""
+    return np.frombuffer(data or b"", dtype=np.uint8).reshape(num_tiles, TILE_SIZE, TILE_SIZE, 3)
+
+
+def image_tiles(data: bytes, tiling: TilingConfig, max_tiles: int, tokens: int | None = None) -> tuple[np.ndarray, int, int]:
+    """Decode one image and cut it into tiles: (uint8 tiles, width, height). tiling.mode fast decodes big JPEGs at a
+    reduced DCT scale. With a visual-token budget, the largest tile count whose tokens fit, from the header's size."""
+
+    def within_budget(width: int, height: int) -> int:
+        fitting = max_tiles_within(width, height, tokens=tokens, min_tiles=min(tiling.min_tiles, max_tiles),
+                                   max_tiles=max_tiles, thumbnail=tiling.thumbnail)
+        if fitting is None:
+            raise MediaError(ErrorType.TOO_LARGE, f"even min_tiles={tiling.min_tiles} tiles exceed the budget of "
+                                                  f"{tokens} visual tokens (tiling.max_tokens_per_sample)")
+        return fitting
+
+    tiles = load_tiles(data, min_tiles=min(tiling.min_tiles, max_tiles), max_tiles=max_tiles, thumbnail=tiling.thumbnail,
+                       mode=tiling.mode, max_pixels=tiling.max_image_pixels, exif_transpose=tiling.exif_transpose,
+                       choose_max_tiles=within_budget if tokens is not None else None)
+    return tiles.pixels, tiles.source_size[0], tiles.source_size[1]
+
+
+def video_tiles(data: bytes, video: VideoConfig, tiling: TilingConfig) -> dict[str, Any]:
+    """Sample frames (the cards' segment middles) and tile each with tiles_per_frame (1: a single 448 px resize,
+    as the cards); with a visual-token budget, as many frames as fit."""
+    frames = video.num_frames
+    if tiling.max_tokens_per_sample is not None:
+        frames = frames_within(frames, tokens=tiling.max_tokens_per_sample, tiles_per_frame=video.tiles_per_frame,
+                               thumbnail=tiling.thumbnail)
+    limits = VideoLimits(max_duration_s=video.max_duration_s, max_frames=video.max_frames, max_pixels=video.max_pixels)
+    sampled = sample_video(data, num_segments=frames, start_s=video.start_s, end_s=video.end_s, limits=limits)
+    per_frame = dict(min_tiles=min(tiling.min_tiles, video.tiles_per_frame), max_tiles=video.tiles_per_frame)
+    tiles = [tile_image(Image.fromarray(frame, "RGB"), **per_frame,
+                        thumbnail=tiling.thumbnail).pixels for frame in sampled.frames]
+    return dict(pixels=np.concatenate(tiles), tiles_per_image=[len(t) for t in tiles], media_type="video",
+                width=int(sampled.frames.shape[2]), height=int(sampled.frames.shape[1]), num_frames=sampled.num_frames,
+                frame_indices=sampled.indices, fps=sampled.fps, duration_s=sampled.duration_s)

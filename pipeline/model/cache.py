@@ -1,0 +1,45 @@
+"""The node-local model cache: where remote and converted checkpoints are kept, and how entries are published.
+
+A leaf module (no torch, no conversion), so both `checkpoints` and `convert` name cache entries the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+DEFAULT_CACHE = Path(os.environ.get("INTERNVL_BATCH_CACHE", Path.home() / ".cache" / "internvl-batch")) / "models"
+
+
+def cache_root(cache_dir: str | Path | None) -> Path:
+    """The cache folder a job uses: its model_cache, else ~/.cache/internvl-batch/models."""
+    return Path(cache_dir) if cache_dir else DEFAULT_CACHE
+
+
+def remote_entry(url: str, cache_dir: str | Path | None) -> Path:
+    """The cache entry of a remote checkpoint prefix."""
+    return cache_root(cache_dir) / hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
+
+
+def converted_entry(stamp: str, cache_dir: str | Path | None) -> Path:
+    """The cache entry of a converted copy of a local original-format checkpoint (`stamp`: its path and mtime)."""
+    return cache_root(cache_dir) / f"converted-{hashlib.sha256(stamp.encode()).hexdigest()[:16]}"
+
+
+def publish(dest: Path, build: Callable[[Path], object]) -> None:
+    """Build a checkpoint folder in a temporary sibling and rename it into place: readers never see half of one,
+    and of concurrent builders on one node the first rename wins while the others discard their copy."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        build(tmp)
+        os.rename(tmp, dest)
+    except OSError:
+        if not (dest / "config.json").exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,78 @@
+"""Where a checkpoint lives: local folders, remote (s3://, any fsspec) prefixes copied once per node, hub ids;
+original-format checkpoints converted once into the cache.
+
+No torch at import, so the driver can check a job's model before any replica starts.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import ModelLoadError
+from pipeline.io.storage import get_filesystem, is_remote
+from pipeline.model.cache import converted_entry, publish, remote_entry
+
+
+def check_checkpoint(model: str, options: Mapping[str, Any] | None = None) -> None:
+    """Fail in seconds, before any replica starts, when a local or remote checkpoint has no config.json."""
+    if is_remote(model):
+        fs, path = get_filesystem(model, options)
+        if not fs.exists(f"{path.rstrip('/')}/config.json"):
+            raise ModelLoadError(f"model {model!r}: no config.json under that prefix")
+        return
+    resolve_checkpoint(model)
+
+
+def cache_checkpoint(url: str, *, cache_dir: str | Path | None = None, options: Mapping[str, Any] | None = None) -> Path:
+    """Copy a remote checkpoint prefix into the node-local cache once (atomically); later callers reuse it."""
+    dest = remote_entry(url, cache_dir)
+    if (dest / "config.json").exists():
+        return dest
+    fs, path = get_filesystem(url, options)
+    if not fs.exists(f"{path.rstrip('/')}/config.json"):
+        raise ModelLoadError(f"model {url!r}: no config.json under that prefix")
+    publish(dest, lambda tmp: fs.get(path.rstrip("/") + "/", str(tmp) + "/", recursive=True))
+    return dest
+
+
+def resolve_checkpoint(model: str, *, cache_dir: str | Path | None = None, options: Mapping[str, Any] | None = None) -> str:
+    """A path or hub id that from_pretrained can open: local folders as they are, remote prefixes via the cache."""
+    if is_remote(model):
+        return str(cache_checkpoint(model, cache_dir=cache_dir, options=options))
+    local = Path(model.removeprefix("file://")).expanduser()
+    if local.exists():
+        if not (local / "config.json").exists():
+            raise ModelLoadError(f"model {model!r}: folder has no config.json")
+        return str(local)
+    if model.startswith((".", "/", "~")):
+        raise ModelLoadError(f"model {model!r}: no such folder")
+    return model  # a hub id
+
+
+def native_checkpoint(path: str, *, cache_dir: str | Path | None = None, trust_remote_code: bool = False) -> str:
+    """A native checkpoint for a local folder: itself, or for an original-format (remote-code) checkpoint its
+    conversion, made once into the cache (atomically) without running any code from the checkpoint, except its
+    tokenizer's when the job sets trust_remote_code (with a pinned revision)."""
+    config = Path(path) / "config.json"
+    if not config.exists():
+        return path  # a hub id: loaded by transformers as it is
+    from pipeline.model.convert import convert_checkpoint
+    from pipeline.model.convert_config import is_original_format
+
+    if not is_original_format(json.loads(config.read_text())):
+        return path
+    dest = converted_entry(f"{Path(path).resolve()}:{config.stat().st_mtime_ns}", cache_dir)
+    if not (dest / "config.json").exists():
+        publish(dest, lambda tmp: convert_checkpoint(path, str(tmp), trust_remote_code=trust_remote_code))
+    return str(dest)
+
+
+def prepare_checkpoint(model: str, *, cache_dir: str | Path | None = None, options: Mapping[str, Any] | None = None,
+                       trust_remote_code: bool = False) -> str:
+    """What a replica loads: the job's `model` made local (remote prefixes copied into the node cache) and native
+    (original-format checkpoints converted). The one resolver both the engine and tensor-parallel replicas use."""
+    return native_checkpoint(resolve_checkpoint(model, cache_dir=cache_dir, options=options), cache_dir=cache_dir,
+                             trust_remote_code=trust_remote_code)

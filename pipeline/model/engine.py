@@ -1,0 +1,284 @@
+"""One InternVL model replica: load a native checkpoint, build prompt ids, normalise tiles, batched generate.
+
+Knows nothing of Ray Data or the job's storage layout. Checkpoints load with `InternVLForConditionalGeneration`
+(no remote code) from a local folder, an s3:// (any fsspec) prefix copied once per node into a local cache, or a
+hub id where a network exists.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.errors import ModelLoadError
+from pipeline.media.tiling import IMAGENET_MEAN, IMAGENET_STD
+from pipeline.model.batching import equal_length_groups
+from pipeline.model.checkpoints import prepare_checkpoint
+from pipeline.model.device import DevicePlan, local_plan
+from pipeline.model.prompts import ImageTokens, chat_messages, expand_image_placeholders
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One sample's generated tokens, their log-probabilities and text."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    text: str
+
+
+class Prompter:
+    """Prompt building, which needs only the tokenizer (with its chat template) and the tokens per tile."""
+
+    def __init__(self, tokenizer: Any, image_seq_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.image_tokens = ImageTokens.from_tokenizer(tokenizer)
+        self.image_seq_length = image_seq_length
+
+    @classmethod
+    def load(cls, path: str | Path, revision: str | None = None) -> Prompter:
+        """Tokenizer and image_seq_length of a local native checkpoint, without its weights."""
+        from transformers import AutoConfig, AutoTokenizer
+
+        config = AutoConfig.from_pretrained(path, revision=revision)
+        return cls(AutoTokenizer.from_pretrained(path, revision=revision), int(getattr(config, "image_seq_length", 256)))
+
+    def prompt_text(self, text: str, tiles_per_image: Sequence[int], *, video: bool = False) -> str:
+        """The full prompt string: chat template rendered, image (or video frame) placeholders expanded."""
+        messages = chat_messages(text, num_images=len(tiles_per_image), video=video)
+        rendered = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return expand_image_placeholders(
+            rendered, tiles_per_image=list(tiles_per_image), tokens=self.image_tokens,
+            image_seq_length=self.image_seq_length, video=video,
+        )
+
+    def prompt_ids(self, text: str, tiles_per_image: Sequence[int], *, video: bool = False) -> list[int]:
+        """Token ids of the full prompt."""
+        return self.tokenizer(self.prompt_text(text, tiles_per_image, video=video), add_special_tokens=False)["input_ids"]
+
+
+class InternVLEngine(Prompter):
+    """A loaded replica (or one tensor-parallel rank of it): tokenizer, chat template, model on its device."""
+
+    def __init__(self, model: Any, tokenizer: Any, plan: DevicePlan) -> None:
+        super().__init__(tokenizer, int(getattr(model.config, "image_seq_length", 256)))
+        self.model = model
+        self.plan = plan
+        context_id = tokenizer.convert_tokens_to_ids(self.image_tokens.context)
+        if context_id != model.config.image_token_id:
+            raise ModelLoadError(
+                f"tokenizer's image token {self.image_tokens.context!r} has id {context_id}, "
+                f"but the model expects image_token_id {model.config.image_token_id}"
+            )
+        eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
+        self._mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=plan.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=plan.device).view(1, 3, 1, 1)
+
+    @classmethod
+    def load(
+        cls,
+        model: str,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+        tp: int = 1,
+        trust_remote_code: bool = False,
+    ) -> InternVLEngine:
+        """Load an InternVL checkpoint onto this process's device: native as it is, original format converted first
+        (pipeline.model.convert); remote code is never run.
+
+        tp > 1: this process is one rank of an initialised torch.distributed group of tp processes; the language
+        model loads with transformers' tensor-parallel plan, each rank reading only its shard of every weight.
+        """
+        from transformers import AutoTokenizer, InternVLForConditionalGeneration
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # per-shard bars from every replica would flood the job log
+        plan = local_plan(device, dtype)
+        path = prepare_checkpoint(model, cache_dir=cache_dir, options=storage_options, trust_remote_code=trust_remote_code)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
+            sharding = {"tp_plan": "auto", "tp_size": tp} if tp > 1 else {}
+            net = InternVLForConditionalGeneration.from_pretrained(
+                path, revision=revision, dtype=plan.dtype, attn_implementation=plan.attn_implementation, **sharding
+            )
+        except Exception as err:  # noqa: BLE001 - any failure here means this checkpoint cannot serve; say which and why
+            raise ModelLoadError(f"model {model!r} could not be loaded: {type(err).__name__}: {err}") from err
+        if not tokenizer.chat_template:
+            raise ModelLoadError(f"model {model!r} has no chat template (tokenizer_config.json or chat_template.jinja)")
+        return cls((net if tp > 1 else net.to(plan.device)).eval(), tokenizer, plan)
+
+    def normalize(self, pixels: np.ndarray) -> torch.Tensor:
+        """uint8 (N, H, W, 3) tiles -> model dtype (N, 3, H, W), ImageNet mean/std of x/255, computed on device."""
+        with warnings.catch_warnings():  # tiles are read-only views of Arrow buffers; we never write to them
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            x = torch.from_numpy(np.ascontiguousarray(pixels))
+        x = x.to(self.plan.device).permute(0, 3, 1, 2)
+        # in place on the one float32 copy: the cards' arithmetic, bit for bit, at half the time of fresh tensors
+        x = x.to(torch.float32).div_(255.0).sub_(self._mean).div_(self._std)
+        return x.to(self.plan.dtype)
+
+    def image_features(self, samples: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        """Vision tower + projector over all tiles of all samples at once; one (tiles x 256, hidden) block each."""
+        pixels = np.concatenate(list(samples), axis=0)
+        features = self.model.model.get_image_features(
+            pixel_values=self.normalize(pixels),
+            vision_feature_layer=self.model.config.vision_feature_layer,
+            vision_feature_select_strategy=self.model.config.vision_feature_select_strategy,
+        ).pooler_output
+        blocks = torch.split(features, [len(s) for s in samples], dim=0)
+        return [b.reshape(-1, b.shape[-1]) for b in blocks]
+
+    def embed(self, prompts: Sequence[list[int]], features: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded input embeddings with each prompt's image tokens replaced by its sample's features."""
+        width = max(len(ids) for ids in prompts)
+        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, ids in enumerate(prompts):
+            input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+            attention[row, width - len(ids):] = 1
+        input_ids, attention = input_ids.to(self.plan.device), attention.to(self.plan.device)
+        embeds = self.model.get_input_embeddings()(input_ids)
+        mask = input_ids == self.model.config.image_token_id
+        for row, feats in enumerate(features):
+            if int(mask[row].sum()) != feats.shape[0]:
+                raise ValueError(f"prompt {row} has {int(mask[row].sum())} image tokens for {feats.shape[0]} image features")
+        if mask.any():
+            embeds = embeds.masked_scatter(mask.unsqueeze(-1), torch.cat(list(features)).to(embeds.dtype))
+        return embeds, attention
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompts: Sequence[list[int]],
+        samples: Sequence[np.ndarray],
+        owners: Sequence[int] | None = None,
+        *,
+        max_new_tokens: int,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> list[Generation]:
+        """Generate for a batch of prompts; prompt i shows the tiles of samples[owners[i]] (default: samples[i]).
+
+        The vision encoder runs once per sample, however many prompts (questions) share it.
+        """
+        if not prompts:
+            return []
+        owners = list(range(len(prompts))) if owners is None else list(owners)
+        features = self.image_features(samples)
+        if seed is not None:
+            torch.manual_seed(seed)
+        return self._by_language_group(prompts, lambda group: self._generate(
+            [prompts[i] for i in group], [features[owners[i]] for i in group],
+            max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p))
+
+    def language_groups(self, prompts: Sequence[list[int]]) -> list[list[int]]:
+        """How a call's prompts go through the language model: on GPU all at once (left-padded; batched decode steps
+        cost little more than one), on CPU in groups of equal length: a padded batch's attention takes the masked
+        path there, ~2x the causal kernel (bench/pipeline_vs_naive.py; results do not depend on the grouping)."""
+        if self.plan.device != "cpu":
+            return [list(range(len(prompts)))]
+        return equal_length_groups([len(p) for p in prompts])
+
+    def _by_language_group(self, prompts: Sequence[list[int]], run: Any) -> list[Any]:
+        """run(indices) over each of language_groups(prompts); results put back in prompt order."""
+        results: list[Any] = [None] * len(prompts)
+        for group in self.language_groups(prompts):
+            for i, result in zip(group, run(group)):
+                results[i] = result
+        return results
+
+    def _generate(self, prompts: Sequence[list[int]], features: Sequence[torch.Tensor], *, max_new_tokens: int,
+                  do_sample: bool, temperature: float, top_p: float) -> list[Generation]:
+        """generate() for prompts with their image features."""
+        embeds, attention = self.embed(prompts, features)
+        sampling = dict(temperature=temperature, top_p=top_p) if do_sample else dict(temperature=None, top_p=None, top_k=None)
+        out = self.model.generate(
+            inputs_embeds=embeds,
+            attention_mask=attention,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            pad_token_id=self.pad_id,
+            eos_token_id=sorted(self.eos_ids),
+            output_logits=True,
+            return_dict_in_generate=True,
+            **sampling,
+        )
+        new_tokens = out.sequences.cpu()  # with inputs_embeds only, sequences hold just the new tokens
+        logprobs = torch.stack([torch.log_softmax(step.float(), dim=-1) for step in out.logits], dim=1).cpu()
+        results = []
+        for row in range(len(prompts)):
+            tokens = new_tokens[row].tolist()
+            end = next((i + 1 for i, t in enumerate(tokens) if t in self.eos_ids), len(tokens))
+            tokens = tokens[:end]
+            lp = [float(logprobs[row, i, t]) for i, t in enumerate(tokens)]
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            results.append(Generation(token_ids=tokens, logprobs=lp, text=text))
+        return results
+
+    @torch.inference_mode()
+    def score(
+        self,
+        prompts: Sequence[list[int]],
+        samples: Sequence[np.ndarray],
+        owners: Sequence[int],
+        labels: Sequence[Sequence[list[int]]],
+    ) -> list[list[float]]:
+        """log P(label token sequence | prompt) for each prompt's labels, without a generate loop.
+
+        One forward over the prompts gives every label's first token; labels of several tokens continue from the
+        prompts' cache in one short forward over their remaining tokens.
+        """
+        if not prompts:
+            return []
+        features = self.image_features(samples)
+        return self._by_language_group(prompts, lambda group: self._score(
+            [prompts[i] for i in group], [features[owners[i]] for i in group], [labels[i] for i in group]))
+
+    def _score(self, prompts: Sequence[list[int]], features: Sequence[torch.Tensor],
+               labels: Sequence[Sequence[list[int]]]) -> list[list[float]]:
+        """score() for prompts with their image features."""
+        embeds, attention = self.embed(prompts, features)
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        longest = max(len(seq) for options in labels for seq in options)
+        out = self.model(inputs_embeds=embeds, attention_mask=attention, position_ids=positions,
+                         use_cache=longest > 1, logits_to_keep=1)
+        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1).cpu()
+        result = [[float(first[i, seq[0]]) for seq in options] for i, options in enumerate(labels)]
+        pairs = [(i, j) for i, options in enumerate(labels) for j, seq in enumerate(options) if len(seq) > 1]
+        if not pairs:
+            return result
+        rows = torch.tensor([i for i, _ in pairs], device=attention.device)
+        cache = out.past_key_values
+        cache.reorder_cache(rows)  # one cached prompt per (prompt, label) pair
+        width = max(len(labels[i][j]) - 1 for i, j in pairs)
+        cont = torch.full((len(pairs), width), self.pad_id, dtype=torch.long)
+        cont_mask = torch.zeros((len(pairs), width), dtype=torch.long)
+        for p, (i, j) in enumerate(pairs):
+            seq = labels[i][j][:-1]
+            cont[p, : len(seq)] = torch.tensor(seq)
+            cont_mask[p, : len(seq)] = 1
+        cont, cont_mask = cont.to(attention.device), cont_mask.to(attention.device)
+        start = attention[rows].sum(-1, keepdim=True)
+        more = self.model(
+            input_ids=cont, attention_mask=torch.cat([attention[rows], cont_mask], dim=-1),
+            position_ids=start + torch.arange(width, device=attention.device), past_key_values=cache,
+        )
+        rest = torch.log_softmax(more.logits.float(), dim=-1).cpu()
+        for p, (i, j) in enumerate(pairs):
+            seq = labels[i][j]
+            result[i][j] += sum(float(rest[p, t, seq[t + 1]]) for t in range(len(seq) - 1))
+        return result

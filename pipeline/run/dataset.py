@@ -1,0 +1,97 @@
+"""The lazy Ray Data plan of one run: input rows -> tiles (CPU tasks) -> answers (actor pool) -> Parquet shards."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pyarrow as pa
+
+from pipeline.config import JobConfig
+from pipeline.run.metrics import record_metrics
+from pipeline.run.resources import Resources
+from pipeline.stages.generate import Generate
+from pipeline.stages.preprocess import Preprocess
+from pipeline.stages.score import Score
+from pipeline.stages.write import ShardStats, WriteShards
+
+# Input rows per block: two model batches. Small blocks keep the CPU stage's tile output per task well under
+# 128 MiB, spread work over all CPU workers, and let finished rows reach the writer (and a resumed run) early:
+# a map task hands on its small text blocks only when it ends.
+BLOCK_BATCHES = 2
+PREPROCESS_BATCH = 4
+# Memory each CPU preprocessing task reserves. Besides being a fair estimate (decoded image + tiles of a small
+# batch), it keeps Ray from fusing the CPU stage into the model actors, so the two stages scale independently.
+PREPROCESS_MEMORY = 512 * 1024**2
+WRITE_CPUS = 0.25  # writing a shard of text rows is light work
+
+
+def preprocess_block(block: dict, job: JobConfig) -> Iterator[pa.Table]:
+    """Ray task body for the CPU stage: one block of input rows, tiled PREPROCESS_BATCH rows at a time so a task
+    never holds more than a few samples' tiles."""
+    stage = Preprocess(job)
+    for start in range(0, len(block["id"]), PREPROCESS_BATCH):
+        yield stage({name: values[start:start + PREPROCESS_BATCH] for name, values in block.items()})
+
+
+def _gather(batch: pa.Table) -> pa.Table:
+    """Identity: its batches of rows_per_shard rows and the remainder leave the task as one block."""
+    return batch
+
+
+def write_batch(batch: pa.Table, job: JobConfig, input_columns: list[str], skip_ids: list[str]) -> pa.Table:
+    """Ray task body for the write stage; also counts what it wrote in the Prometheus metrics."""
+    stats = WriteShards(job, input_columns, skip_ids)(batch)
+    record_metrics(ShardStats.from_row(stats.to_pylist()[0]))
+    return stats
+
+
+def input_rows(rows: pa.Table, per_block: int) -> Any:
+    """The rows to process as a Ray Data source of lazy read tasks, `per_block` rows each.
+
+    ray.data.from_arrow over the same blocks would put one object per block in the driver's object store (~40 KB of
+    driver memory each: +28 MiB at 10k inputs); a read task only carries its rows, copied out of the listing,
+    since pickling an Arrow slice serialises the whole table it is cut from.
+    """
+    from ray.data import Datasource, ReadTask
+    from ray.data.block import BlockMetadata
+
+    class InputRows(Datasource):
+        def estimate_inmemory_data_size(self) -> int:
+            return rows.nbytes
+
+        def get_read_tasks(self, parallelism: int, **_: Any) -> list[ReadTask]:
+            tasks = []
+            for start in range(0, rows.num_rows, per_block):
+                part = rows.take(pa.array(range(start, min(start + per_block, rows.num_rows)), pa.int64()))
+                meta = BlockMetadata(num_rows=part.num_rows, size_bytes=part.nbytes, input_files=None, exec_stats=None)
+                tasks.append(ReadTask(lambda part=part: [part], meta, schema=part.schema))
+            return tasks
+
+    return InputRows()
+
+
+def build_dataset(job: JobConfig, rows: pa.Table, resources: Resources, *, skip_ids: list[str] | None = None) -> Any:
+    """The lazy Ray Data plan: input rows -> tiles -> output rows (one per question) -> one stats row per shard."""
+    import ray
+
+    # Reading a block of rows and tiling it run as one task: same resources and concurrency, and exactly one block
+    # per read task (Ray Data would otherwise split a small input's blocks for parallelism, which prevents fusing).
+    cpu_task = {"num_cpus": 1, "memory": PREPROCESS_MEMORY}
+    per_block = BLOCK_BATCHES * job.compute.batch_size
+    ds = ray.data.read_datasource(input_rows(rows, per_block), override_num_blocks=-(-rows.num_rows // per_block),
+                                  concurrency=resources.cpu_workers, **cpu_task)
+    ds = ds.map_batches(preprocess_block, fn_kwargs={"job": job}, batch_size=None, batch_format="numpy",
+                        compute=ray.data.TaskPoolStrategy(size=resources.cpu_workers), **cpu_task)
+    ds = ds.map_batches(
+        Score if job.task == "score" else Generate, fn_constructor_kwargs={"job": job}, batch_size=job.compute.batch_size,
+        batch_format="numpy", compute=ray.data.ActorPoolStrategy(min_size=resources.replicas[0], max_size=resources.replicas[1]),
+        **resources.model_stage_args(),
+    )
+    # Writing: one writer per replica at most (shards are light work, and every concurrent writer is a worker
+    # process). Rows are first gathered into blocks of at least rows_per_shard rows (a batch_size would also cut off
+    # the bundle's remainder, leaving a tiny shard beside every full one), then each block is one shard.
+    writer = {"batch_format": "pyarrow", "num_cpus": WRITE_CPUS, "compute": ray.data.TaskPoolStrategy(size=resources.replicas[1])}
+    ds = ds.map_batches(_gather, batch_size=job.rows_per_shard, zero_copy_batch=True, **writer)
+    return ds.map_batches(write_batch, fn_kwargs={"job": job, "input_columns": rows.column_names, "skip_ids": skip_ids or []},
+                          batch_size=None, **writer)

@@ -1,0 +1,119 @@
+"""Run the plan on Ray: connect, size the replicas and CPU workers, stream the shards, report progress."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+
+from pipeline.config import JobConfig
+from pipeline.errors import JobError, ModelLoadError, RunError
+from pipeline.io.markers import JOB_FILE, SUCCESS_FILE, remove_marker, write_marker
+from pipeline.run.dataset import build_dataset
+from pipeline.run.plan import RunPlan
+from pipeline.run.replica import remove_replica_groups
+from pipeline.run.resources import Resources, object_store_budget, plan_resources
+from pipeline.stages.write import ShardStats
+
+# Tiles leave a CPU task in blocks of about this size (Ray Data's default, 128 MiB, would hold back the tiles of a
+# whole 16-row input block of camera photos until the task ends, while the model waits for them).
+TILE_BLOCK_BYTES = 32 * 1024**2
+
+
+def init_ray() -> None:
+    """Connect to the cluster in RAY_ADDRESS, or start a local one; quiet unless something goes wrong."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    ray.init(
+        address=os.environ.get("RAY_ADDRESS") or None,
+        include_dashboard=False if not os.environ.get("RAY_ADDRESS") else None,
+        logging_level=logging.WARNING,
+        log_to_driver=True,
+    )
+
+
+def mark_output(job: JobConfig) -> None:
+    """Record which configuration this output belongs to, and that it is being extended (no _SUCCESS.json)."""
+    try:
+        write_marker(job.output, JOB_FILE, {"fingerprint": job.fingerprint(), "task": job.task, "model": job.model,
+                                            "model_revision": job.model_revision}, job.storage)
+        remove_marker(job.output, SUCCESS_FILE, job.storage)
+    except PermissionError as err:
+        raise JobError(f"output {job.output!r}: access denied ({err}); check the AWS credentials") from None
+
+
+def cluster_resources(job: JobConfig) -> Resources:
+    """plan_resources for the connected cluster."""
+    import ray
+
+    cluster = ray.cluster_resources()
+    node_gpus = max((n["Resources"].get("GPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+    return plan_resources(job, cluster_cpus=cluster.get("CPU", 1), cluster_gpus=cluster.get("GPU", 0), node_gpus=node_gpus)
+
+
+def configure_data_context(budget: int) -> None:
+    """Ray Data settings of a run: progress bars on terminals only, no ordering, small tile blocks, the budget."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = sys.stdout.isatty()
+    ctx.execution_options.preserve_order = False
+    ctx.target_max_block_size = TILE_BLOCK_BYTES
+    ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(object_store_memory=budget)
+
+
+def find_cause(err: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The exception of type `kind` behind `err` (Ray wraps a worker's exception in its own), if any."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [err]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, kind):
+            return e
+        todo += [e.__cause__, e.__context__, getattr(e, "cause", None) if isinstance(getattr(e, "cause", None), BaseException) else None]
+    return None
+
+
+def execute(job: JobConfig, plan: RunPlan, echo: Callable[[str], None], *, started: float) -> list[ShardStats]:
+    """Run the Ray Data plan over the samples left to do; one ShardStats per written shard."""
+    import ray
+
+    mark_output(job)
+    init_ray()
+    resources = cluster_resources(job)
+    budget = object_store_budget(job, resources, ray.cluster_resources().get("object_store_memory"))
+    configure_data_context(budget)
+    low, high = resources.replicas
+    echo(f"{low if low == high else f'{low}-{high}'} replica(s)" + (f" of tp={resources.tp}" if resources.tp > 1 else "")
+         + f", {resources.cpu_workers} CPU worker(s), {resources.gpus_per_replica:g} GPU(s) per replica, "
+         f"{budget / 1024**2:.0f} MiB object store for queued tiles")
+    shards: list[ShardStats] = []
+    written = 0
+    try:
+        for row in build_dataset(job, plan.todo, resources, skip_ids=plan.skip_ids).iter_rows():  # one row per shard
+            shard = ShardStats.from_row(row)
+            shards.append(shard)
+            written += shard.rows
+            if shard.file:
+                echo(f"[{written}/{plan.rows_todo}] {shard.file}: {shard.rows} rows, {shard.rows - shard.ok} errors "
+                     f"({written / (time.perf_counter() - started):.2f} rows/s)")
+    except Exception as err:  # noqa: BLE001 - Ray wraps the cause; report it, keep what was written
+        load_error = find_cause(err, ModelLoadError)
+        if load_error is not None:
+            raise RunError(f"the run stopped: ModelLoadError: {load_error}. The {written} rows written so far are "
+                           "kept; fix the model and re-run.") from err
+        text = str(err).strip()
+        cause = text.splitlines()[-1] if text else ""
+        raise RunError(f"the run stopped: {type(err).__name__}: {cause}. The {written} rows written so far are kept; "
+                       "re-run the same job to resume.") from err
+    finally:
+        if resources.tp > 1:
+            remove_replica_groups()
+    return shards

@@ -1,0 +1,84 @@
+"""What a run asks of the cluster: replicas and their devices, CPU workers, the object-store budget for queued tiles.
+
+Pure arithmetic over the job and the cluster's totals; the Ray calls that read those totals are in run/execute.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.config import JobConfig
+from pipeline.errors import RunError
+from pipeline.media.tiling import TILE_SIZE
+from pipeline.model.device import wants_gpu
+from pipeline.run.replica import replica_resources
+
+# Model batches of tiles per replica that may wait in Ray's object store: enough to keep a replica fed (Ray Data
+# shares the budget out among the stages; with 4, a replica on 13-tile photos waited a third of its time), few
+# enough that memory stays flat however far the CPU stage runs ahead (bench/memory_scaling.py).
+QUEUED_BATCHES = 8
+TILE_BYTES = TILE_SIZE * TILE_SIZE * 3
+MIN_OBJECT_STORE = 256 * 1024**2
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What the plan asks of the cluster."""
+
+    replicas: tuple[int, int]  # (min, max); equal for a fixed count
+    cpus_per_replica: float
+    gpus_per_replica: float
+    cpu_workers: int
+    tp: int = 1
+    on_gpu: bool = False
+
+    def model_stage_args(self) -> dict[str, Any]:
+        """map_batches resource arguments of the model stage: the actor holds the device itself (tp = 1), or holds
+        nothing and reserves a placement group of tp bundles for its rank actors (tp > 1, run/replica.py)."""
+        if self.tp > 1:
+            return {"num_cpus": 0, "num_gpus": 0}
+        return {"num_cpus": self.cpus_per_replica, "num_gpus": self.gpus_per_replica or None}
+
+
+def plan_resources(job: JobConfig, *, cluster_cpus: float, cluster_gpus: float, node_gpus: float | None = None) -> Resources:
+    """Replicas on GPUs when the job (or auto) says so; CPU workers fill the CPUs the replicas leave.
+
+    `node_gpus` is the most GPUs one node has: a tensor-parallel replica needs tp of them on one node. On CPU the
+    replicas' CPUs are taken from the preprocessing workers; on GPU their host CPUs mostly wait on the device.
+    """
+    compute = job.compute
+    tp = compute.tp
+    on_gpu = wants_gpu(compute.device, gpus_available=cluster_gpus)
+    gpus_per_replica = float(tp) if tp > 1 else compute.gpus_per_replica
+    if on_gpu and cluster_gpus < gpus_per_replica:
+        raise RunError(f"compute.device needs GPUs ({gpus_per_replica:g} per replica) but the cluster has {cluster_gpus:g}")
+    if on_gpu and tp > 1 and node_gpus is not None and node_gpus < tp:
+        raise RunError(f"compute.tp={tp} needs {tp} GPUs on one node; the largest node has {node_gpus:g}")
+    cpus_per_replica = replica_resources(tp, on_gpu=on_gpu)["CPU"] if tp > 1 else 1.0
+    low, high = compute.replica_range
+    left = cluster_cpus - (0 if on_gpu else cpus_per_replica * low)
+    if left < 1 and not compute.cpu_workers:
+        raise RunError(f"{low} replica(s) with tp={tp} on CPU take {cpus_per_replica * low:g} of the cluster's "
+                       f"{cluster_cpus:g} CPUs and leave none for preprocessing; use fewer replicas or a larger cluster")
+    return Resources(
+        replicas=(low, high),
+        cpus_per_replica=cpus_per_replica,
+        gpus_per_replica=gpus_per_replica if on_gpu else 0.0,
+        cpu_workers=compute.cpu_workers or int(max(left, 1)),
+        tp=tp,
+        on_gpu=on_gpu,
+    )
+
+
+def object_store_budget(job: JobConfig, resources: Resources, cluster_store: float | None = None) -> int:
+    """Bytes of object store the plan may use: compute.object_store_mb, else QUEUED_BATCHES batches of the largest
+    samples the job allows per replica, at least MIN_OBJECT_STORE and at most half of `cluster_store` (Ray Data's
+    own default). Ray Data holds back the CPU stage at this budget, so a run of 10 million inputs queues no more
+    tiles than a run of ten thousand."""
+    if job.compute.object_store_mb:
+        return job.compute.object_store_mb * 1024**2
+    per_frame = job.video.tiles_per_frame + (job.tiling.thumbnail and job.video.tiles_per_frame > 1)
+    largest = max(job.tiling.max_tiles + job.tiling.thumbnail, job.video.num_frames * per_frame)
+    queued = max(MIN_OBJECT_STORE, QUEUED_BATCHES * job.compute.batch_size * largest * TILE_BYTES * resources.replicas[1])
+    return queued if cluster_store is None else min(queued, int(cluster_store / 2))

@@ -1,0 +1,69 @@
+"""What a run did (`RunSummary`, written as _SUCCESS.json) and how busy its model replicas were."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+def replica_usage(batches: list[dict[str, Any]]) -> tuple[float | None, dict[str, dict[str, float]]]:
+    """Per replica: batches, seconds busy, seconds from ready to its last batch's end; and the busy fraction of
+    all replicas together (None without batches). Each replica's times come from its own clock."""
+    per: dict[str, dict[str, float]] = {}
+    for b in {(b["replica"], b["start"]): b for b in batches}.values():
+        r = per.setdefault(b["replica"], {"batches": 0, "busy_s": 0.0, "ready": b["ready"], "end": b["end"]})
+        r["batches"] += 1
+        r["busy_s"] += b["end"] - b["start"]
+        r["ready"], r["end"] = min(r["ready"], b["ready"]), max(r["end"], b["end"])
+    usage = {k: {"batches": int(v["batches"]), "busy_s": round(v["busy_s"], 3), "span_s": round(v["end"] - v["ready"], 3)}
+             for k, v in sorted(per.items())}
+    span = sum(u["span_s"] for u in usage.values())
+    return (round(sum(u["busy_s"] for u in usage.values()) / span, 4) if span > 0 else None), usage
+
+
+@dataclass
+class RunSummary:
+    """What a run did: counts, errors by type, throughput, and the fingerprint of its config."""
+
+    rows_in: int
+    rows_out: int
+    rows_ok: int
+    rows_error: int
+    errors_by_type: dict[str, int]
+    tiles: int
+    input_tokens: int
+    generated_tokens: int
+    wall_s: float
+    fingerprint: str
+    task: str
+    model: str
+    output: str
+    files: int
+    skipped_inputs: dict[str, int] = field(default_factory=dict)
+    rows_this_run: int = 0  # rows processed by this run (the rest were already in the output: resumed)
+    tiles_this_run: int = 0
+    tokens_this_run: int = 0
+    score_histograms: dict[str, list[int]] = field(default_factory=dict)  # per criterion, 10 bins over [0, 1]
+    rows_passed: int | None = None
+    objects_taken: int | None = None  # incremental runs: new or changed objects this run took
+    # Fraction of the model replicas' time (from loaded to their last batch) spent running batches, not waiting
+    # for input: near 1 means the CPU stage keeps up; per replica: batches, busy_s, span_s.
+    model_busy_fraction: float | None = None
+    replicas: dict[str, dict[str, float]] = field(default_factory=dict)
+    finished_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+
+    @property
+    def samples_per_s(self) -> float:
+        """Rows processed by this run per second of its wall time."""
+        return self.rows_this_run / self.wall_s if self.wall_s > 0 else 0.0
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data.update(
+            samples_per_s=round(self.samples_per_s, 3),
+            tokens_per_s=round(self.tokens_this_run / self.wall_s, 3) if self.wall_s > 0 else 0.0,
+            tiles_per_s=round(self.tiles_this_run / self.wall_s, 3) if self.wall_s > 0 else 0.0,
+        )
+        return json.dumps(data, indent=2, sort_keys=True)

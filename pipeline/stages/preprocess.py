@@ -1,0 +1,87 @@
+"""CPU stage: read bytes through fsspec, decode, tile images / sample and tile video frames; uint8 tiles out."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.config import JobConfig
+from pipeline.errors import ErrorType, MediaError
+from pipeline.io.schema import PREPROCESS_SCHEMA, to_table
+from pipeline.io.storage import extension, read_bytes
+from pipeline.media.decode import image_tiles, video_tiles
+from pipeline.media.sandbox import isolated
+from pipeline.media.video import VIDEO_EXTENSIONS, looks_like_video
+from pipeline.stages.base import Batch, as_list, require_columns
+
+
+class Preprocess:
+    """Reads `id`, `uri` (and `uris`); adds the PREPROCESS_SCHEMA columns (`pixels`, tile counts, media facts,
+    status); passes every other column through. A bad sample becomes a row with status error, never an exception.
+
+    Decoding runs in a child process for the media `decode.isolate` names (video by default: decoders of
+    containers and codecs are where crashes and hangs come from)."""
+
+    reads = ("id", "uri")
+    adds = tuple(PREPROCESS_SCHEMA.names)
+
+    def __init__(self, job: JobConfig) -> None:
+        self.tiling = job.tiling
+        self.video = job.video
+        self.storage = dict(job.storage)
+        decode = job.decode
+        sandboxed = {"timeout_s": decode.timeout_s, "attempts": decode.attempts}
+        self.image_tiles = isolated(image_tiles, **sandboxed) if decode.isolate == "all" else image_tiles
+        self.video_tiles = isolated(video_tiles, **sandboxed) if decode.isolate in ("all", "video") else video_tiles
+
+    def read(self, uri: str) -> bytes:
+        """Bytes of one object; missing objects and storage failures become classified errors."""
+        try:
+            return read_bytes(uri, self.storage)
+        except FileNotFoundError:
+            raise MediaError(ErrorType.NOT_FOUND, f"no such object: {uri}") from None
+        except (OSError, ValueError) as err:
+            raise MediaError(ErrorType.READ_ERROR, f"could not read {uri}: {type(err).__name__}: {err}") from None
+
+    def _images(self, uris: list[str]) -> dict[str, Any]:
+        """Several images share the tile budget (max_tiles // n each, as InternVL 2.5 does) and the visual-token
+        budget (an equal share each)."""
+        budget = max(1, self.tiling.max_tiles // len(uris))
+        tokens = self.tiling.max_tokens_per_sample // len(uris) if self.tiling.max_tokens_per_sample else None
+        done = [self.image_tiles(self.read(u), self.tiling, budget, tokens) for u in uris]
+        return dict(pixels=np.concatenate([d[0] for d in done]), tiles_per_image=[len(d[0]) for d in done],
+                    media_type="image" if len(uris) == 1 else "images", width=done[0][1], height=done[0][2])
+
+    def prepare(self, uri: str, uris: list[str] | None = None) -> dict[str, Any]:
+        """Everything the CPU stage adds for one sample; failures become an error row."""
+        start = time.perf_counter()
+        row: dict[str, Any] = {f.name: None for f in PREPROCESS_SCHEMA}
+        row.update(num_tiles=0, status="ok")
+        try:
+            if uris and len(uris) > 1:
+                row.update(self._images(uris))
+            else:
+                data = self.read(uri)
+                if extension(uri) in VIDEO_EXTENSIONS or looks_like_video(data):
+                    row.update(self.video_tiles(data, self.video, self.tiling))
+                else:
+                    pixels, width, height = self.image_tiles(data, self.tiling, self.tiling.max_tiles,
+                                                             self.tiling.max_tokens_per_sample)
+                    row.update(pixels=pixels, tiles_per_image=[len(pixels)], media_type="image", width=width, height=height)
+            row["num_tiles"] = len(row["pixels"])
+            row["pixels"] = row["pixels"].tobytes()
+        except MediaError as err:
+            row.update(pixels=None, status="error", error_type=str(err.error_type), error_message=str(err))
+        row["preprocess_ms"] = (time.perf_counter() - start) * 1000.0
+        return row
+
+    def __call__(self, batch: Batch) -> pa.Table:
+        require_columns(batch, "preprocess", self.reads)
+        uris = batch.get("uris")
+        rows = [self.prepare(str(u), as_list(uris[i]) if uris is not None else None) for i, u in enumerate(batch["uri"])]
+        added = {f.name: [r[f.name] for r in rows] for f in PREPROCESS_SCHEMA}
+        passthrough = {k: v for k, v in batch.items() if k not in added}
+        return to_table({**added, **passthrough}, PREPROCESS_SCHEMA)

@@ -1,0 +1,74 @@
+"""Write stage: each batch of output rows becomes one Parquet shard (named from its ids); one stats row back.
+
+A score job with `output_passed` also writes the passing rows, with only their input columns, as a shard of the
+same name there: a manifest ready for the next stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.config import JobConfig
+from pipeline.io.schema import OUTPUT_SCHEMA, Totals
+from pipeline.io.shards import write_shard
+from pipeline.stages.base import require_columns
+from pipeline.stages.model_stage import BATCH_COLUMN, BATCH_TYPE
+
+
+@dataclass
+class ShardStats(Totals):
+    """What one write did: the shard's name (empty if nothing was left to write), its totals, the model batches."""
+
+    file: str = ""
+    batches: list[dict[str, Any]] = field(default_factory=list)  # replica, ready, start, end
+
+    def to_table(self) -> pa.Table:
+        return pa.Table.from_pylist([asdict(self)], schema=SHARD_STATS_SCHEMA)
+
+    @classmethod
+    def from_row(cls, row: Any) -> ShardStats:
+        """From a row of the stats table as Ray Data yields it (a map column may arrive as pairs)."""
+        errors = row["errors"]
+        return cls(file=row["file"], rows=int(row["rows"]), ok=int(row["ok"]),
+                   errors={str(k): int(v) for k, v in (errors.items() if isinstance(errors, dict) else errors or [])},
+                   tiles=int(row["tiles"]), input_tokens=int(row["input_tokens"]),
+                   generated_tokens=int(row["generated_tokens"]), batches=[dict(b) for b in row["batches"] or []])
+
+
+SHARD_STATS_SCHEMA = pa.schema([
+    ("file", pa.string()), ("rows", pa.int64()), ("ok", pa.int64()), ("errors", pa.map_(pa.string(), pa.int64())),
+    ("tiles", pa.int64()), ("input_tokens", pa.int64()), ("generated_tokens", pa.int64()),
+    ("batches", pa.list_(BATCH_TYPE)),
+])
+
+
+class WriteShards:
+    """Reads the output columns; writes them, skipping rows a resumed run finds already written."""
+
+    def __init__(self, job: JobConfig, input_columns: list[str] | None = None, skip_ids: list[str] | None = None) -> None:
+        self.job = job
+        self.input_columns = input_columns or ["id", "uri"]
+        self.skip_ids = pa.array(skip_ids or [], pa.string())  # rows a resumed run finds already written
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        require_columns(batch.column_names, "write", OUTPUT_SCHEMA.names)
+        batches: list[dict[str, Any]] = []
+        if BATCH_COLUMN in batch.column_names:
+            batches = [b for b in batch.column(BATCH_COLUMN).to_pylist() if b is not None]
+            batch = batch.drop_columns([BATCH_COLUMN])
+        if len(self.skip_ids):
+            batch = batch.filter(pc.invert(pc.is_in(batch.column("id"), value_set=self.skip_ids)))
+        stats = ShardStats.count(batch, batches=batches)
+        if batch.num_rows == 0:
+            return stats.to_table()
+        stats.file = write_shard(batch, self.job.output, self.job.storage)
+        if self.job.output_passed:
+            kept = batch.filter(pc.fill_null(batch.column("passed"), False))
+            if kept.num_rows:
+                columns = [c for c in self.input_columns if c in kept.column_names]
+                write_shard(kept.select(columns), self.job.output_passed, self.job.storage)
+        return stats.to_table()

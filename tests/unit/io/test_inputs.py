@@ -1,0 +1,93 @@
+"""Input listing: prefixes, globs and manifests become rows with stable ids; malformed manifests are named."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline.errors import InputError
+from pipeline.io.inputs import derive_id, list_inputs
+
+
+@pytest.fixture()
+def folder(tmp_path):
+    (tmp_path / "sub").mkdir()
+    for name in ["b.jpg", "a.png", "sub/c.webp"]:
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    (tmp_path / "notes.txt").write_text("not media")
+    return tmp_path
+
+
+def test_prefix_lists_media_sorted_with_stable_ids(folder):
+    listing = list_inputs(str(folder))
+    uris = listing.table.column("uri").to_pylist()
+    assert [u.rsplit("/", 1)[-1] for u in uris] == ["a.png", "b.jpg", "c.webp"]
+    assert listing.skipped == {".txt": 1}
+    assert listing.table.column("id").to_pylist() == [derive_id(u) for u in uris]
+    assert list_inputs(str(folder)).table.equals(listing.table)
+
+
+def test_glob(folder):
+    listing = list_inputs(str(folder / "*.jpg"))
+    assert [u.rsplit("/", 1)[-1] for u in listing.table.column("uri").to_pylist()] == ["b.jpg"]
+
+
+def test_missing_input(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        list_inputs(str(tmp_path / "nothing-here"))
+
+
+def test_jsonl_manifest_passthrough_and_ids(folder, tmp_path):
+    manifest = tmp_path / "m.jsonl"
+    rows = [
+        {"uri": str(folder / "a.png"), "question": "What colour?", "source": "web", "score": 0.5},
+        {"uri": str(folder / "a.png"), "question": "How many?", "source": "web", "score": 0.7},
+        {"id": "given-1", "uri": str(folder / "b.jpg"), "question": "Why?", "source": "cam", "score": 0.1},
+    ]
+    manifest.write_text("\n".join(json.dumps(r) for r in rows))
+    table = list_inputs(str(manifest)).table
+    ids = table.column("id").to_pylist()
+    assert ids[2] == "given-1" and ids[0] != ids[1]  # same image, two questions: two ids
+    assert table.column("source").to_pylist() == ["web", "web", "cam"]
+    assert table.column_names[:2] == ["id", "uri"]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_csv_and_parquet_manifests(folder, tmp_path, fmt):
+    table = pa.table({"uri": [str(folder / "a.png"), str(folder / "b.jpg")], "label": ["x", "y"]})
+    path = tmp_path / f"m.{fmt}"
+    if fmt == "csv":
+        path.write_text("uri,label\n" + "\n".join(f"{u},{l}" for u, l in zip(*table.to_pydict().values())))
+    else:
+        pq.write_table(table, path)
+    out = list_inputs(str(path)).table
+    assert out.num_rows == 2 and out.column("label").to_pylist() == ["x", "y"]
+
+
+def test_manifest_without_uri(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"url": "x.jpg"}\n')
+    with pytest.raises(InputError, match="no 'uri' \(or 'uris'\) column"):
+        list_inputs(str(path))
+
+
+def test_manifest_duplicate_ids(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"id": "1", "uri": "a.jpg"}\n{"id": "1", "uri": "b.jpg"}\n')
+    with pytest.raises(InputError, match="'1' appears more than once"):
+        list_inputs(str(path))
+
+
+def test_manifest_reserved_column(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"uri": "a.jpg", "status": "new"}\n')
+    with pytest.raises(InputError, match="status"):
+        list_inputs(str(path))
+
+
+def test_relative_uris_resolve_against_the_manifest(folder):
+    (folder / "m.csv").write_text("uri\na.png\nsub/c.webp\n")
+    uris = list_inputs(str(folder / "m.csv")).table.column("uri").to_pylist()
+    assert uris == [f"{folder}/a.png", f"{folder}/sub/c.webp"]

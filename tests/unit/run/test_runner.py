@@ -1,0 +1,96 @@
+"""Resource planning and expected output rows, without starting Ray."""
+
+import pytest
+
+from pipeline.config import parse_job
+from pipeline.errors import RunError
+from pipeline.run.dataset import input_rows
+from pipeline.run.plan import expected_ids
+from pipeline.run.resources import MIN_OBJECT_STORE, TILE_BYTES, object_store_budget, plan_resources
+
+BASE = {"task": "caption", "input": "in", "output": "out", "model": "m"}
+
+
+def test_cpu_cluster_leaves_cpus_for_preprocessing():
+    r = plan_resources(parse_job(BASE, overrides=["compute.replicas=2"]), cluster_cpus=8, cluster_gpus=0)
+    assert (r.replicas, r.gpus_per_replica, r.cpu_workers) == ((2, 2), 0.0, 6)
+
+
+def test_gpu_cluster_puts_replicas_on_gpus():
+    r = plan_resources(parse_job(BASE, overrides=["compute.replicas=4"]), cluster_cpus=32, cluster_gpus=4)
+    assert (r.gpus_per_replica, r.cpu_workers) == (1.0, 32)
+
+
+def test_explicit_cpu_workers_and_cpu_device_on_gpu_cluster():
+    job = parse_job(BASE, overrides=["compute.device=cpu", "compute.cpu_workers=3"])
+    r = plan_resources(job, cluster_cpus=16, cluster_gpus=8)
+    assert (r.gpus_per_replica, r.cpu_workers) == (0.0, 3)
+
+
+def test_cuda_without_gpus_is_refused():
+    with pytest.raises(RunError, match="GPUs"):
+        plan_resources(parse_job(BASE, overrides=["compute.device=cuda"]), cluster_cpus=4, cluster_gpus=0)
+
+
+def test_object_store_budget_is_a_few_batches_of_the_largest_samples_per_replica():
+    def budget(*overrides):
+        job = parse_job(BASE, overrides=list(overrides))
+        return object_store_budget(job, plan_resources(job, cluster_cpus=64, cluster_gpus=8))
+
+    assert budget() == 8 * 8 * 13 * TILE_BYTES  # 8 batches of 8 samples of 12 tiles + thumbnail: 478 MiB
+    assert budget("compute.batch_size=2") == MIN_OBJECT_STORE
+    assert budget("compute.replicas=[1, 4]", "compute.batch_size=16") == 8 * 16 * 13 * TILE_BYTES * 4
+    assert budget("compute.batch_size=16", "video.num_frames=32") == 8 * 16 * 32 * TILE_BYTES
+    assert budget("compute.object_store_mb=100") == 100 * 1024**2
+    job = parse_job(BASE)
+    resources = plan_resources(job, cluster_cpus=4, cluster_gpus=0)
+    assert object_store_budget(job, resources, cluster_store=400 * 1024**2) == 200 * 1024**2  # half the cluster's store
+    with pytest.raises(Exception, match="object_store_mb"):
+        parse_job(BASE, overrides=["compute.object_store_mb=1"])
+
+
+def test_input_rows_are_lazy_read_tasks_carrying_only_their_rows():
+    import pyarrow as pa
+    from ray import cloudpickle  # how Ray ships a read task
+
+    rows = pa.table({"id": [f"{i:06d}" for i in range(10_000)], "uri": [f"s3://bucket/images/{i:06d}.jpg" for i in range(10_000)]})
+    tasks = input_rows(rows, per_block=16).get_read_tasks(parallelism=1)
+    assert len(tasks) == 625 and [t.metadata.num_rows for t in tasks[-2:]] == [16, 16]
+    blocks = [block for task in tasks for block in task()]
+    assert pa.concat_tables(blocks).equals(rows)
+    assert len(cloudpickle.dumps(tasks[3])) < 10_000  # a slice of the listing would pickle all 10k rows (~400 KB)
+
+
+def test_expected_ids_one_per_question():
+    import pyarrow as pa
+
+    rows = pa.table({"id": ["a", "b", "c"], "questions": [["q1", "q2"], None, []]})
+    job = parse_job({**BASE, "task": "vqa", "questions": ["x", "y", "z"]})
+    assert expected_ids(job, rows) == [["a#0", "a#1"], ["b#0", "b#1", "b#2"], ["c#0", "c#1", "c#2"]]
+    assert expected_ids(parse_job(BASE), pa.table({"id": ["a"]})) == [["a"]]
+
+
+def test_metrics_count_rows_by_status_and_error_type(monkeypatch):
+    import pipeline.run.metrics as runner
+    from pipeline.stages.write import ShardStats
+
+    class FakeCounter:
+        made: dict = {}
+
+        def __init__(self, name, description="", tag_keys=()):
+            self.calls = []
+            FakeCounter.made[name] = self
+
+        def inc(self, value, tags=None):
+            self.calls.append((value, tags))
+
+    import ray.util.metrics
+
+    monkeypatch.setattr(ray.util.metrics, "Counter", FakeCounter)
+    monkeypatch.setattr(runner, "_METRICS", {})
+    runner.record_metrics(ShardStats(ok=3, errors={"decode_error": 1, "not_found": 2}, tiles=10, generated_tokens=0))
+    rows = FakeCounter.made["internvl_batch_rows"].calls
+    assert sorted((v, t["status"], t["error_type"]) for v, t in rows) == [
+        (1, "error", "decode_error"), (2, "error", "not_found"), (3, "ok", "")]
+    assert FakeCounter.made["internvl_batch_tiles"].calls == [(10, None)]
+    assert FakeCounter.made["internvl_batch_generated_tokens"].calls == []

@@ -1,0 +1,116 @@
+"""Job files are validated up front: unknown keys, bad values and credentials are named; exit code 2."""
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.config import load_job, parse_job
+from pipeline.errors import JobError
+from tests.conftest import REPO
+
+BASE = {"task": "caption", "input": "/data/in", "output": "/data/out", "model": "/models/tiny"}
+
+
+def test_defaults():
+    job = parse_job(BASE)
+    assert (job.tiling.max_tiles, job.tiling.min_tiles, job.tiling.thumbnail) == (12, 1, True)
+    assert job.generation.do_sample is False and job.compute.device == "auto" and job.compute.dtype == "auto"
+    assert job.effective_prompt == "Describe the image in detail."
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(JobError) as err:
+        parse_job({**BASE, "tiling": {"max_tile": 4}})
+    msg = str(err.value)
+    assert "tiling.max_tile: unknown key" in msg and "max_tiles, max_tokens_per_sample, min_tiles, mode, thumbnail" in msg
+
+
+def test_unknown_top_level_key():
+    with pytest.raises(JobError, match=r"modle: unknown key; valid keys here: .*model"):
+        parse_job({**BASE, "modle": "x"})
+
+
+def test_every_error_names_its_field():
+    with pytest.raises(JobError) as err:
+        parse_job({"task": "translate", "input": "x", "tiling": {"max_tiles": 0}, "compute": {"device": "tpu"}})
+    msg = str(err.value)
+    for field in ("task:", "output: required", "model: required", "tiling.max_tiles:", "compute.device:"):
+        assert field in msg
+
+
+def test_min_above_max_tiles():
+    with pytest.raises(JobError, match="min_tiles"):
+        parse_job({**BASE, "tiling": {"min_tiles": 8, "max_tiles": 4}})
+
+
+@pytest.mark.parametrize("key", ["key", "secret", "aws_secret_access_key"])
+def test_credentials_refused_in_storage(key):
+    with pytest.raises(JobError, match="credential") as err:
+        parse_job({**BASE, "storage": {key: "AKIAVERYSECRET"}})
+    assert "AKIAVERYSECRET" not in str(err.value)
+
+
+def test_vqa_prompt_needs_question_placeholder():
+    with pytest.raises(JobError, match=r"\{question\}"):
+        parse_job({**BASE, "task": "vqa", "prompt": "Answer briefly."})
+    assert parse_job({**BASE, "task": "vqa"}).effective_prompt == "{question}"
+
+
+def test_overrides_are_typed():
+    job = parse_job(BASE, overrides=["compute.batch_size=16", "tiling.thumbnail=false", "prompt=Say hi"])
+    assert job.compute.batch_size == 16 and job.tiling.thumbnail is False and job.prompt == "Say hi"
+
+
+def test_fingerprint_tracks_results_not_resources():
+    a = parse_job(BASE)
+    assert a.fingerprint() == parse_job(BASE, overrides=["compute.replicas=4", "output=/elsewhere"]).fingerprint()
+    assert a.fingerprint() != parse_job(BASE, overrides=["tiling.max_tiles=6"]).fingerprint()
+    assert a.fingerprint() != parse_job(BASE, overrides=["generation.max_new_tokens=7"]).fingerprint()
+
+
+def test_cli_bad_job_exits_2_and_writes_nothing(tmp_path):
+    job = tmp_path / "job.yaml"
+    out = tmp_path / "out"
+    job.write_text(yaml.safe_dump({**BASE, "output": str(out), "generation": {"max_new_token": 5}}))
+    result = CliRunner().invoke(app, ["run", str(job)])
+    assert result.exit_code == 2
+    assert "generation.max_new_token: unknown key" in result.output
+    assert not out.exists()
+
+
+def test_cli_missing_job_file(tmp_path):
+    result = CliRunner().invoke(app, ["run", str(tmp_path / "nope.yaml")])
+    assert result.exit_code == 2 and "no such job file" in result.output
+
+
+def test_examples_in_jobs_folder_are_valid():
+
+    jobs = sorted((REPO / "jobs").glob("*.yaml"))
+    assert jobs, "jobs/ has no examples"
+    for path in jobs:
+        load_job(path)
+
+
+def test_score_job_keys():
+    job = parse_job({**BASE, "task": "score", "prompt": "Is it blurry?", "filter": {"min_score": 0.5}})
+    assert job.score_criteria()[0].answers == ["yes", "no"] and job.has_filter
+    with pytest.raises(JobError, match="only for task score"):
+        parse_job({**BASE, "labels": ["a", "b"]})
+    with pytest.raises(JobError, match="needs the question"):
+        parse_job({**BASE, "task": "score"})
+    with pytest.raises(JobError, match="labels or scale"):
+        parse_job({**BASE, "task": "score", "prompt": "q", "labels": ["a", "b"], "scale": {"min": 0, "max": 3}})
+    with pytest.raises(JobError, match=r"criteria\.0\.name"):
+        parse_job({**BASE, "task": "score", "criteria": [{"name": "Bad Name", "prompt": "q"}]})
+    with pytest.raises(JobError, match="distinct"):
+        parse_job({**BASE, "task": "score", "criteria": [{"name": "a", "prompt": "q"}, {"name": "a", "prompt": "r"}]})
+    with pytest.raises(JobError, match="need a scale"):
+        parse_job({**BASE, "task": "score", "criteria": [{"name": "a", "prompt": "q", "filter": {"min_rating": 3}}]})
+
+
+def test_models_command_lists_the_seed_families():
+    result = CliRunner().invoke(app, ["models"])
+    assert result.exit_code == 0
+    for name in ("InternVL3-1B", "InternVL3-78B", "InternVL2_5-26B", "Mini-InternVL-Chat-4B-V1-5", "Phi-3-mini"):
+        assert name in result.output
