@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 
 from pipeline.config import JobConfig
-from pipeline.errors import JobError, ModelLoadError, RunError
+from pipeline.errors import JobError, RunError
 from pipeline.io.markers import JOB_FILE, SUCCESS_FILE, remove_marker, write_marker
 from pipeline.run.dataset import build_dataset
 from pipeline.run.plan import RunPlan
@@ -105,14 +105,18 @@ def execute(job: JobConfig, plan: RunPlan, echo: Callable[[str], None], *, start
                 echo(f"[{written}/{plan.rows_todo}] {shard.file}: {shard.rows} rows, {shard.rows - shard.ok} errors "
                      f"({written / (time.perf_counter() - started):.2f} rows/s)")
     except Exception as err:  # noqa: BLE001 - Ray wraps the cause; report it, keep what was written
-        load_error = find_cause(err, ModelLoadError)
-        if load_error is not None:
-            raise RunError(f"the run stopped: ModelLoadError: {load_error}. The {written} rows written so far are "
-                           "kept; fix the model and re-run.") from err
+        from ray.exceptions import RayActorError
+
+        kept = f"The {written} rows written so far are kept"
+        died = find_cause(err, RayActorError)
+        if died is not None and died.actor_init_failed:  # a model stage actor's constructor: the replica's load
+            # Ray keeps only the text of an actor's creation error: its last line names the exception raised there.
+            cause = (died.error_msg or "").strip().splitlines()[-1:] or [str(died)]
+            raise RunError(f"the run stopped: a model replica could not start: {cause[0]}. {kept}; fix the model "
+                           "and re-run.") from err
         text = str(err).strip()
         cause = text.splitlines()[-1] if text else ""
-        raise RunError(f"the run stopped: {type(err).__name__}: {cause}. The {written} rows written so far are kept; "
-                       "re-run the same job to resume.") from err
+        raise RunError(f"the run stopped: {type(err).__name__}: {cause}. {kept}; re-run the same job to resume.") from err
     finally:
         if resources.tp > 1:
             remove_replica_groups()

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.io.schema import OUTPUT_SCHEMA
 from tests.conftest import pattern_image
+from tests.helpers import read_output
 
 pytestmark = pytest.mark.integration
 
@@ -43,13 +44,6 @@ def run_cli(tmp_path, job: dict, *extra: str):
     return CliRunner().invoke(app, ["run", str(path), *extra])
 
 
-def read_output(fs: s3fs.S3FileSystem, prefix: str):
-    fs.invalidate_cache()  # an overwrite may rewrite a shard under the same name
-    files = sorted(fs.glob(f"{prefix}/part-*.parquet"))
-    assert files, f"no shards under {prefix}"
-    return pq.ParquetDataset(files, filesystem=fs).read()
-
-
 def prompt_overhead(tiny_model) -> int:
     """Tokens of the rendered chat template besides the image (the image placeholder itself is one token)."""
     from transformers import AutoTokenizer
@@ -67,7 +61,7 @@ def test_caption_images_from_s3_to_s3(s3, s3_server, tiny_model, tmp_path):
     }
     result = run_cli(tmp_path, job)
     assert result.exit_code == 0, result.output
-    table = read_output(s3, "bucket/e2e/captions")
+    table = read_output("bucket/e2e/captions", s3)
     assert table.schema.names[: len(OUTPUT_SCHEMA)] == OUTPUT_SCHEMA.names
     rows = {r["uri"].rsplit("/", 1)[-1]: r for r in table.to_pylist()}
     assert sorted(rows) == sorted([*IMAGES, "broken.jpg"])  # one row per input; the .txt is not an input
@@ -102,7 +96,7 @@ def test_caption_images_from_s3_to_s3(s3, s3_server, tiny_model, tmp_path):
     changed = run_cli(tmp_path, job, "--set", "tiling.max_tiles=6")
     assert changed.exit_code == 2 and "another configuration" in changed.output and "overwrite" in changed.output
     assert run_cli(tmp_path, job, "--set", "overwrite=true", "--set", "tiling.max_tiles=6").exit_code == 0
-    assert read_output(s3, "bucket/e2e/captions").num_rows == 4
+    assert read_output("bucket/e2e/captions", s3).num_rows == 4
 
 
 def test_vqa_manifest_with_passthrough(s3, tiny_model, tmp_path):
@@ -120,7 +114,7 @@ def test_vqa_manifest_with_passthrough(s3, tiny_model, tmp_path):
     }
     result = run_cli(tmp_path, job)
     assert result.exit_code == 0, result.output
-    rows = sorted(read_output(s3, "bucket/e2e/vqa-out").to_pylist(), key=lambda r: r["rank"])
+    rows = sorted(read_output("bucket/e2e/vqa-out", s3).to_pylist(), key=lambda r: r["rank"])
     assert [r["source"] for r in rows] == ["a", "b", "c", "d"]
     assert rows[0]["prompt"] == "What colour is it? Answer briefly." and rows[0]["question"] == "What colour is it?"
     assert rows[0]["id"] != rows[1]["id"] and rows[2]["id"] == "mine"
@@ -161,7 +155,7 @@ def test_mixed_images_and_videos_from_s3(s3, tiny_model, tmp_path):
            "generation": {"max_new_tokens": 3}, "video": {"num_frames": 4}}
     result = run_cli(tmp_path, job)
     assert result.exit_code == 0, result.output
-    rows = {r["uri"].rsplit("/", 1)[-1]: r for r in read_output(s3, "bucket/mixed-out").to_pylist()}
+    rows = {r["uri"].rsplit("/", 1)[-1]: r for r in read_output("bucket/mixed-out", s3).to_pylist()}
     assert sorted(rows) == ["a.jpg", "b.mp4", "c.webm", "d.mkv"]
     assert rows["a.jpg"]["media_type"] == "image" and rows["a.jpg"]["num_frames"] is None
     mp4 = rows["b.mp4"]
@@ -194,7 +188,7 @@ def test_manifest_with_uris_and_questions(s3, tiny_model, tmp_path):
            "model": str(tiny_model), "questions": ["What is shown?"], "generation": {"max_new_tokens": 3}}
     result = run_cli(tmp_path, job)
     assert result.exit_code == 0, result.output
-    out = {r["id"]: r for r in read_output(s3, "bucket/e2e/multi-out").to_pylist()}
+    out = {r["id"]: r for r in read_output("bucket/e2e/multi-out", s3).to_pylist()}
     assert sorted(out) == ["pair#0", "pair#1", "single"]
     assert [out[f"pair#{k}"]["question"] for k in (0, 1)] == ["Which one is larger?", "Are they the same?"]
     assert out["single"]["question"] == "What is shown?" and out["single"]["question_index"] == 0
@@ -220,12 +214,12 @@ def test_filter_job_writes_scores_and_passed_subset(s3, tiny_model, tmp_path):
                         {"name": "quality", "prompt": "Rate the quality 0-9.", "scale": {"min": 0, "max": 9}}]}
     result = run_cli(tmp_path, job)
     assert result.exit_code == 0, result.output
-    scored = read_output(s3, "bucket/filter/scored")
+    scored = read_output("bucket/filter/scored", s3)
     rows = {r["source"]: r for r in scored.to_pylist()}
     assert all(rows[s]["status"] == "ok" and 0 <= rows[s]["score_blurry"] <= 1 and 0 <= rows[s]["rating_quality"] <= 9
                for s in "abc")
     assert rows["d"]["status"] == "error" and rows["d"]["passed"] is False
-    passed = read_output(s3, "bucket/filter/passed")
+    passed = read_output("bucket/filter/passed", s3)
     assert sorted(passed.column("source").to_pylist()) == ["a", "b", "c"]
     assert passed.column_names == ["id", "uri", "source"]  # the input's columns: a manifest for the next stage
     success = json.loads(s3.cat("bucket/filter/scored/_SUCCESS.json"))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 
-import pyarrow.parquet as pq
 import pytest
 import s3fs
 import yaml
@@ -15,6 +14,7 @@ from pipeline.cli import app
 from pipeline.errors import LockedError
 from pipeline.io.incremental import new_or_changed, object_version, run_lock
 from tests.conftest import pattern_image
+from tests.helpers import output_rows
 
 pytestmark = pytest.mark.integration
 
@@ -60,8 +60,7 @@ def test_add_three_change_one_processes_exactly_four(s3_server, ray_local, tiny_
     assert "4 of 8 objects are new or changed" in second.output
     success = json.loads(fs.cat("bucket/nightly/out/_SUCCESS.json"))
     assert success["objects_taken"] == 4 and success["rows_out"] == 9  # 5 + 4: the changed object has a new row
-    fs.invalidate_cache()
-    rows = [r for f in fs.glob("bucket/nightly/out/part-*.parquet") for r in pq.read_table(f, filesystem=fs).to_pylist()]
+    rows = output_rows("bucket/nightly/out", fs)
     assert len({r["id"] for r in rows}) == 9 and sum(r["uri"].endswith("/0.png") for r in rows) == 2
     runs = fs.glob("bucket/nightly/out/_runs/*.json")
     assert sorted(json.loads(fs.cat(r))["objects_taken"] for r in runs) == [4, 5]

@@ -11,12 +11,12 @@ import sys
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 import yaml
 from PIL import Image
 
 from tests.conftest import DATA, pattern_image
+from tests.helpers import output_rows, read_output
 from tests.media import make_video
 
 pytestmark = pytest.mark.integration
@@ -46,10 +46,6 @@ def shards(out: Path) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
 
 
-def read_rows(out: Path) -> list[dict]:
-    return [r for p in sorted(out.glob("part-*.parquet")) for r in pq.read_table(p).to_pylist()]
-
-
 def ray_pids(tag: str) -> list[int]:
     out = subprocess.run(["pgrep", "-f", tag], capture_output=True, text=True).stdout.split()
     return [int(p) for p in out]
@@ -77,14 +73,14 @@ def test_driver_killed_then_rerun_resumes_exactly_once(images, tiny_model, tmp_p
     before: dict[str, int] = {}
     wait_for(lambda: (before.update(shards(out)) or True) and time.sleep(3) is None and shards(out) == before, 60,
              "the killed run's workers to stop writing")
-    assert 2 <= len(read_rows(out)) < 14
+    assert 2 <= len(output_rows(out)) < 14
     assert not (out / "_SUCCESS.json").exists()
 
     second = start_job(job, tmp_path)
     log, _ = second.communicate(timeout=600)
     assert second.returncode == 0, log
     assert "resuming:" in log
-    rows = read_rows(out)
+    rows = output_rows(out)
     assert len(rows) == 14 and len({r["id"] for r in rows}) == 14
     assert {Path(r["uri"]).name for r in rows} == {p.name for p in images.iterdir()}
     after = shards(out)
@@ -108,7 +104,7 @@ def test_model_actor_killed_mid_job_is_replaced(images, tiny_model, tmp_path):
         if run.poll() is None:
             os.killpg(run.pid, signal.SIGKILL)
     assert run.returncode == 0, log
-    rows = read_rows(out)
+    rows = output_rows(out)
     assert len(rows) == 14 and len({r["id"] for r in rows}) == 14 and all(r["status"] == "ok" for r in rows)
 
 
@@ -157,7 +153,7 @@ def test_broken_and_unusual_media_become_rows(tiny_model, tmp_path):
     run = start_job(job, tmp_path)
     log, _ = run.communicate(timeout=600)
     assert run.returncode == 0, log
-    rows = {Path(r["uri"]).name: r for r in read_rows(out)}
+    rows = {Path(r["uri"]).name: r for r in output_rows(out)}
     assert sorted(rows) == sorted(corpus)  # one row per input
     for name, (_, expected) in corpus.items():
         row = rows[name]
@@ -225,8 +221,7 @@ def test_s3_throttling_is_retried_and_wrong_credentials_fail_fast(s3_server, tin
                              env=env, timeout=600)
         assert run.returncode == 0, run.stdout + run.stderr
         assert proxy.counts["failed"] >= 5, proxy.counts  # the faults really happened
-    files = fs.glob("bucket/flaky/out/part-*.parquet")
-    ids = [i for f in files for i in pq.read_table(f, filesystem=fs, columns=["id"]).column("id").to_pylist()]
+    ids = read_output("bucket/flaky/out", fs, columns=["id"]).column("id").to_pylist()
     assert len(ids) == 6 and len(set(ids)) == 6
 
     env = {**clean_env(), **s3_server.env(), "AWS_SECRET_ACCESS_KEY": "wrong-secret"}

@@ -14,7 +14,6 @@ import threading
 import time
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import parse_job
@@ -22,6 +21,7 @@ from pipeline.errors import RunError
 from pipeline.run.replica import device_layout, replica_bundles, replica_resources
 from pipeline.run.resources import plan_resources
 from tests.conftest import REPO, pattern_image
+from tests.helpers import output_rows
 
 BASE = {"task": "caption", "input": "in", "output": "out", "model": "m"}
 SHARDED = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # split by output rows
@@ -135,7 +135,7 @@ def _run_and_kill(job: dict, pattern: str, out, kill_one: bool = True):
     os.kill(victims[0] if kill_one else victims[-1], signal.SIGKILL)
     runner.join(900)
     assert "summary" in result, "the job did not finish"
-    rows = [r for p in out.glob("part-*.parquet") for r in pq.read_table(p).to_pylist()]
+    rows = output_rows(out)
     return result["summary"], rows
 
 

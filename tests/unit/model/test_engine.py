@@ -17,6 +17,7 @@ from pipeline.model.engine import InternVLEngine
 from pipeline.stages.generate import Generate
 from pipeline.stages.preprocess import Preprocess
 from tests.conftest import pattern_image
+from tests.helpers import vision_calls
 
 MAX_NEW_TOKENS = 10
 # 448x448 -> 1 tile; 1344x896 -> 3x2 grid + thumbnail = 7; 1792x1344 -> 4x3 grid + thumbnail = 13
@@ -225,13 +226,8 @@ def test_video_multi_image_and_questions_batched_equal_single(engine, tiny_model
         "question": np.array([None, "Which is bigger?", None], dtype=object),
     }
     prepared = numpy_batch(Preprocess(job)(batch))
-    calls = []
-    hook = engine.model.model.vision_tower.register_forward_hook(
-        lambda module, args, kwargs, out: calls.append(kwargs["pixel_values"].shape[0]), with_kwargs=True)
-    try:
+    with vision_calls(engine) as calls:
         rows = Generate(job, engine=engine)(prepared).to_pylist()
-    finally:
-        hook.remove()
     assert [(r["id"], r["sample_id"], r["question_index"]) for r in rows] == [
         ("vid#0", "vid", 0), ("vid#1", "vid", 1), ("vid#2", "vid", 2), ("pair", "pair", 0), ("one", "one", 0)]
     video, pair = rows[0], rows[3]

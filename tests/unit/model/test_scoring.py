@@ -13,6 +13,7 @@ from pipeline.model.scoring import evaluate, histogram, label_token_ids, normali
 from pipeline.stages.preprocess import Preprocess
 from pipeline.stages.score import Score
 from tests.conftest import pattern_image
+from tests.helpers import vision_calls
 from tests.media import make_video
 from tests.unit.model.test_engine import numpy_batch
 
@@ -85,13 +86,8 @@ def test_criteria_ratings_and_filter(engine, batch):
         {"name": "aesthetic", "prompt": "Rate the aesthetic quality 0-9.", "scale": {"min": 0, "max": 9},
          "filter": {"min_rating": 0}},
     ]})
-    calls = []
-    hook = engine.model.model.vision_tower.register_forward_hook(
-        lambda module, args, kwargs, out: calls.append(kwargs["pixel_values"].shape[0]), with_kwargs=True)
-    try:
+    with vision_calls(engine) as calls:
         rows = Score(job, engine=engine)(batch).to_pylist()
-    finally:
-        hook.remove()
     assert calls == [1 + 7 + 4]  # the vision tower ran once over the three samples, for both criteria
     row = rows[0]
     probs = dict(row["label_probs_aesthetic"])

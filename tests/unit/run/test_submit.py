@@ -33,6 +33,7 @@ from pipeline.run.submit import (
     submit_job,
 )
 from tests.conftest import REPO
+from tests.helpers import output_rows
 
 JOB = {"task": "caption", "input": "s3://bucket/images/", "output": "s3://bucket/captions/", "model": "org/model-hf"}
 
@@ -432,7 +433,6 @@ def _job_info(job_id: str, address: str, env: dict[str, str]) -> dict:
 def test_submit_to_a_real_cluster(ray_head, tiny_model, tmp_path):
     import io
 
-    import pyarrow.parquet as pq
     import s3fs
 
     from tests.conftest import pattern_image
@@ -460,7 +460,7 @@ def test_submit_to_a_real_cluster(ray_head, tiny_model, tmp_path):
     assert "submitted internvl-batch-" in log and "SUCCEEDED" in log
     fs.invalidate_cache()
     assert json.loads(fs.cat("bucket/submit/out/_SUCCESS.json"))["rows_out"] == 3  # read back from SeaweedFS
-    rows = [r for f in fs.glob("bucket/submit/out/part-*.parquet") for r in pq.read_table(f, filesystem=fs).to_pylist()]
+    rows = output_rows("bucket/submit/out", fs)
     assert sorted(r["uri"].rsplit("/", 1)[-1] for r in rows) == ["img0.png", "img1.png", "img2.png"]
     assert all(r["status"] == "ok" and r["response"] for r in rows)
     job_id = submission_id(load_job(job_file), job_file, [])
