@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.cli import submit as submit_mod
 from pipeline.config import load_job
 from pipeline.errors import SecretError
+from pipeline.run import submit as submit_mod
 from pipeline.run.submit import (
     EXCLUDES,
     assert_no_secrets,
