@@ -84,11 +84,17 @@ def submit(
 def make_tiny_model_cmd(
     out_dir: Annotated[Path, typer.Argument(help="Folder to write the checkpoint into.")],
     seed: Annotated[int, typer.Option(help="Seed for the random weights.")] = 0,
+    text_head_dim: Annotated[int, typer.Option(help="Text attention head size: 32 (2 heads; vLLM serves it) or 16 "
+                                                    "(4 heads, the earlier layout).")] = 32,
 ) -> None:
     """Write a tiny seeded native InternVL checkpoint (real 448 px tiles, 256 tokens per tile) for tests and demos."""
     from pipeline.embedded.tiny_model import make_tiny_model
 
-    path = make_tiny_model(out_dir, seed=seed)
+    try:
+        path = make_tiny_model(out_dir, seed=seed, text_head_dim=text_head_dim)
+    except ValueError as err:
+        err_console.print(f"[red]error:[/red] {err}", highlight=False)
+        raise typer.Exit(2) from None
     console.print(f"tiny InternVL checkpoint written to {path}")
 
 

@@ -1,4 +1,10 @@
-"""Build a tiny, seeded, offline InternVL checkpoint (native transformers format) for tests and demos."""
+"""Build a tiny, seeded, offline InternVL checkpoint (native transformers format) for tests and demos.
+
+Its text attention has 2 heads of 32 (1 key/value head) by default, which vLLM's CPU attention needs (head_dim
+>= 32); `text_head_dim=16` gives the earlier layout of 4 heads of 16 (2 key/value heads). hidden_size is 64 either
+way, so every weight has the same shape and, seeded alike, the same values; only how q/k/v split into heads (and
+so the outputs) differ. The checkpoint carries processor_config.json (model/processor_files.py) for vLLM.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +23,8 @@ from transformers import (
     Qwen2Tokenizer,
 )
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+from pipeline.model.processor_files import write_processor
 
 PAD_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -68,6 +76,8 @@ WORDS = (
 # lm_head rows of tokens that are not whole lower-case words are damped so greedy output reads as words.
 NON_WORD_LOGIT_SCALE = 0.1
 TEXT_INIT_STD = 0.2
+TEXT_HIDDEN_SIZE = 64
+TEXT_HEAD_DIMS = (32, 16)  # 32: servable by vLLM on CPU (the default); 16: the earlier layout
 VISION_INIT_STD = 0.05
 
 
@@ -117,8 +127,12 @@ def build_tokenizer() -> Qwen2Tokenizer:
     return tokenizer
 
 
-def build_config(tokenizer: Qwen2Tokenizer) -> InternVLConfig:
-    """Return a tiny InternVL3-style config (InternViT-like vision tower + Qwen2 LM) matching ``tokenizer``."""
+def build_config(tokenizer: Qwen2Tokenizer, *, text_head_dim: int = TEXT_HEAD_DIMS[0]) -> InternVLConfig:
+    """Return a tiny InternVL3-style config (InternViT-like vision tower + Qwen2 LM) matching ``tokenizer``; the LM
+    has hidden size 64 in heads of ``text_head_dim``, two query heads per key/value head."""
+    if text_head_dim not in TEXT_HEAD_DIMS:
+        raise ValueError(f"text_head_dim must be one of {TEXT_HEAD_DIMS}, got {text_head_dim}")
+    heads = TEXT_HIDDEN_SIZE // text_head_dim
     vision_config = InternVLVisionConfig(
         hidden_size=32,
         num_hidden_layers=1,
@@ -138,11 +152,11 @@ def build_config(tokenizer: Qwen2Tokenizer) -> InternVLConfig:
     )
     text_config = Qwen2Config(
         vocab_size=len(tokenizer),
-        hidden_size=64,
+        hidden_size=TEXT_HIDDEN_SIZE,
         intermediate_size=128,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=heads,
+        num_key_value_heads=heads // 2,
         hidden_act="silu",
         max_position_embeddings=32768,
         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
@@ -191,12 +205,14 @@ def build_model(config: InternVLConfig, tokenizer: Qwen2Tokenizer, seed: int = 0
     return model.eval()
 
 
-def make_tiny_model(out_dir: str | Path, *, seed: int = 0) -> Path:
-    """Write a deterministic tiny InternVL checkpoint, tokenizer and chat template to ``out_dir``."""
+def make_tiny_model(out_dir: str | Path, *, seed: int = 0, text_head_dim: int = TEXT_HEAD_DIMS[0]) -> Path:
+    """Write a deterministic tiny InternVL checkpoint, tokenizer, chat template and processor settings to
+    ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
-    model = build_model(build_config(tokenizer), tokenizer, seed=seed)
+    model = build_model(build_config(tokenizer, text_head_dim=text_head_dim), tokenizer, seed=seed)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+    write_processor(out_dir, image_seq_length=IMAGE_SEQ_LENGTH)
     return out_dir

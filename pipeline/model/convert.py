@@ -35,6 +35,7 @@ from pipeline.model.convert_config import (
     is_original_format,
 )
 from pipeline.model.convert_weights import convert_state_dict, load_original_weights
+from pipeline.model.processor_files import DEFAULT_MAX_TILES, write_processor
 
 
 def _remote_tokenizer(source: Path, stage: str) -> None:
@@ -162,6 +163,10 @@ def convert_checkpoint(
         out = Path(work) / "native" if is_remote(dst) else _local(dst)
         model.save_pretrained(out)
         tok.save_pretrained(out)
+        original = json.loads((src_dir / "config.json").read_text())
+        write_processor(out, image_seq_length=model.config.image_seq_length,  # for vLLM (compute.engine)
+                        tile_size=model.config.vision_config.image_size[0],
+                        max_tiles=int(original.get("max_dynamic_patch") or DEFAULT_MAX_TILES))
         if is_remote(dst):
             fs, path = get_filesystem(dst, storage_options)
             fs.put(str(out) + "/", path.rstrip("/") + "/", recursive=True)

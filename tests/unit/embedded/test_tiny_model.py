@@ -1,5 +1,6 @@
 """The offline tiny InternVL checkpoint loads natively, is deterministic and its output depends on the image."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,22 @@ def test_files_and_config(model_dir: Path, model: InternVLForConditionalGenerati
     assert config.text_config.model_type == "qwen2" and config.text_config.max_position_embeddings >= 8192
     assert config.text_config.vocab_size >= len(tokenizer)
     assert config.tie_word_embeddings == config.text_config.tie_word_embeddings
+    # vLLM's CPU attention needs head_dim >= 32; its InternVL processor needs processor_config.json
+    text = config.text_config
+    assert (text.num_attention_heads, text.num_key_value_heads, text.hidden_size // text.num_attention_heads) == (2, 1, 32)
+    processor = json.loads((model_dir / "processor_config.json").read_text())
+    assert processor["processor_class"] == "InternVLProcessor" and processor["image_seq_length"] == IMAGE_SEQ_LENGTH
+    assert processor["image_processor"]["max_patches"] == 12 and processor["image_processor"]["size"]["height"] == 448
+
+
+def test_earlier_head_layout_keeps_the_weights(model_dir: Path, tmp_path: Path) -> None:
+    """text_head_dim=16 (4 heads, 2 key/value heads): the same seeded weights, split into heads differently."""
+    old = make_tiny_model(tmp_path / "old", seed=0, text_head_dim=16)
+    assert json.loads((old / "config.json").read_text())["text_config"]["num_attention_heads"] == 4
+    a, b = load_file(model_dir / "model.safetensors"), load_file(old / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="text_head_dim"):
+        make_tiny_model(tmp_path / "bad", text_head_dim=8)
 
 
 def test_tokenizer_special_tokens(model_dir: Path, model: InternVLForConditionalGeneration, tokenizer) -> None:

@@ -314,6 +314,9 @@ def test_converted_model_matches_original_math(family, tower, tokenizer_files, t
     state = original_state(config, seed=FAMILIES.index(family) * 2 + TOWERS.index(tower))
     src = write_original(tmp_path / "orig", config, state, tokenizer_files, shards=2 if tower == "6b" else 1)
     dst = convert_checkpoint(str(src), str(tmp_path / "native"))
+    processor = json.loads((dst / "processor_config.json").read_text())  # what vLLM needs to serve it
+    assert processor["image_seq_length"] == TOKENS_PER_IMAGE
+    assert processor["image_processor"]["size"] == {"height": IMAGE, "width": IMAGE}
 
     model, info = InternVLForConditionalGeneration.from_pretrained(dst, dtype=torch.float32, output_loading_info=True)
     assert not any(info.values()), info  # no missing, unexpected or mismatched keys, no errors
