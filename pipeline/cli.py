@@ -37,6 +37,9 @@ def summary_table(summary: RunSummary) -> Table:
     if summary.model_busy_fraction is not None:
         table.add_row("model busy", f"{summary.model_busy_fraction:.0%} of {len(summary.replicas)} replica(s)' time "
                       "(low: the CPU stage cannot keep up)")
+    for name, usage in summary.replicas.items():
+        table.add_row(f"  replica {name}", f"{usage.get('images_per_s', 0):.2f} images/s, "
+                      f"{usage.get('tokens_per_s', 0):.1f} output tokens/s while busy")
     table.add_row("fingerprint", summary.fingerprint)
     return table
 

@@ -115,7 +115,34 @@ class GenerationConfig(_Section):
     do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (used when do_sample is true).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (used when do_sample is true).")
-    seed: int = Field(0, description="Seed for sampling; each batch is seeded from it and its rows' ids.")
+    seed: int = Field(0, description="Seed for sampling: each output row samples from its own generator, seeded from "
+                                     "this and the row's id, whatever batch it lands in.")
+
+
+class VLLMConfig(_Section):
+    """vLLM engine options (compute.engine vllm, or auto on GPUs with vLLM installed); vLLM's own defaults apply
+    where a field is left unset. Not part of the fingerprint: both engines give the same greedy tokens."""
+
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description="Fraction of the replica's GPU memory vLLM may take for weights, activations "
+                                      "and KV cache (vLLM's default 0.92; lower it when sharing a GPU).")
+    max_num_seqs: int | None = Field(None, ge=1, description="Most sequences in one vLLM scheduler step (vLLM's default).")
+    max_model_len: int | None = Field(
+        None, ge=1, description="Longest prompt + answer in tokens (default: the checkpoint's limit); a 13-tile "
+                                "image alone is 3,328 image tokens.")
+    enable_prefix_caching: bool | None = Field(
+        None, description="Reuse the KV blocks of a shared prefix (several questions on one image); vLLM's default is on.")
+    enable_chunked_prefill: bool | None = Field(None, description="Split long prefills across scheduler steps (vLLM's default).")
+    enforce_eager: bool = Field(False, description="No CUDA graphs or torch.compile: faster start, slower steps.")
+    kv_cache_memory_bytes: int | None = Field(
+        None, ge=1, description="KV cache size in bytes, instead of what gpu_memory_utilization leaves (CPU runs).")
+    max_concurrent_batches: int = Field(
+        4, ge=1, le=64, description="Ray Data batches in flight per replica at once, so vLLM's continuous batching "
+                                    "never drains between batches.")
+
+    def engine_options(self) -> dict[str, Any]:
+        """The vLLM engine arguments this section sets (unset fields left to vLLM)."""
+        return self.model_dump(exclude={"max_concurrent_batches"}, exclude_none=True)
 
 
 class ComputeConfig(_Section):
@@ -130,6 +157,10 @@ class ComputeConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto uses CUDA when a GPU is visible, else CPU.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bfloat16 on GPU, float32 on CPU.")
     gpus_per_replica: float = Field(1.0, gt=0, description="GPUs requested per replica when device is cuda (tp > 1: one per rank).")
+    engine: Literal["auto", "transformers", "vllm"] = Field(
+        "auto", description="Language engine: transformers, or vLLM (continuous batching; `pip install "
+                            "'internvl-batch[vllm]'`); auto: vLLM when it is installed and replicas are on GPUs.")
+    vllm: VLLMConfig = Field(default_factory=VLLMConfig, description="vLLM engine options.")
     object_store_mb: int | None = Field(
         None, ge=64, description="Ray object-store memory the run's queues may hold (default: 8 model batches of the "
                                  "largest samples per replica, at least 256 MiB, at most half the cluster's object "

@@ -22,6 +22,7 @@ from pipeline.model.batching import equal_length_groups
 from pipeline.model.checkpoints import prepare_checkpoint
 from pipeline.model.device import DevicePlan, local_plan
 from pipeline.model.prompts import ImageTokens, chat_messages, expand_image_placeholders
+from pipeline.model.sampling import RowSampler
 
 
 @dataclass(frozen=True)
@@ -169,21 +170,26 @@ class InternVLEngine(Prompter):
         do_sample: bool = False,
         temperature: float = 1.0,
         top_p: float = 1.0,
-        seed: int | None = None,
+        seeds: Sequence[int] | None = None,
+        min_new_tokens: int = 0,
     ) -> list[Generation]:
         """Generate for a batch of prompts; prompt i shows the tiles of samples[owners[i]] (default: samples[i]).
 
-        The vision encoder runs once per sample, however many prompts (questions) share it.
+        The vision encoder runs once per sample, however many prompts (questions) share it. Sampling: `seeds`, one
+        per prompt, makes each prompt's answer depend only on its seed (model/sampling.py), never on the batch;
+        without seeds it draws from torch's global generator. `min_new_tokens`: end tokens suppressed until then
+        (a fixed answer length with = max_new_tokens, as benches use).
         """
         if not prompts:
             return []
         owners = list(range(len(prompts))) if owners is None else list(owners)
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
         features = self.image_features(samples)
-        if seed is not None:
-            torch.manual_seed(seed)
         return self._by_language_group(prompts, lambda group: self._generate(
             [prompts[i] for i in group], [features[owners[i]] for i in group],
-            max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p))
+            max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature,
+            top_p=top_p, seeds=None if seeds is None else [seeds[i] for i in group]))
 
     def language_groups(self, prompts: Sequence[list[int]]) -> list[list[int]]:
         """How a call's prompts go through the language model: on GPU all at once (left-padded; batched decode steps
@@ -202,15 +208,25 @@ class InternVLEngine(Prompter):
         return results
 
     def _generate(self, prompts: Sequence[list[int]], features: Sequence[torch.Tensor], *, max_new_tokens: int,
-                  do_sample: bool, temperature: float, top_p: float) -> list[Generation]:
+                  min_new_tokens: int, do_sample: bool, temperature: float, top_p: float,
+                  seeds: Sequence[int] | None) -> list[Generation]:
         """generate() for prompts with their image features."""
+        from transformers import LogitsProcessorList
+
         embeds, attention = self.embed(prompts, features)
-        sampling = dict(temperature=temperature, top_p=top_p) if do_sample else dict(temperature=None, top_p=None, top_k=None)
+        greedy = dict(temperature=None, top_p=None, top_k=None)
+        if not do_sample:
+            sampling: dict[str, Any] = dict(greedy, do_sample=False)
+        elif seeds is None:
+            sampling = dict(do_sample=True, temperature=temperature, top_p=top_p)
+        else:  # each row draws with its own generator; generate's greedy step takes the drawn token
+            sampler = RowSampler(seeds, temperature=temperature, top_p=top_p, top_k=self.model.generation_config.top_k)
+            sampling = dict(greedy, do_sample=False, logits_processor=LogitsProcessorList([sampler]))
         out = self.model.generate(
             inputs_embeds=embeds,
             attention_mask=attention,
             max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
+            min_new_tokens=min_new_tokens or None,
             pad_token_id=self.pad_id,
             eos_token_id=sorted(self.eos_ids),
             output_logits=True,

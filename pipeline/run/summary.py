@@ -8,17 +8,37 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
+def busy_seconds(spans: list[tuple[float, float]]) -> float:
+    """Seconds covered by the union of (start, end) spans: batches in flight together (vLLM) count once."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(spans):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
 def replica_usage(batches: list[dict[str, Any]]) -> tuple[float | None, dict[str, dict[str, float]]]:
-    """Per replica: batches, seconds busy, seconds from ready to its last batch's end; and the busy fraction of
-    all replicas together (None without batches). Each replica's times come from its own clock."""
-    per: dict[str, dict[str, float]] = {}
+    """Per replica: batches, seconds busy (some batch in flight), seconds from ready to its last batch's end, and
+    its rates while busy: samples through the model (`images_per_s`; an image set or a video counts once) and
+    generated tokens (`tokens_per_s`); and the busy fraction of all replicas together (None without batches).
+    Each replica's times come from its own clock."""
+    per: dict[str, dict[str, Any]] = {}
     for b in {(b["replica"], b["start"]): b for b in batches}.values():
-        r = per.setdefault(b["replica"], {"batches": 0, "busy_s": 0.0, "ready": b["ready"], "end": b["end"]})
+        r = per.setdefault(b["replica"], {"batches": 0, "spans": [], "ready": b["ready"], "end": b["end"],
+                                          "samples": 0, "tokens": 0})
         r["batches"] += 1
-        r["busy_s"] += b["end"] - b["start"]
+        r["spans"].append((b["start"], b["end"]))
+        r["samples"] += b.get("samples") or 0
+        r["tokens"] += b.get("tokens") or 0
         r["ready"], r["end"] = min(r["ready"], b["ready"]), max(r["end"], b["end"])
-    usage = {k: {"batches": int(v["batches"]), "busy_s": round(v["busy_s"], 3), "span_s": round(v["end"] - v["ready"], 3)}
-             for k, v in sorted(per.items())}
+    usage = {}
+    for name, r in sorted(per.items()):
+        busy = busy_seconds(r["spans"])
+        usage[name] = {"batches": int(r["batches"]), "busy_s": round(busy, 3), "span_s": round(r["end"] - r["ready"], 3),
+                       "samples": int(r["samples"]), "generated_tokens": int(r["tokens"]),
+                       "images_per_s": round(r["samples"] / busy, 3) if busy > 0 else 0.0,
+                       "tokens_per_s": round(r["tokens"] / busy, 3) if busy > 0 else 0.0}
     span = sum(u["span_s"] for u in usage.values())
     return (round(sum(u["busy_s"] for u in usage.values()) / span, 4) if span > 0 else None), usage
 
@@ -49,7 +69,8 @@ class RunSummary:
     rows_passed: int | None = None
     objects_taken: int | None = None  # incremental runs: new or changed objects this run took
     # Fraction of the model replicas' time (from loaded to their last batch) spent running batches, not waiting
-    # for input: near 1 means the CPU stage keeps up; per replica: batches, busy_s, span_s.
+    # for input: near 1 means the CPU stage keeps up; per replica: batches, busy_s, span_s, samples,
+    # generated_tokens and the rates while busy, images_per_s and tokens_per_s (compare engines on your data).
     model_busy_fraction: float | None = None
     replicas: dict[str, dict[str, float]] = field(default_factory=dict)
     finished_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))

@@ -15,21 +15,26 @@ from pipeline.config import JobConfig
 from pipeline.errors import ErrorType, PromptError
 from pipeline.io.schema import OUTPUT_SCHEMA, to_table
 from pipeline.model.batching import PromptRequest
+from pipeline.model.engines import Engine
 from pipeline.model.prompts import user_text
+from pipeline.model.sampling import row_seed
 from pipeline.stages.base import Batch, batch_rows, require_columns
-from pipeline.stages.model_stage import ModelStage, Requests, fail, questions_of
+from pipeline.stages.model_stage import AsyncStage, ModelStage, Requests, fail, questions_of
 
 
 class Generate(ModelStage):
     """Adds `response`, `prompt`, token counts, `mean_logprob`, `infer_ms`; ids `<sample id>#<k>` for several
-    questions."""
+    questions. A sampled answer depends only on (generation.seed, the row's id)."""
 
-    def __init__(self, job: JobConfig, engine: Any | None = None) -> None:
-        super().__init__(job, engine)
+    method = "generate"
+
+    def __init__(self, job: JobConfig, engine: Any | None = None, *, kind: Engine = "transformers") -> None:
+        super().__init__(job, engine, kind=kind)
         self.generation_json = json.dumps(job.generation.model_dump(), sort_keys=True)
 
-    def run(self, batch: Batch) -> pa.Table:
+    def prepare(self, batch: Batch) -> tuple[list[dict[str, Any]], Requests]:
         require_columns(batch, "generate", self.reads)
+        gen = self.job.generation
         out: list[dict[str, Any]] = []
         todo = Requests()
         for sample in batch_rows(batch):
@@ -53,20 +58,24 @@ class Generate(ModelStage):
                 ids = self.engine.prompt_ids(text, [int(t) for t in sample["tiles_per_image"]],
                                              video=sample["media_type"] == "video")
                 row.update(prompt=text, num_input_tokens=len(ids))
-                todo.add(row, ids, tiles)
+                todo.add(row, ids, tiles, seed=row_seed(gen.seed, row["id"]) if gen.do_sample else None)
+        return out, todo
 
-        results, per_request_ms = todo.run(self._generate, max_tokens=self.job.compute.max_batch_tokens)
-        for row, result in results:
+    def fill(self, rows: list[dict[str, Any]], answered: list[tuple[Any, Any]], per_request_ms: float) -> pa.Table:
+        for row, result in answered:
             row["infer_ms"] = per_request_ms
             if not self.fill_failure(row, result):
                 row.update(response=result.text, num_generated_tokens=len(result.token_ids),
                            mean_logprob=float(np.mean(result.logprobs)) if result.logprobs else None)
-        columns = {name: [r.get(name) for r in out] for name in dict.fromkeys(k for r in out for k in r)}
+        columns = {name: [r.get(name) for r in rows] for name in dict.fromkeys(k for r in rows for k in r)}
         return to_table(columns, OUTPUT_SCHEMA)
 
-    def _generate(self, requests: list[PromptRequest], samples: list[np.ndarray]) -> list[Any]:
+    def call_args(self, requests: list[PromptRequest], samples: list[np.ndarray]) -> tuple[tuple, dict[str, Any]]:
         gen = self.job.generation
-        return self.engine.generate([r.ids for r in requests], samples, [r.sample for r in requests],
-                                    max_new_tokens=gen.max_new_tokens, do_sample=gen.do_sample,
-                                    temperature=gen.temperature, top_p=gen.top_p,
-                                    seed=gen.seed if gen.do_sample else None)
+        return (([r.ids for r in requests], samples, [r.sample for r in requests]),
+                dict(max_new_tokens=gen.max_new_tokens, do_sample=gen.do_sample, temperature=gen.temperature,
+                     top_p=gen.top_p, seeds=[r.seed for r in requests] if gen.do_sample else None))
+
+
+class AsyncGenerate(AsyncStage, Generate):
+    """Generate with an async engine (vLLM): several batches in flight per replica."""

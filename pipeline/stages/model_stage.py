@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -18,29 +17,32 @@ import pyarrow as pa
 from pipeline.config import JobConfig
 from pipeline.errors import ErrorType
 from pipeline.media.decode import tiles_from_bytes
+from pipeline.model import engines
 from pipeline.model.batching import Failure, PromptRequest, in_calls
+from pipeline.model.engines import Engine
 from pipeline.stages.base import Batch, as_list
 
 # Input columns the model stages consume rather than pass through.
 CONSUMED_COLUMNS = ("pixels", "questions")
-# The first row of each model batch carries when and where the batch ran (for the run's busy fraction); the
-# write stage takes it out of the rows and into the shard's stats, so it is never written.
+# The first row of each model batch carries when and where the batch ran (for the run's busy fraction) and what it
+# did (samples through the model, tokens generated: per-replica rates); the write stage takes it out of the rows
+# and into the shard's stats, so it is never written.
 BATCH_COLUMN = "__batch"
-BATCH_TYPE = pa.struct([("replica", pa.string()), ("ready", pa.float64()), ("start", pa.float64()), ("end", pa.float64())])
+BATCH_TYPE = pa.struct([("replica", pa.string()), ("ready", pa.float64()), ("start", pa.float64()), ("end", pa.float64()),
+                        ("samples", pa.int64()), ("tokens", pa.int64())])
 
 
-def load_engine(job: JobConfig) -> Any:
-    """The job's model replica; torch and transformers load here, on the worker, never on the driver.
+def load_engine(job: JobConfig, kind: Engine = "transformers") -> Any:
+    """The job's model replica with the engine the plan chose (model/engines.py); torch, transformers and vLLM load
+    here, on the worker, never on the driver.
 
-    With compute.tp > 1 the replica is a group of rank actors driven from here (run/replica.py)."""
-    if job.compute.tp > 1:
+    With compute.tp > 1 a transformers replica is a group of rank actors driven from here (run/replica.py); a vLLM
+    replica runs its tensor-parallel workers itself, on the GPUs of this actor."""
+    if kind == "transformers" and job.compute.tp > 1:
         from pipeline.run.replica import TensorParallelEngine
 
         return TensorParallelEngine(job)
-    from pipeline.model.engine import InternVLEngine
-
-    return InternVLEngine.load(job.model, device=job.compute.device, dtype=job.compute.dtype, revision=job.model_revision,
-                               cache_dir=job.model_cache, storage_options=job.storage, trust_remote_code=job.trust_remote_code)
+    return engines.load(kind, job)
 
 
 def questions_of(job: JobConfig, row: dict[str, Any]) -> list[str | None]:
@@ -71,39 +73,63 @@ class Requests:
         self.samples.append(tiles_from_bytes(sample["pixels"], int(sample["num_tiles"])))
         return len(self.samples) - 1
 
-    def add(self, target: Any, ids: list[int], sample: int, labels: list[list[int]] | None = None) -> None:
-        self.requests.append(PromptRequest(ids, sample, labels))
+    def add(self, target: Any, ids: list[int], sample: int, labels: list[list[int]] | None = None,
+            seed: int | None = None) -> None:
+        self.requests.append(PromptRequest(ids, sample, labels, seed))
         self.targets.append(target)
-
-    def run(self, call: Callable[[list[PromptRequest], list[np.ndarray]], list[Any]], *,
-            max_tokens: int | None) -> tuple[list[tuple[Any, Any]], float]:
-        """(target, result) per request, and the model time per request in ms."""
-        start = time.perf_counter()
-        results = in_calls(call, self.requests, self.samples, max_tokens=max_tokens)
-        per_request_ms = (time.perf_counter() - start) * 1000.0 / max(len(self.requests), 1)
-        return list(zip(self.targets, results)), per_request_ms
 
 
 class ModelStage:
-    """A model stage over one replica: reads the CPU stage's columns, returns output rows (one table per batch)."""
+    """A model stage over one replica: reads the CPU stage's columns, returns output rows (one table per batch).
+
+    A stage `prepare`s a batch (output rows, and the requests of the rows it can ask about), the engine answers the
+    requests (`call_args` says how: `method` of the engine), and the stage `fill`s the rows with the results. The
+    sync `__call__` (transformers) packs the requests into calls by tokens with the out-of-memory fallback
+    (model/batching.py); `AsyncStage` (vLLM) hands the whole batch over at once and awaits it, so several batches
+    are in flight and vLLM schedules its own memory.
+    """
 
     reads = ("id", "uri", "pixels", "num_tiles", "tiles_per_image", "media_type", "status")
+    method = ""  # the engine's method: generate or score
 
-    def __init__(self, job: JobConfig, engine: Any | None = None) -> None:
+    def __init__(self, job: JobConfig, engine: Any | None = None, *, kind: Engine = "transformers") -> None:
         self.job = job
-        self.engine = engine or load_engine(job)
+        self.engine = engine or load_engine(job, kind)
         self.replica = f"{socket.gethostname()}:{os.getpid()}"
         self.ready = time.time()
 
     def __call__(self, batch: Batch) -> pa.Table:
-        start = time.time()
-        table = self.run(batch)
-        timing = {"replica": self.replica, "ready": self.ready, "start": start, "end": time.time()}
+        started = time.time()
+        rows, todo = self.prepare(batch)
+        clock = time.perf_counter()
+        results = in_calls(self.call, todo.requests, todo.samples, max_tokens=self.job.compute.max_batch_tokens)
+        return self.finish(rows, todo, results, time.perf_counter() - clock, started)
+
+    def prepare(self, batch: Batch) -> tuple[list[dict[str, Any]], Requests]:
+        """The batch's output rows, and the requests of those the model answers."""
+        raise NotImplementedError
+
+    def fill(self, rows: list[dict[str, Any]], answered: list[tuple[Any, Any]], per_request_ms: float) -> pa.Table:
+        """The output table: rows with each (target, result) pair filled in."""
+        raise NotImplementedError
+
+    def call_args(self, requests: list[PromptRequest], samples: list[np.ndarray]) -> tuple[tuple, dict[str, Any]]:
+        """Positional and keyword arguments of the engine's `method` for these requests."""
+        raise NotImplementedError
+
+    def call(self, requests: list[PromptRequest], samples: list[np.ndarray]) -> list[Any]:
+        args, kwargs = self.call_args(requests, samples)
+        return getattr(self.engine, self.method)(*args, **kwargs)
+
+    def finish(self, rows: list[dict[str, Any]], todo: Requests, results: list[Any], model_s: float,
+               started: float) -> pa.Table:
+        """fill(), then the batch's timing cell on the first row."""
+        table = self.fill(rows, list(zip(todo.targets, results)), model_s * 1000.0 / max(len(todo.requests), 1))
+        tokens = sum(r.get("num_generated_tokens") or 0 for r in rows)
+        timing = {"replica": self.replica, "ready": self.ready, "start": started, "end": time.time(),
+                  "samples": len(todo.samples), "tokens": int(tokens)}
         cells = [timing] + [None] * (table.num_rows - 1) if table.num_rows else []
         return table.append_column(pa.field(BATCH_COLUMN, BATCH_TYPE), pa.array(cells, BATCH_TYPE))
-
-    def run(self, batch: Batch) -> pa.Table:
-        raise NotImplementedError
 
     @staticmethod
     def base_row(sample: dict[str, Any]) -> dict[str, Any]:
@@ -119,6 +145,22 @@ class ModelStage:
         return False
 
     def __del__(self) -> None:
-        close = getattr(getattr(self, "engine", None), "close", None)  # a tensor-parallel replica's ranks and devices
+        close = getattr(getattr(self, "engine", None), "close", None)  # a replica's ranks, devices, vLLM engine
         if close is not None:
             close()
+
+
+class AsyncStage:
+    """A model stage whose `__call__` is a coroutine, for engines with `<method>_async` (vLLM): Ray Data keeps up
+    to compute.vllm.max_concurrent_batches batches in flight per replica (the actor's max_concurrency), and the
+    engine serves their requests together. One engine call per batch: no packing, no out-of-memory fallback."""
+
+    async def __call__(self: Any, batch: Batch) -> pa.Table:
+        started = time.time()
+        rows, todo = self.prepare(batch)
+        clock = time.perf_counter()
+        results: list[Any] = []
+        if todo.requests:
+            args, kwargs = self.call_args(todo.requests, todo.samples)
+            results = await getattr(self.engine, f"{self.method}_async")(*args, **kwargs)
+        return self.finish(rows, todo, results, time.perf_counter() - clock, started)

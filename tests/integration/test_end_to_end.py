@@ -84,6 +84,9 @@ def test_caption_images_from_s3_to_s3(s3, s3_server, tiny_model, tmp_path):
     assert not any(name.startswith("__") for name in table.schema.names)  # timing columns stay out of the output
     (replica, usage), = success["replicas"].items()
     assert usage["batches"] >= 2 and 0 < usage["busy_s"] <= usage["span_s"]
+    assert (usage["samples"], usage["generated_tokens"]) == (3, 18) and usage["tokens_per_s"] > 0
+    assert usage["images_per_s"] == pytest.approx(3 / usage["busy_s"], rel=1e-2)
+    assert "images/s" in result.output and "output tokens/s" in result.output
     assert 0 < success["model_busy_fraction"] <= 1
     assert_no_secrets(s3_server, result.output, [s3.cat_file(p) for p in s3.find("bucket/e2e/captions")])
     assert (tmp_path / "cache").exists()  # the s3:// checkpoint was copied into the node-local cache

@@ -69,6 +69,21 @@ def test_fingerprint_tracks_results_not_resources():
     assert a.fingerprint() != parse_job(BASE, overrides=["generation.max_new_tokens=7"]).fingerprint()
 
 
+def test_engine_keys_are_validated_and_not_fingerprinted():
+    job = parse_job(BASE, overrides=["compute.engine=vllm", "compute.vllm.max_num_seqs=64",
+                                     "compute.vllm.gpu_memory_utilization=0.8"])
+    assert job.compute.engine == "vllm" and job.compute.vllm.max_concurrent_batches == 4
+    assert job.compute.vllm.engine_options() == {"max_num_seqs": 64, "gpu_memory_utilization": 0.8, "enforce_eager": False}
+    assert parse_job(BASE).compute.engine == "auto"
+    assert job.fingerprint() == parse_job(BASE).fingerprint()  # both engines give the same greedy tokens
+    with pytest.raises(JobError, match=r"compute\.vllm\.max_num_seq: unknown key; valid keys here: .*max_num_seqs"):
+        parse_job(BASE, overrides=["compute.vllm.max_num_seq=4"])
+    with pytest.raises(JobError, match="compute.engine"):
+        parse_job(BASE, overrides=["compute.engine=tgi"])
+    with pytest.raises(JobError, match="gpu_memory_utilization"):
+        parse_job(BASE, overrides=["compute.vllm.gpu_memory_utilization=1.5"])
+
+
 def test_cli_bad_job_exits_2_and_writes_nothing(tmp_path):
     job = tmp_path / "job.yaml"
     out = tmp_path / "out"

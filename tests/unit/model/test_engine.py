@@ -144,6 +144,28 @@ def test_generate_stage_rows(engine, tmp_path):
     assert "pixels" not in rows[0]
 
 
+def test_sampled_rows_depend_only_on_seed_and_row_id(engine, tmp_path, monkeypatch):
+    """Each output row samples with its own generator, seeded from (generation.seed, row id): a row's answer is the
+    same alone and in batches of other rows, in any order; another job seed gives other answers."""
+    job = parse_job({"task": "caption", "input": "x", "output": "y", "model": "m",
+                     "generation": {"max_new_tokens": 8, "do_sample": True, "top_p": 0.95, "seed": 5}})
+    full = preprocessed(job, tmp_path, {f"{n}.png": pattern_image(w, h) for w, h, n in SIZES})
+
+    def answers(job, keep):
+        batch = {name: values[keep] for name, values in full.items()}
+        return {r["id"]: r["response"] for r in Generate(job, engine=engine)(batch).to_pylist()}
+
+    together = answers(job, [0, 1, 2])
+    assert answers(job, [2]) == {"s2": together["s2"]}
+    assert answers(job, [2, 0]) == {"s2": together["s2"], "s0": together["s0"]}
+    assert answers(parse_job(job.model_dump(), overrides=["generation.seed=6"]), [0, 1, 2]) != together
+    greedy = answers(parse_job(job.model_dump(), overrides=["generation.do_sample=false"]), [0, 1, 2])
+    assert greedy != together
+    # the row sampler applies transformers' warpers: top_k=1 leaves only the greedy token
+    monkeypatch.setattr(engine.model.generation_config, "top_k", 1)
+    assert answers(job, [0, 1, 2]) == greedy
+
+
 def test_device_plan():
     cpu = plan_device("auto", "auto", cuda_available=False, flash_attn_available=False)
     assert (cpu.device, cpu.dtype, cpu.attn_implementation) == ("cpu", torch.float32, "sdpa")
