@@ -1,4 +1,5 @@
-"""Helpers the tests share: job dicts, reading an output back, counting vision-tower passes."""
+"""Helpers the tests share: job dicts, reading an output back, counting vision-tower passes, a model stage's
+input batch."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from pipeline.stages.preprocess import Preprocess
 
 
 def job_dict(task: str = "caption", *, input: Any = "in", output: Any = "out", model: Any = "m", **keys: Any) -> dict:
@@ -43,3 +47,22 @@ def vision_calls(engine: Any) -> Iterator[list[int]]:
         yield calls
     finally:
         hook.remove()
+
+
+def numpy_batch(table):
+    """A table as Ray Data hands it to a numpy-format UDF."""
+    from ray.data.block import BlockAccessor
+
+    return BlockAccessor.for_block(table).to_batch_format("numpy")
+
+
+def preprocessed(job, tmp_path, images: dict, extra: dict | None = None):
+    """Run the CPU stage over images written to tmp_path; returns the numpy batch the model stage receives."""
+    uris = []
+    for name, image in images.items():
+        if image is not None:
+            image.save(tmp_path / name)
+        uris.append(str(tmp_path / name))
+    batch = {"id": np.array([f"s{i}" for i in range(len(uris))], dtype=object), "uri": np.array(uris, dtype=object)}
+    batch.update(extra or {})
+    return numpy_batch(Preprocess(job)(batch))

@@ -7,8 +7,9 @@ hub id where a network exists.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,42 @@ class Generation:
     token_ids: list[int]
     logprobs: list[float]
     text: str
+
+
+def open_checkpoint(
+    model: str,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    cache_dir: str | Path | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[str, DevicePlan]:
+    """What every engine's load starts with: the checkpoint made local and native (model/checkpoints.py), and
+    this process's device plan; transformers' progress bars off (per-shard bars from every replica would flood the
+    job log)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    plan = local_plan(device, dtype)
+    return prepare_checkpoint(model, cache_dir=cache_dir, options=storage_options,
+                              trust_remote_code=trust_remote_code), plan
+
+
+@contextlib.contextmanager
+def loading(model: str) -> Iterator[None]:
+    """Any failure while a checkpoint loads means it cannot serve: a ModelLoadError that says which and why."""
+    try:
+        yield
+    except ModelLoadError:
+        raise
+    except Exception as err:  # noqa: BLE001
+        raise ModelLoadError(f"model {model!r} could not be loaded: {type(err).__name__}: {err}") from err
+
+
+def require_chat_template(model: str, tokenizer: Any) -> None:
+    if not tokenizer.chat_template:
+        raise ModelLoadError(f"model {model!r} has no chat template (tokenizer_config.json or chat_template.jinja)")
 
 
 class Prompter:
@@ -84,40 +121,23 @@ class InternVLEngine(Prompter):
         self._std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=plan.device).view(1, 3, 1, 1)
 
     @classmethod
-    def load(
-        cls,
-        model: str,
-        *,
-        device: str = "auto",
-        dtype: str = "auto",
-        revision: str | None = None,
-        cache_dir: str | Path | None = None,
-        storage_options: Mapping[str, Any] | None = None,
-        tp: int = 1,
-        trust_remote_code: bool = False,
-    ) -> InternVLEngine:
+    def load(cls, model: str, *, revision: str | None = None, tp: int = 1, **where: Any) -> InternVLEngine:
         """Load an InternVL checkpoint onto this process's device: native as it is, original format converted first
-        (pipeline.model.convert); remote code is never run.
+        (pipeline.model.convert); remote code is never run. `where`: open_checkpoint's arguments.
 
         tp > 1: this process is one rank of an initialised torch.distributed group of tp processes; the language
         model loads with transformers' tensor-parallel plan, each rank reading only its shard of every weight.
         """
         from transformers import AutoTokenizer, InternVLForConditionalGeneration
-        from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()  # per-shard bars from every replica would flood the job log
-        plan = local_plan(device, dtype)
-        path = prepare_checkpoint(model, cache_dir=cache_dir, options=storage_options, trust_remote_code=trust_remote_code)
-        try:
+        path, plan = open_checkpoint(model, **where)
+        with loading(model):
             tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
             sharding = {"tp_plan": "auto", "tp_size": tp} if tp > 1 else {}
             net = InternVLForConditionalGeneration.from_pretrained(
                 path, revision=revision, dtype=plan.dtype, attn_implementation=plan.attn_implementation, **sharding
             )
-        except Exception as err:  # noqa: BLE001 - any failure here means this checkpoint cannot serve; say which and why
-            raise ModelLoadError(f"model {model!r} could not be loaded: {type(err).__name__}: {err}") from err
-        if not tokenizer.chat_template:
-            raise ModelLoadError(f"model {model!r} has no chat template (tokenizer_config.json or chat_template.jinja)")
+        require_chat_template(model, tokenizer)
         return cls((net if tp > 1 else net.to(plan.device)).eval(), tokenizer, plan)
 
     def normalize(self, pixels: np.ndarray) -> torch.Tensor:
@@ -222,11 +242,12 @@ class InternVLEngine(Prompter):
         else:  # each row draws with its own generator; generate's greedy step takes the drawn token
             sampler = RowSampler(seeds, temperature=temperature, top_p=top_p, top_k=self.model.generation_config.top_k)
             sampling = dict(greedy, do_sample=False, logits_processor=LogitsProcessorList([sampler]))
+        if min_new_tokens:  # else the generation config's
+            sampling["min_new_tokens"] = min_new_tokens
         out = self.model.generate(
             inputs_embeds=embeds,
             attention_mask=attention,
             max_new_tokens=max_new_tokens,
-            min_new_tokens=min_new_tokens or None,
             pad_token_id=self.pad_id,
             eos_token_id=sorted(self.eos_ids),
             output_logits=True,

@@ -10,9 +10,10 @@ import pyarrow as pa
 from pipeline.config import JobConfig
 from pipeline.run.metrics import record_metrics
 from pipeline.run.resources import Resources
-from pipeline.stages.generate import Generate
+from pipeline.model.engines import Engine
+from pipeline.stages.generate import AsyncGenerate, Generate
 from pipeline.stages.preprocess import Preprocess
-from pipeline.stages.score import Score
+from pipeline.stages.score import AsyncScore, Score
 from pipeline.stages.write import ShardStats, WriteShards
 
 # Input rows per block: two model batches. Small blocks keep the CPU stage's tile output per task well under
@@ -37,6 +38,13 @@ def preprocess_block(block: dict, job: JobConfig) -> Iterator[pa.Table]:
 def _gather(batch: pa.Table) -> pa.Table:
     """Identity: its batches of rows_per_shard rows and the remainder leave the task as one block."""
     return batch
+
+
+def model_stage_class(task: str, engine: Engine) -> type:
+    """The model stage for a task and engine: vLLM's is async (several batches in flight per replica)."""
+    if task == "score":
+        return AsyncScore if engine == "vllm" else Score
+    return AsyncGenerate if engine == "vllm" else Generate
 
 
 def write_batch(batch: pa.Table, job: JobConfig, input_columns: list[str], skip_ids: list[str]) -> pa.Table:
@@ -84,7 +92,8 @@ def build_dataset(job: JobConfig, rows: pa.Table, resources: Resources, *, skip_
     ds = ds.map_batches(preprocess_block, fn_kwargs={"job": job}, batch_size=None, batch_format="numpy",
                         compute=ray.data.TaskPoolStrategy(size=resources.cpu_workers), **cpu_task)
     ds = ds.map_batches(
-        Score if job.task == "score" else Generate, fn_constructor_kwargs={"job": job}, batch_size=job.compute.batch_size,
+        model_stage_class(job.task, resources.engine), fn_constructor_kwargs={"job": job, "kind": resources.engine},
+        batch_size=job.compute.batch_size,
         batch_format="numpy", compute=ray.data.ActorPoolStrategy(min_size=resources.replicas[0], max_size=resources.replicas[1]),
         **resources.model_stage_args(),
     )

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pipeline.config import JobConfig
 from pipeline.errors import JobError, RunError
 from pipeline.io.markers import JOB_FILE, SUCCESS_FILE, remove_marker, write_marker
+from pipeline.model.engines import vllm_installed
 from pipeline.run.dataset import build_dataset
 from pipeline.run.plan import RunPlan
 from pipeline.run.replica import remove_replica_groups
@@ -52,7 +53,8 @@ def cluster_resources(job: JobConfig) -> Resources:
 
     cluster = ray.cluster_resources()
     node_gpus = max((n["Resources"].get("GPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
-    return plan_resources(job, cluster_cpus=cluster.get("CPU", 1), cluster_gpus=cluster.get("GPU", 0), node_gpus=node_gpus)
+    return plan_resources(job, cluster_cpus=cluster.get("CPU", 1), cluster_gpus=cluster.get("GPU", 0), node_gpus=node_gpus,
+                          vllm_installed=vllm_installed())
 
 
 def configure_data_context(budget: int) -> None:
@@ -91,7 +93,8 @@ def execute(job: JobConfig, plan: RunPlan, echo: Callable[[str], None], *, start
     budget = object_store_budget(job, resources, ray.cluster_resources().get("object_store_memory"))
     configure_data_context(budget)
     low, high = resources.replicas
-    echo(f"{low if low == high else f'{low}-{high}'} replica(s)" + (f" of tp={resources.tp}" if resources.tp > 1 else "")
+    echo(f"{low if low == high else f'{low}-{high}'} {resources.engine} replica(s)"
+         + (f" of tp={resources.tp}" if resources.tp > 1 else "")
          + f", {resources.cpu_workers} CPU worker(s), {resources.gpus_per_replica:g} GPU(s) per replica, "
          f"{budget / 1024**2:.0f} MiB object store for queued tiles")
     shards: list[ShardStats] = []
@@ -118,6 +121,6 @@ def execute(job: JobConfig, plan: RunPlan, echo: Callable[[str], None], *, start
         cause = text.splitlines()[-1] if text else ""
         raise RunError(f"the run stopped: {type(err).__name__}: {cause}. {kept}; re-run the same job to resume.") from err
     finally:
-        if resources.tp > 1:
+        if resources.tp > 1 and resources.engine == "transformers":
             remove_replica_groups()
     return shards

@@ -12,6 +12,7 @@ from pipeline.config import JobConfig
 from pipeline.errors import RunError
 from pipeline.media.tiling import TILE_SIZE
 from pipeline.model.device import wants_gpu
+from pipeline.model.engines import Engine, choose_engine
 from pipeline.run.replica import replica_resources
 
 # Model batches of tiles per replica that may wait in Ray's object store: enough to keep a replica fed (Ray Data
@@ -32,17 +33,26 @@ class Resources:
     cpu_workers: int
     tp: int = 1
     on_gpu: bool = False
+    engine: Engine = "transformers"
+    concurrent_batches: int = 1  # model batches in flight per replica (vLLM: compute.vllm.max_concurrent_batches)
 
     def model_stage_args(self) -> dict[str, Any]:
-        """map_batches resource arguments of the model stage: the actor holds the device itself (tp = 1), or holds
-        nothing and reserves a placement group of tp bundles for its rank actors (tp > 1, run/replica.py)."""
+        """map_batches resource arguments of the model stage. transformers: the actor holds the device itself
+        (tp = 1), or holds nothing and reserves a placement group of tp bundles for its rank actors (tp > 1,
+        run/replica.py). vLLM: the actor holds all tp GPUs of its replica (Ray puts them on one node) and vLLM's
+        own workers use them; its async __call__ runs `concurrent_batches` batches at once (max_concurrency)."""
+        if self.engine == "vllm":
+            return {"num_cpus": self.cpus_per_replica, "num_gpus": self.gpus_per_replica or None,
+                    "max_concurrency": self.concurrent_batches}
         if self.tp > 1:
             return {"num_cpus": 0, "num_gpus": 0}
         return {"num_cpus": self.cpus_per_replica, "num_gpus": self.gpus_per_replica or None}
 
 
-def plan_resources(job: JobConfig, *, cluster_cpus: float, cluster_gpus: float, node_gpus: float | None = None) -> Resources:
-    """Replicas on GPUs when the job (or auto) says so; CPU workers fill the CPUs the replicas leave.
+def plan_resources(job: JobConfig, *, cluster_cpus: float, cluster_gpus: float, node_gpus: float | None = None,
+                   vllm_installed: bool = False) -> Resources:
+    """Replicas on GPUs when the job (or auto) says so, with the engine compute.engine picks for them
+    (model/engines.py: vLLM needs `vllm_installed`); CPU workers fill the CPUs the replicas leave.
 
     `node_gpus` is the most GPUs one node has: a tensor-parallel replica needs tp of them on one node. On CPU the
     replicas' CPUs are taken from the preprocessing workers; on GPU their host CPUs mostly wait on the device.
@@ -50,12 +60,15 @@ def plan_resources(job: JobConfig, *, cluster_cpus: float, cluster_gpus: float, 
     compute = job.compute
     tp = compute.tp
     on_gpu = wants_gpu(compute.device, gpus_available=cluster_gpus)
+    engine = choose_engine(compute.engine, on_gpu=on_gpu, vllm_installed=vllm_installed)
     gpus_per_replica = float(tp) if tp > 1 else compute.gpus_per_replica
     if on_gpu and cluster_gpus < gpus_per_replica:
         raise RunError(f"compute.device needs GPUs ({gpus_per_replica:g} per replica) but the cluster has {cluster_gpus:g}")
     if on_gpu and tp > 1 and node_gpus is not None and node_gpus < tp:
         raise RunError(f"compute.tp={tp} needs {tp} GPUs on one node; the largest node has {node_gpus:g}")
-    cpus_per_replica = replica_resources(tp, on_gpu=on_gpu)["CPU"] if tp > 1 else 1.0
+    # a transformers tp > 1 replica reserves a host CPU per rank; a vLLM replica is one actor (its workers are
+    # vLLM's processes)
+    cpus_per_replica = replica_resources(tp, on_gpu=on_gpu)["CPU"] if tp > 1 and engine == "transformers" else 1.0
     low, high = compute.replica_range
     left = cluster_cpus - (0 if on_gpu else cpus_per_replica * low)
     if left < 1 and not compute.cpu_workers:
@@ -68,6 +81,8 @@ def plan_resources(job: JobConfig, *, cluster_cpus: float, cluster_gpus: float, 
         cpu_workers=compute.cpu_workers or int(max(left, 1)),
         tp=tp,
         on_gpu=on_gpu,
+        engine=engine,
+        concurrent_batches=compute.vllm.max_concurrent_batches if engine == "vllm" else 1,
     )
 
 

@@ -94,6 +94,7 @@ class ModelStage:
 
     def __init__(self, job: JobConfig, engine: Any | None = None, *, kind: Engine = "transformers") -> None:
         self.job = job
+        self.owns_engine = engine is None  # closed with the stage only if the stage loaded it
         self.engine = engine or load_engine(job, kind)
         self.replica = f"{socket.gethostname()}:{os.getpid()}"
         self.ready = time.time()
@@ -145,6 +146,8 @@ class ModelStage:
         return False
 
     def __del__(self) -> None:
+        if not getattr(self, "owns_engine", False):
+            return
         close = getattr(getattr(self, "engine", None), "close", None)  # a replica's ranks, devices, vLLM engine
         if close is not None:
             close()

@@ -17,7 +17,7 @@ from pipeline.model.engine import InternVLEngine
 from pipeline.stages.generate import Generate
 from pipeline.stages.preprocess import Preprocess
 from tests.conftest import pattern_image
-from tests.helpers import vision_calls
+from tests.helpers import numpy_batch, preprocessed, vision_calls
 
 MAX_NEW_TOKENS = 10
 # 448x448 -> 1 tile; 1344x896 -> 3x2 grid + thumbnail = 7; 1792x1344 -> 4x3 grid + thumbnail = 13
@@ -112,25 +112,6 @@ def test_cpu_runs_equal_length_groups_through_the_language_model_and_padded_batc
         np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
 
 
-def numpy_batch(table):
-    """A table as Ray Data hands it to a numpy-format UDF."""
-    from ray.data.block import BlockAccessor
-
-    return BlockAccessor.for_block(table).to_batch_format("numpy")
-
-
-def preprocessed(job, tmp_path, images: dict, extra: dict | None = None):
-    """Run the CPU stage over images written to tmp_path; returns the numpy batch the model stage receives."""
-    uris = []
-    for name, image in images.items():
-        if image is not None:
-            image.save(tmp_path / name)
-        uris.append(str(tmp_path / name))
-    batch = {"id": np.array([f"s{i}" for i in range(len(uris))], dtype=object), "uri": np.array(uris, dtype=object)}
-    batch.update(extra or {})
-    return numpy_batch(Preprocess(job)(batch))
-
-
 def test_generate_stage_rows(engine, tmp_path):
     job = parse_job({"task": "vqa", "input": "x", "output": "y", "model": "m", "generation": {"max_new_tokens": 5}})
     batch = preprocessed(job, tmp_path, {"a.png": pattern_image(448, 448), "b.png": pattern_image(448, 448), "c.png": None},
@@ -164,6 +145,18 @@ def test_sampled_rows_depend_only_on_seed_and_row_id(engine, tmp_path, monkeypat
     # the row sampler applies transformers' warpers: top_k=1 leaves only the greedy token
     monkeypatch.setattr(engine.model.generation_config, "top_k", 1)
     assert answers(job, [0, 1, 2]) == greedy
+
+
+def test_min_new_tokens_suppresses_end_tokens(engine, samples, monkeypatch):
+    """A fixed answer length (benches): with a generated token made an end token, min_new_tokens carries on."""
+    ids = engine.prompt_ids("Describe.", [len(samples[1])])
+    free = engine.generate([ids], [samples[1]], max_new_tokens=MAX_NEW_TOKENS)[0]
+    stop = free.token_ids[2]
+    monkeypatch.setattr(engine, "eos_ids", engine.eos_ids | {stop})
+    cut = free.token_ids[: free.token_ids.index(stop) + 1]
+    assert engine.generate([ids], [samples[1]], max_new_tokens=MAX_NEW_TOKENS)[0].token_ids == cut
+    fixed = engine.generate([ids], [samples[1]], max_new_tokens=MAX_NEW_TOKENS, min_new_tokens=MAX_NEW_TOKENS)[0]
+    assert len(fixed.token_ids) == MAX_NEW_TOKENS
 
 
 def test_device_plan():

@@ -15,7 +15,7 @@ from pipeline.stages.score import Score
 from tests.conftest import pattern_image
 from tests.helpers import vision_calls
 from tests.media import make_video
-from tests.unit.model.test_engine import numpy_batch
+from tests.helpers import numpy_batch
 
 BASE = {"task": "score", "input": "x", "output": "y", "model": "m"}
 

@@ -3,7 +3,7 @@
 import pytest
 
 from pipeline.config import parse_job
-from pipeline.errors import RunError
+from pipeline.errors import JobError, RunError
 from pipeline.run.dataset import input_rows
 from pipeline.run.plan import expected_ids
 from pipeline.run.resources import MIN_OBJECT_STORE, TILE_BYTES, object_store_budget, plan_resources
@@ -94,3 +94,49 @@ def test_metrics_count_rows_by_status_and_error_type(monkeypatch):
         (1, "error", "decode_error"), (2, "error", "not_found"), (3, "ok", "")]
     assert FakeCounter.made["internvl_batch_tiles"].calls == [(10, None)]
     assert FakeCounter.made["internvl_batch_generated_tokens"].calls == []
+
+
+def test_engine_is_chosen_once_at_plan_time():
+    from pipeline.run.dataset import model_stage_class
+    from pipeline.stages.generate import AsyncGenerate, Generate
+    from pipeline.stages.score import AsyncScore, Score
+
+    job = parse_job(BASE)
+    assert plan_resources(job, cluster_cpus=8, cluster_gpus=2, vllm_installed=True).engine == "vllm"
+    assert plan_resources(job, cluster_cpus=8, cluster_gpus=2, vllm_installed=False).engine == "transformers"
+    assert plan_resources(job, cluster_cpus=8, cluster_gpus=0, vllm_installed=True).engine == "transformers"
+    forced = parse_job(BASE, overrides=["compute.engine=transformers"])
+    assert plan_resources(forced, cluster_cpus=8, cluster_gpus=2, vllm_installed=True).engine == "transformers"
+    with pytest.raises(JobError, match="not installed"):
+        plan_resources(parse_job(BASE, overrides=["compute.engine=vllm"]), cluster_cpus=8, cluster_gpus=2)
+    assert model_stage_class("caption", "vllm") is AsyncGenerate and model_stage_class("vqa", "transformers") is Generate
+    assert model_stage_class("score", "vllm") is AsyncScore and model_stage_class("score", "transformers") is Score
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4, 8])
+def test_vllm_replica_is_one_actor_holding_its_tp_gpus(tp):
+    """vLLM runs its tensor-parallel workers itself: one Ray Data actor per replica asks for all tp GPUs (Ray puts
+    them on one node), no placement group; several batches in flight (max_concurrency)."""
+    job = parse_job(BASE, overrides=[f"compute.tp={tp}", "compute.engine=vllm", "compute.replicas=2",
+                                     "compute.vllm.max_concurrent_batches=6"])
+    r = plan_resources(job, cluster_cpus=64, cluster_gpus=16, node_gpus=8, vllm_installed=True)
+    assert r.model_stage_args() == {"num_cpus": 1.0, "num_gpus": float(tp), "max_concurrency": 6}
+    assert r.cpu_workers == 64
+    with pytest.raises(RunError, match=f"compute.tp={tp * 2} needs {tp * 2} GPUs on one node"):
+        plan_resources(parse_job(BASE, overrides=[f"compute.tp={tp * 2}", "compute.engine=vllm"]),
+                       cluster_cpus=64, cluster_gpus=4 * tp, node_gpus=tp, vllm_installed=True)
+    cpu = plan_resources(job, cluster_cpus=8, cluster_gpus=0, vllm_installed=True)  # the CPU test lane
+    assert cpu.model_stage_args() == {"num_cpus": 1.0, "num_gpus": None, "max_concurrency": 6}
+
+
+def test_replica_usage_counts_overlapping_batches_once_and_gives_rates():
+    from pipeline.run.summary import busy_seconds, replica_usage
+
+    assert busy_seconds([(0, 2), (1, 3), (5, 6), (5.5, 5.7)]) == 4
+    batches = [{"replica": "a", "ready": 0.0, "start": 1.0, "end": 3.0, "samples": 8, "tokens": 800},
+               {"replica": "a", "ready": 0.0, "start": 2.0, "end": 5.0, "samples": 8, "tokens": 400},  # in flight together
+               {"replica": "b", "ready": 0.0, "start": 1.0, "end": 2.0, "samples": 2, "tokens": 0}]
+    busy, usage = replica_usage(batches)
+    assert usage["a"] == {"batches": 2, "busy_s": 4.0, "span_s": 5.0, "samples": 16, "generated_tokens": 1200,
+                          "images_per_s": 4.0, "tokens_per_s": 300.0}
+    assert usage["b"]["images_per_s"] == 2.0 and busy == round(5 / 7, 4)
