@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -9,8 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.embedded.s3_server import find_weed, local_s3_server
-from pipeline.embedded.tiny_model import make_tiny_model
+if importlib.util.find_spec("vllm") is not None:  # the vLLM lane: its CPU shim before transformers is imported
+    from tests.vllm import lane
+
+    lane.setup()
+
+from pipeline.embedded.s3_server import find_weed, local_s3_server  # noqa: E402
+from pipeline.embedded.tiny_model import make_tiny_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "tests" / "data"

@@ -1,0 +1,95 @@
+"""The model stages on vLLM (AsyncGenerate, AsyncScore) against the sync stages on transformers; several batches in
+flight on one replica; sampled rows that depend only on (seed, row id)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+pytest.importorskip("vllm")
+
+from pipeline.config import parse_job  # noqa: E402
+from pipeline.stages.generate import AsyncGenerate, Generate  # noqa: E402
+from pipeline.stages.model_stage import BATCH_COLUMN  # noqa: E402
+from pipeline.stages.score import AsyncScore, Score  # noqa: E402
+from tests.conftest import pattern_image  # noqa: E402
+from tests.helpers import preprocessed  # noqa: E402
+
+pytestmark = pytest.mark.vllm
+
+SIZES = [(448, 448), (1344, 896), (1792, 1344)]  # 1, 7 and 13 tiles
+BASE = {"input": "x", "output": "y", "model": "m", "generation": {"max_new_tokens": 8}}
+
+
+def rows_of(table):
+    return {r["id"]: r for r in table.drop_columns([BATCH_COLUMN]).to_pylist()}
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return tmp_path_factory.mktemp("images"), {f"{w}x{h}.png": pattern_image(w, h) for w, h in SIZES}
+
+
+def test_generate_rows_equal_the_transformers_stage(vllm_engine, hf_engine, images):
+    """vqa with three questions per sample: every row (response, token counts) as the transformers stage gives it."""
+    job = parse_job(dict(BASE, task="vqa", questions=["Describe it.", "What colour?", "Is it dark?"]))
+    batch = preprocessed(job, *images)
+    want = rows_of(Generate(job, engine=hf_engine)(batch))
+    got = rows_of(asyncio.run(AsyncGenerate(job, engine=vllm_engine)(batch)))
+    assert got.keys() == want.keys() and len(got) == 9
+    for key, row in want.items():
+        assert {k: got[key][k] for k in ("response", "num_generated_tokens", "num_input_tokens", "status")} == \
+               {k: row[k] for k in ("response", "num_generated_tokens", "num_input_tokens", "status")}, key
+        assert got[key]["mean_logprob"] == pytest.approx(row["mean_logprob"], abs=1e-3)
+
+
+def test_score_rows_equal_the_transformers_stage(vllm_engine, hf_engine, images):
+    job = parse_job(dict(BASE, task="score", criteria=[
+        {"name": "red", "prompt": "Is it red?"},
+        {"name": "quality", "prompt": "Rate it.", "scale": {"min": 1, "max": 5}},
+        {"name": "what", "prompt": "What is it?", "labels": ["a red car", "a blue cup", "noise"]}]))
+    batch = preprocessed(job, *images)
+    want = rows_of(Score(job, engine=hf_engine)(batch))
+    got = rows_of(asyncio.run(AsyncScore(job, engine=vllm_engine)(batch)))
+    for key, row in want.items():
+        for name in ("score_red", "score_quality", "rating_quality", "score_what"):
+            assert got[key][name] == pytest.approx(row[name], abs=1e-4), (key, name)
+        assert got[key]["label_what"] == row["label_what"]
+
+
+def test_batches_in_flight_together_on_one_replica(vllm_engine, images):
+    """Ray Data runs the async stage up to max_concurrent_batches times at once; the engine serves them together."""
+    job = parse_job(dict(BASE, task="caption"))
+    batch = preprocessed(job, *images)
+    stage = AsyncGenerate(job, engine=vllm_engine)
+    single = [{name: values[[k]] for name, values in batch.items()} for k in range(3)]
+    def answers(table):
+        return {key: (r["response"], r["num_generated_tokens"]) for key, r in rows_of(table).items()}
+
+    alone = [answers(asyncio.run(stage(b))) for b in single]
+
+    async def together():
+        return await asyncio.gather(*(stage(b) for b in single))
+
+    tables = asyncio.run(together())
+    assert [answers(t) for t in tables] == alone
+    spans = [t.column(BATCH_COLUMN)[0].as_py() for t in tables]
+    assert max(s["start"] for s in spans) < min(s["end"] for s in spans)  # all three were in flight at one moment
+    assert [s["samples"] for s in spans] == [1, 1, 1] and all(s["tokens"] == 8 for s in spans)
+
+
+def test_sampled_rows_depend_only_on_seed_and_row_id(vllm_engine, images):
+    job = parse_job(dict(BASE, task="caption", generation={"max_new_tokens": 8, "do_sample": True, "top_p": 0.95}))
+    full = preprocessed(job, *images)
+
+    def answers(job, keep):
+        batch = {name: values[keep] for name, values in full.items()}
+        return {k: r["response"] for k, r in rows_of(asyncio.run(AsyncGenerate(job, engine=vllm_engine)(batch))).items()}
+
+    together = answers(job, [0, 1, 2])
+    assert answers(job, [2]) == {"s2": together["s2"]}
+    assert answers(job, [2, 0]) == {"s2": together["s2"], "s0": together["s0"]}
+    assert answers(parse_job(job.model_dump(), overrides=["generation.seed=6"]), [0, 1, 2]) != together
+    assert np.unique(list(together.values())).size == 3
