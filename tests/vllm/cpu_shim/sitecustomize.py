@@ -2,7 +2,7 @@
 schemas (torchvision_shim) just before its first `import torchvision`; processes that never import it pay nothing.
 
 vLLM imports its model code in child processes too (the model-registry inspection runs `python -m ...`, Ray actors
-are fresh interpreters), so defining the schemas in the test process alone is not enough; tests/conftest puts this
+are fresh interpreters), so defining the schemas in the test process alone is not enough; tests/vllm/lane.py puts this
 folder on PYTHONPATH for them.
 """
 

