@@ -35,6 +35,13 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_model_tp(tmp_path_factory) -> Path:
+    """The tiny model with 4 text heads of 16 and 2 key/value heads, for transformers' tensor-parallel plan (tp=2
+    splits the key/value heads between the ranks; the default tiny model has one, in heads of 32 for vLLM)."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-model-tp"), text_head_dim=16)
+
+
+@pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """SeaweedFS on 127.0.0.1 with auth; its credentials exported through the standard AWS variables."""
     if find_weed() is None:

@@ -19,19 +19,19 @@ def needs_two_gpus():
         pytest.skip("needs 2 CUDA devices")
 
 
-def test_tp2_on_nccl_matches_tp1(tiny_model):
+def test_tp2_on_nccl_matches_tp1(tiny_model_tp):
     import ray
 
     from pipeline.model.engine import InternVLEngine
     from pipeline.run.replica import TensorParallelEngine
 
     ray.init(num_gpus=2, ignore_reinit_error=True)
-    job = parse_job({"task": "caption", "input": "in", "output": "out", "model": str(tiny_model),
+    job = parse_job({"task": "caption", "input": "in", "output": "out", "model": str(tiny_model_tp),
                      "compute": {"tp": 2, "device": "cuda", "dtype": "float32"}})
     sharded = TensorParallelEngine(job)
     try:
         assert sharded.on_gpu
-        single = InternVLEngine.load(str(tiny_model), device="cuda", dtype="float32")
+        single = InternVLEngine.load(str(tiny_model_tp), device="cuda", dtype="float32")
         samples = [np.asarray(pattern_image(448, 448), np.uint8)[None]]
         prompts = [single.prompt_ids("Describe.", [1])]
         a, b = sharded.generate(prompts, samples, [0], max_new_tokens=8), single.generate(prompts, samples, [0], max_new_tokens=8)
@@ -43,7 +43,7 @@ def test_tp2_on_nccl_matches_tp1(tiny_model):
         sharded.close()
 
 
-def test_tp2_bf16_flash_attention_loads(tiny_model):
+def test_tp2_bf16_flash_attention_loads(tiny_model_tp):
     import importlib.util
 
     import ray
@@ -53,7 +53,7 @@ def test_tp2_bf16_flash_attention_loads(tiny_model):
     if importlib.util.find_spec("flash_attn") is None:
         pytest.skip("flash-attn not installed")
     ray.init(num_gpus=2, ignore_reinit_error=True)
-    job = parse_job({"task": "caption", "input": "in", "output": "out", "model": str(tiny_model),
+    job = parse_job({"task": "caption", "input": "in", "output": "out", "model": str(tiny_model_tp),
                      "compute": {"tp": 2, "device": "cuda"}})
     engine = TensorParallelEngine(job)
     try:

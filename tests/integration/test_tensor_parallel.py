@@ -76,16 +76,16 @@ def test_device_layout_lets_ranks_see_each_other():
 
 
 @pytest.mark.integration
-def test_tp2_equals_tp1_and_shards_the_weights(ray_local, tiny_model):
+def test_tp2_equals_tp1_and_shards_the_weights(ray_local, tiny_model_tp):
     from pipeline.model.engine import InternVLEngine
     from pipeline.run.replica import TensorParallelEngine
 
-    job = parse_job({**BASE, "model": str(tiny_model)}, overrides=["compute.tp=2", "compute.device=cpu"])
+    job = parse_job({**BASE, "model": str(tiny_model_tp)}, overrides=["compute.tp=2", "compute.device=cpu"])
     sharded = TensorParallelEngine(job)
     try:
         table = ray_local.util.placement_group_table(sharded._group())
         assert table["strategy"] == "STRICT_PACK" and list(table["bundles"].values()) == [{"CPU": 1.0}, {"CPU": 1.0}]
-        single = InternVLEngine.load(str(tiny_model), device="cpu")
+        single = InternVLEngine.load(str(tiny_model_tp), device="cpu")
         full = {n: tuple(p.shape) for n, p in single.model.named_parameters()}
         for rank in sharded.local_shapes():
             assert rank.keys() == full.keys()
@@ -149,9 +149,9 @@ def twelve_images(tmp_path):
 
 
 @pytest.mark.integration
-def test_tp2_job_survives_a_killed_rank(ray_local, tiny_model, twelve_images, tmp_path):
+def test_tp2_job_survives_a_killed_rank(ray_local, tiny_model_tp, twelve_images, tmp_path):
     out = tmp_path / "out"
-    job = {"task": "caption", "input": str(twelve_images), "output": str(out), "model": str(tiny_model),
+    job = {"task": "caption", "input": str(twelve_images), "output": str(out), "model": str(tiny_model_tp),
            "rows_per_shard": 2, "generation": {"max_new_tokens": 60},
            "compute": {"tp": 2, "batch_size": 2, "device": "cpu"}}
     summary, rows = _run_and_kill(job, r"ray::Rank", out)
