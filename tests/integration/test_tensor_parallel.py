@@ -21,6 +21,7 @@ from pipeline.errors import RunError
 from pipeline.run.replica import device_layout, replica_bundles, replica_resources
 from pipeline.run.resources import plan_resources
 from tests.conftest import REPO, pattern_image
+from tests.procs import own_pids
 from tests.helpers import output_rows
 
 BASE = {"task": "caption", "input": "in", "output": "out", "model": "m"}
@@ -114,11 +115,6 @@ def test_tp2_equals_tp1_and_shards_the_weights(ray_local, tiny_model):
         sharded.close()
 
 
-def _pids(pattern: str) -> list[int]:
-    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
-    return [int(p) for p in out if int(p) != os.getpid()]
-
-
 def _run_and_kill(job: dict, pattern: str, out, kill_one: bool = True):
     """Run the job in-process (local Ray); once its first shard is written, SIGKILL one process matching pattern."""
     from pipeline.run.runner import run_job
@@ -131,7 +127,7 @@ def _run_and_kill(job: dict, pattern: str, out, kill_one: bool = True):
     while not list(out.glob("part-*.parquet")):
         assert runner.is_alive() and time.monotonic() < deadline, "no first shard"
         time.sleep(0.2)
-    victims = _pids(pattern)
+    victims = own_pids(pattern)  # the in-process local Ray's processes: this process's tree only
     assert victims, f"no process matching {pattern}"
     os.kill(victims[0] if kill_one else victims[-1], signal.SIGKILL)
     runner.join(900)
