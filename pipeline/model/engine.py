@@ -22,6 +22,7 @@ from pipeline.model.batching import equal_length_groups
 from pipeline.model.checkpoints import prepare_checkpoint
 from pipeline.model.device import DevicePlan, local_plan
 from pipeline.model.prompts import ImageTokens, chat_messages, expand_image_placeholders
+from pipeline.model.scoring import answer_logprob
 
 
 @dataclass(frozen=True)
@@ -237,10 +238,11 @@ class InternVLEngine(Prompter):
         owners: Sequence[int],
         labels: Sequence[Sequence[list[int]]],
     ) -> list[list[float]]:
-        """log P(label token sequence | prompt) for each prompt's labels, without a generate loop.
+        """log P(answer = label | prompt) for each prompt's labels: the label's tokens, then the end of the answer
+        (any of the eos ids generation stops at; pipeline/model/scoring.py), without a generate loop.
 
-        One forward over the prompts gives every label's first token; labels of several tokens continue from the
-        prompts' cache in one short forward over their remaining tokens.
+        One forward over the prompts gives every label's first token; one short forward over every label's tokens,
+        continuing from the prompts' cache, gives the rest and the end.
         """
         if not prompts:
             return []
@@ -253,22 +255,18 @@ class InternVLEngine(Prompter):
         """score() for prompts with their image features."""
         embeds, attention = self.embed(prompts, features)
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        longest = max(len(seq) for options in labels for seq in options)
-        out = self.model(inputs_embeds=embeds, attention_mask=attention, position_ids=positions,
-                         use_cache=longest > 1, logits_to_keep=1)
+        out = self.model(inputs_embeds=embeds, attention_mask=attention, position_ids=positions, use_cache=True,
+                         logits_to_keep=1)
         first = torch.log_softmax(out.logits[:, -1].float(), dim=-1).cpu()
-        result = [[float(first[i, seq[0]]) for seq in options] for i, options in enumerate(labels)]
-        pairs = [(i, j) for i, options in enumerate(labels) for j, seq in enumerate(options) if len(seq) > 1]
-        if not pairs:
-            return result
+        pairs = [(i, j) for i, options in enumerate(labels) for j in range(len(options))]
         rows = torch.tensor([i for i, _ in pairs], device=attention.device)
         cache = out.past_key_values
         cache.reorder_cache(rows)  # one cached prompt per (prompt, label) pair
-        width = max(len(labels[i][j]) - 1 for i, j in pairs)
+        width = max(len(labels[i][j]) for i, j in pairs)
         cont = torch.full((len(pairs), width), self.pad_id, dtype=torch.long)
         cont_mask = torch.zeros((len(pairs), width), dtype=torch.long)
-        for p, (i, j) in enumerate(pairs):
-            seq = labels[i][j][:-1]
+        for p, (i, j) in enumerate(pairs):  # every label token goes in: the step after the last one holds the end
+            seq = labels[i][j]
             cont[p, : len(seq)] = torch.tensor(seq)
             cont_mask[p, : len(seq)] = 1
         cont, cont_mask = cont.to(attention.device), cont_mask.to(attention.device)
@@ -278,7 +276,9 @@ class InternVLEngine(Prompter):
             position_ids=start + torch.arange(width, device=attention.device), past_key_values=cache,
         )
         rest = torch.log_softmax(more.logits.float(), dim=-1).cpu()
+        end = sorted(self.eos_ids)
+        result: list[list[float]] = [[0.0] * len(options) for options in labels]
         for p, (i, j) in enumerate(pairs):
             seq = labels[i][j]
-            result[i][j] += sum(float(rest[p, t, seq[t + 1]]) for t in range(len(seq) - 1))
+            result[i][j] = answer_logprob([first[i], *rest[p, : len(seq)]], seq, end)
         return result
