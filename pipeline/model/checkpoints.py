@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ModelLoadError
-from pipeline.io.storage import get_filesystem, is_remote
+from pipeline.io.storage import get_filesystem, is_remote, prefix_version
 from pipeline.model.cache import converted_entry, publish, remote_entry
 
 
@@ -27,13 +27,15 @@ def check_checkpoint(model: str, options: Mapping[str, Any] | None = None) -> No
 
 
 def cache_checkpoint(url: str, *, cache_dir: str | Path | None = None, options: Mapping[str, Any] | None = None) -> Path:
-    """Copy a remote checkpoint prefix into the node-local cache once (atomically); later callers reuse it."""
-    dest = remote_entry(url, cache_dir)
-    if (dest / "config.json").exists():
-        return dest
+    """Copy a remote checkpoint prefix into the node-local cache once (atomically); later callers reuse it while
+    the remote objects are unchanged (same ETags, else sizes and mtimes: one listing per call), and a re-uploaded
+    checkpoint is copied again into a new entry."""
     fs, path = get_filesystem(url, options)
     if not fs.exists(f"{path.rstrip('/')}/config.json"):
         raise ModelLoadError(f"model {url!r}: no config.json under that prefix")
+    dest = remote_entry(url, cache_dir, prefix_version(url, options))
+    if (dest / "config.json").exists():
+        return dest
     publish(dest, lambda tmp: fs.get(path.rstrip("/") + "/", str(tmp) + "/", recursive=True))
     return dest
 

@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.errors import LockedError
-from pipeline.io.incremental import new_or_changed, object_version, run_lock
+from pipeline.io.incremental import new_or_changed, run_lock
+from pipeline.io.storage import object_version
 from tests.conftest import pattern_image
 from tests.helpers import output_rows
 
