@@ -2,7 +2,7 @@
 
 Knows nothing of Ray Data or the job's storage layout. Checkpoints load with `InternVLForConditionalGeneration`
 (no remote code) from a local folder, an s3:// (any fsspec) prefix copied once per node into a local cache, or a
-hub id where a network exists.
+hub id (a snapshot in the Hugging Face cache, fetched where a network exists); original-format ones converted.
 """
 
 from __future__ import annotations
@@ -107,7 +107,8 @@ class InternVLEngine(Prompter):
 
         hf_logging.disable_progress_bar()  # per-shard bars from every replica would flood the job log
         plan = local_plan(device, dtype)
-        path = prepare_checkpoint(model, cache_dir=cache_dir, options=storage_options, trust_remote_code=trust_remote_code)
+        path = prepare_checkpoint(model, cache_dir=cache_dir, options=storage_options, trust_remote_code=trust_remote_code,
+                                  revision=revision)
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
             sharding = {"tp_plan": "auto", "tp_size": tp} if tp > 1 else {}

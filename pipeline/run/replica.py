@@ -129,7 +129,7 @@ class TensorParallelEngine:
         self.rank_cpus = rank_cpus
         # Copy an s3:// checkpoint into this node's cache once, here, before the ranks (on this node) read it.
         self.checkpoint = prepare_checkpoint(job.model, cache_dir=job.model_cache, options=job.storage,
-                                             trust_remote_code=job.trust_remote_code)
+                                             trust_remote_code=job.trust_remote_code, revision=job.model_revision)
         self.prompter = Prompter.load(self.checkpoint, revision=job.model_revision)
         self.tokenizer = self.prompter.tokenizer
         self.on_gpu = wants_gpu(job.compute.device, gpus_available=ray.cluster_resources().get("GPU", 0))
