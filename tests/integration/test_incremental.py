@@ -41,6 +41,17 @@ def test_local_lock_is_exclusive(tmp_path):
         pass
 
 
+def test_a_lock_left_by_a_dead_run_refuses_the_next_until_deleted(tmp_path):
+    """What jobs/caption_nightly.yaml says: a run that died leaves _LOCK, and later runs are refused naming it."""
+    (tmp_path / "_LOCK").write_text(json.dumps({"host": "node-7", "pid": 999999, "since": "2026-01-01T02:00:00Z"}))
+    with pytest.raises(LockedError, match=r"host node-7, pid 999999.*If that run died, delete the lock file"):
+        with run_lock(str(tmp_path)):
+            pass
+    (tmp_path / "_LOCK").unlink()
+    with run_lock(str(tmp_path)):
+        pass
+
+
 def test_add_three_change_one_processes_exactly_four(s3_server, ray_local, tiny_model, tmp_path):
     fs = s3fs.S3FileSystem()
     for i in range(5):
