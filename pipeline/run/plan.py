@@ -14,11 +14,12 @@ import pyarrow.compute as pc
 
 from pipeline.config import JobConfig
 from pipeline.errors import InputError, JobError, ModelLoadError
-from pipeline.io.incremental import list_versions, new_or_changed, read_state
+from pipeline.io.incremental import new_or_changed, read_state
 from pipeline.io.inputs import InputListing, derive_id, list_inputs
 from pipeline.io.markers import JOB_FILE, read_marker
 from pipeline.io.schema import reserved_columns
 from pipeline.io.shards import clear_results, existing_ids, shard_files
+from pipeline.io.storage import list_versions
 from pipeline.model.checkpoints import check_checkpoint
 
 Echo = Callable[[str], None]

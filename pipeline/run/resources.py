@@ -12,7 +12,11 @@ from pipeline.config import JobConfig
 from pipeline.errors import RunError
 from pipeline.media.tiling import TILE_SIZE
 from pipeline.model.device import wants_gpu
-from pipeline.run.replica import replica_resources
+from pipeline.run.replica import RANK_CPUS
+
+# What the other stages need running at once for a run to make progress: one CPU preprocessing task and one writer.
+PREPROCESS_CPUS = 1.0
+WRITE_CPUS = 0.25  # writing a shard of text rows is light work
 
 # Model batches of tiles per replica that may wait in Ray's object store: enough to keep a replica fed (Ray Data
 # shares the budget out among the stages; with 4, a replica on 13-tile photos waited a third of its time), few
@@ -32,6 +36,12 @@ class Resources:
     cpu_workers: int
     tp: int = 1
     on_gpu: bool = False
+    note: str | None = None  # one line for the run's log when the plan bends a rule (CPUs shared on a small machine)
+
+    @property
+    def rank_cpus(self) -> float:
+        """CPUs one tensor-parallel rank reserves (its placement-group bundle); below 1 where ranks share CPUs."""
+        return self.cpus_per_replica / self.tp
 
     def model_stage_args(self) -> dict[str, Any]:
         """map_batches resource arguments of the model stage: the actor holds the device itself (tp = 1), or holds
@@ -44,8 +54,11 @@ class Resources:
 def plan_resources(job: JobConfig, *, cluster_cpus: float, cluster_gpus: float, node_gpus: float | None = None) -> Resources:
     """Replicas on GPUs when the job (or auto) says so; CPU workers fill the CPUs the replicas leave.
 
-    `node_gpus` is the most GPUs one node has: a tensor-parallel replica needs tp of them on one node. On CPU the
-    replicas' CPUs are taken from the preprocessing workers; on GPU their host CPUs mostly wait on the device.
+    `node_gpus` is the most GPUs one node has: a tensor-parallel replica needs tp of them on one node; too few GPUs
+    is refused. On GPU the replicas' host CPUs mostly wait on the device. On CPU the replicas' CPUs are taken from
+    the preprocessing workers, and where they would leave less than one preprocessing task and one writer, the
+    replicas (and a replica's tp ranks) share what is left: slower, but tp and several replicas run on a laptop,
+    which is what tp on CPU is for (trying it before a GPU cluster).
     """
     compute = job.compute
     tp = compute.tp
@@ -55,12 +68,21 @@ def plan_resources(job: JobConfig, *, cluster_cpus: float, cluster_gpus: float, 
         raise RunError(f"compute.device needs GPUs ({gpus_per_replica:g} per replica) but the cluster has {cluster_gpus:g}")
     if on_gpu and tp > 1 and node_gpus is not None and node_gpus < tp:
         raise RunError(f"compute.tp={tp} needs {tp} GPUs on one node; the largest node has {node_gpus:g}")
-    cpus_per_replica = replica_resources(tp, on_gpu=on_gpu)["CPU"] if tp > 1 else 1.0
+    cpus_per_replica = RANK_CPUS * tp
     low, high = compute.replica_range
+    note = None
+    if not on_gpu:
+        room = cluster_cpus - PREPROCESS_CPUS - WRITE_CPUS  # what the replicas may take and the run still moves
+        if room <= 0:
+            raise RunError(f"the cluster's {cluster_cpus:g} CPU(s) leave none for {low} replica(s) on CPU next to "
+                           f"preprocessing ({PREPROCESS_CPUS:g}) and writing ({WRITE_CPUS:g}); use a larger cluster")
+        if cpus_per_replica * low > room:
+            cpus_per_replica = room / low
+            what = f"{low} replica(s) of tp={tp}" if tp > 1 else f"{low} replica(s)"
+            note = (f"CPUs shared: {what} take {room:g} of the cluster's {cluster_cpus:g} CPUs together "
+                    f"({cpus_per_replica / tp:.2g} per {'rank' if tp > 1 else 'replica'}), so they run slower than "
+                    "on their own cores; fine for trying tp or replicas, not for throughput")
     left = cluster_cpus - (0 if on_gpu else cpus_per_replica * low)
-    if left < 1 and not compute.cpu_workers:
-        raise RunError(f"{low} replica(s) with tp={tp} on CPU take {cpus_per_replica * low:g} of the cluster's "
-                       f"{cluster_cpus:g} CPUs and leave none for preprocessing; use fewer replicas or a larger cluster")
     return Resources(
         replicas=(low, high),
         cpus_per_replica=cpus_per_replica,
@@ -68,6 +90,7 @@ def plan_resources(job: JobConfig, *, cluster_cpus: float, cluster_gpus: float, 
         cpu_workers=compute.cpu_workers or int(max(left, 1)),
         tp=tp,
         on_gpu=on_gpu,
+        note=note,
     )
 
 

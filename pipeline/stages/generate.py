@@ -24,8 +24,8 @@ class Generate(ModelStage):
     """Adds `response`, `prompt`, token counts, `mean_logprob`, `infer_ms`; ids `<sample id>#<k>` for several
     questions."""
 
-    def __init__(self, job: JobConfig, engine: Any | None = None) -> None:
-        super().__init__(job, engine)
+    def __init__(self, job: JobConfig, engine: Any | None = None, *, rank_cpus: float | None = None) -> None:
+        super().__init__(job, engine, rank_cpus=rank_cpus)
         self.generation_json = json.dumps(job.generation.model_dump(), sort_keys=True)
 
     def run(self, batch: Batch) -> pa.Table:

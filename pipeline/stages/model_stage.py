@@ -29,14 +29,15 @@ BATCH_COLUMN = "__batch"
 BATCH_TYPE = pa.struct([("replica", pa.string()), ("ready", pa.float64()), ("start", pa.float64()), ("end", pa.float64())])
 
 
-def load_engine(job: JobConfig) -> Any:
+def load_engine(job: JobConfig, rank_cpus: float | None = None) -> Any:
     """The job's model replica; torch and transformers load here, on the worker, never on the driver.
 
-    With compute.tp > 1 the replica is a group of rank actors driven from here (run/replica.py)."""
+    With compute.tp > 1 the replica is a group of rank actors driven from here (run/replica.py), each reserving
+    `rank_cpus` (the run plan's share; default one CPU)."""
     if job.compute.tp > 1:
         from pipeline.run.replica import TensorParallelEngine
 
-        return TensorParallelEngine(job)
+        return TensorParallelEngine(job) if rank_cpus is None else TensorParallelEngine(job, rank_cpus=rank_cpus)
     from pipeline.model.engine import InternVLEngine
 
     return InternVLEngine.load(job.model, device=job.compute.device, dtype=job.compute.dtype, revision=job.model_revision,
@@ -89,9 +90,9 @@ class ModelStage:
 
     reads = ("id", "uri", "pixels", "num_tiles", "tiles_per_image", "media_type", "status")
 
-    def __init__(self, job: JobConfig, engine: Any | None = None) -> None:
+    def __init__(self, job: JobConfig, engine: Any | None = None, *, rank_cpus: float | None = None) -> None:
         self.job = job
-        self.engine = engine or load_engine(job)
+        self.engine = engine or load_engine(job, rank_cpus)
         self.replica = f"{socket.gethostname()}:{os.getpid()}"
         self.ready = time.time()
 

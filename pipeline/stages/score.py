@@ -19,8 +19,8 @@ from pipeline.stages.model_stage import ModelStage, Requests
 class Score(ModelStage):
     """Adds per criterion `score`, `label`, `label_probs` (and `rating` for scales), `passed` with a filter."""
 
-    def __init__(self, job: JobConfig, engine: Any | None = None) -> None:
-        super().__init__(job, engine)
+    def __init__(self, job: JobConfig, engine: Any | None = None, *, rank_cpus: float | None = None) -> None:
+        super().__init__(job, engine, rank_cpus=rank_cpus)
         self.criteria = job.score_criteria()
         self.labels = [label_token_ids(self.engine.tokenizer, c.answers) for c in self.criteria]
         self.schema = output_schema(job)

@@ -227,6 +227,26 @@ def test_filter_job_writes_scores_and_passed_subset(s3, tiny_model, tmp_path):
     assert success["rows_passed"] == 3
     assert sum(success["score_histograms"]["blurry"]) == 3 and sum(success["score_histograms"]["quality"]) == 3
 
+    # Thresholds that cut rows, placed between the scores (and ratings) just seen: each rule keeps only the middle
+    # row, so each of min and max cuts a row the other keeps. The `passed` column, the passed subset and the count
+    # must agree. A re-run reproduces each score within 1e-6 (same samples, same batches), inside the gaps.
+    for name, key, low, high in (("blurry", "score_blurry", "min_score", "max_score"),
+                                 ("quality", "rating_quality", "min_rating", "max_rating")):
+        ranked = sorted("abc", key=lambda s: rows[s][key])
+        values = [rows[s][key] for s in ranked]
+        assert values[1] - values[0] > 1e-5 and values[2] - values[1] > 1e-5, values
+        rule = {low: (values[0] + values[1]) / 2, high: (values[1] + values[2]) / 2}
+        criteria = [{**c, "filter": rule if c["name"] == name else None} for c in job["criteria"]]
+        out, passed_out = f"bucket/filter/{name}-cut", f"bucket/filter/{name}-passed"
+        result = run_cli(tmp_path, {**job, "output": f"s3://{out}", "output_passed": f"s3://{passed_out}",
+                                    "criteria": [{k: v for k, v in c.items() if v is not None} for c in criteria]})
+        assert result.exit_code == 0, result.output
+        again = {r["source"]: r for r in read_output(out, s3).to_pylist()}
+        assert all(again[s][key] == pytest.approx(rows[s][key], abs=1e-6) for s in "abc")
+        assert [s for s in "abcd" if again[s]["passed"]] == [ranked[1]], (rule, values)
+        assert read_output(passed_out, s3).column("source").to_pylist() == [ranked[1]]
+        assert json.loads(s3.cat(f"{out}/_SUCCESS.json"))["rows_passed"] == 1
+
 
 @pytest.mark.parametrize("family", ["qwen2", "llama", "phi3", "internlm2"])
 def test_job_runs_on_an_original_format_checkpoint(family, ray_local, tmp_path):

@@ -18,6 +18,7 @@ from PIL import Image
 from tests.conftest import DATA, pattern_image
 from tests.helpers import output_rows, read_output
 from tests.media import make_video
+from tests.procs import own_pids
 
 pytestmark = pytest.mark.integration
 
@@ -44,11 +45,6 @@ def wait_for(predicate, timeout: float, what: str) -> None:
 
 def shards(out: Path) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
-
-
-def ray_pids(tag: str) -> list[int]:
-    out = subprocess.run(["pgrep", "-f", tag], capture_output=True, text=True).stdout.split()
-    return [int(p) for p in out]
 
 
 @pytest.fixture()
@@ -95,7 +91,7 @@ def test_model_actor_killed_mid_job_is_replaced(images, tiny_model, tmp_path):
     run = start_job(job, tmp_path)
     try:
         wait_for(lambda: len(shards(out)) >= 1, 300, "a first shard")
-        victims = ray_pids("MapBatches\\(Generate\\)")
+        victims = own_pids(r"MapBatches\(Generate\)", root=run.pid)  # in this job's process tree only
         assert victims, "no model actor process found"
         for pid in victims:
             os.kill(pid, signal.SIGKILL)
