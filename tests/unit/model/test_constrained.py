@@ -1,5 +1,5 @@
 """Constrained decoding on the tiny random-weight model: xgrammar's masks, generate(..., schemas=) (batched == one at a
-time, truncation, mixed schemas, sampling)."""
+time, truncation, mixed schemas, sampling), and the Generate stage's typed `answer` column and error rows."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch
 
 xgr = pytest.importorskip("xgrammar")
 
+from pipeline.config import parse_job  # noqa: E402
 from pipeline.errors import SchemaError  # noqa: E402
 from pipeline.model.answers import TruncatedAnswer, answer_type, parse_answer, to_arrow  # noqa: E402
 from pipeline.model.constrained import (  # noqa: E402
@@ -27,7 +28,10 @@ from pipeline.model.constrained import (  # noqa: E402
 )
 from pipeline.model.engine import InternVLEngine  # noqa: E402
 from pipeline.model.structured import check_schema  # noqa: E402
+from pipeline.stages.generate import Generate  # noqa: E402
 from tests.schemas import SCHEMA, SCHEMA_TYPE, SMALL  # noqa: E402
+from tests.unit.model.test_engine import preprocessed  # noqa: E402
+from tests.conftest import pattern_image  # noqa: E402
 
 QUESTIONS = ["Describe the animal.", "What is it?", "Answer in JSON now please."]  # three prompt lengths
 MAX_NEW_TOKENS = 160
@@ -211,3 +215,33 @@ def test_grammar_backend_for_engine(engine):
     with pytest.raises(RuntimeError, match="built for 2 rows got a batch of 3"):
         backend.logits_processor([SCHEMA, None])(torch.zeros((3, 0), dtype=torch.long),
                                                  torch.zeros(3, backend.vocab_size))
+
+
+# ------------------------------------------------------------------------------------------- the Generate stage
+
+
+def test_generate_stage_writes_typed_answers_and_error_rows(engine, tmp_path):
+    """Per-question schemas (one free question too), a bad input; then the same job cut short: truncated rows."""
+    job = {"task": "vqa", "input": "x", "output": "y", "model": "m", "schema": SMALL,
+           "questions": [{"question": "Describe it.", "schema": SCHEMA}, "Is it ok?"],
+           "generation": {"max_new_tokens": MAX_NEW_TOKENS}}
+    images = {"a.png": pattern_image(448, 448), "b.png": pattern_image(640, 480), "c.png": None}
+    batch = preprocessed(parse_job(job), tmp_path, images)
+    table = Generate(parse_job(job), engine=engine)(batch)
+    expected = answer_type([SMALL, SCHEMA])
+    assert table.schema.field("answer").type == expected
+    rows = table.to_pylist()
+    assert [r["id"] for r in rows] == ["s0#0", "s0#1", "s1#0", "s1#1", "s2#0", "s2#1"]
+    for r in rows[:4]:
+        assert r["status"] == "ok", r["error_message"]
+        value = parse_answer(r["response"], SCHEMA if r["question_index"] == 0 else SMALL,
+                             max_new_tokens=MAX_NEW_TOKENS, finished=True)
+        assert r["answer"] == to_arrow([value], expected).to_pylist()[0]  # the other schema's fields null
+    assert rows[4]["error_type"] == "not_found" and rows[4]["answer"] is None
+
+    short = Generate(parse_job(job, overrides=["generation.max_new_tokens=6"]), engine=engine)(batch)
+    assert short.schema.field("answer").type == expected  # no row parsed: the column keeps its type
+    for r in short.to_pylist()[:4]:
+        assert (r["status"], r["error_type"], r["answer"]) == ("error", "truncated", None)
+        assert "max_new_tokens=6" in r["error_message"] and r["response"].startswith("{")
+        assert r["num_generated_tokens"] == 6
