@@ -7,8 +7,8 @@ more than 25% padding; greedy results do not depend on the grouping (batched equ
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -18,11 +18,13 @@ from pipeline.errors import ErrorType
 
 @dataclass(frozen=True)
 class PromptRequest:
-    """One prompt for the engine: its token ids, which sample's tiles it shows, and (score) its labels' tokens."""
+    """One prompt for the engine: its token ids, which sample's tiles it shows, (score) its labels' tokens, and
+    (generate) the JSON Schema its answer must follow."""
 
     ids: list[int]
     sample: int  # index into the call's samples
     labels: list[list[int]] | None = None
+    schema: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -118,5 +120,5 @@ def _subset(requests: Sequence[PromptRequest], samples: Sequence[np.ndarray], ke
             mine: list[int]) -> tuple[list[PromptRequest], list[np.ndarray]]:
     """The requests `mine` and the samples `keep` they show, with sample indices renumbered into `keep`."""
     index = {s: k for k, s in enumerate(keep)}
-    return ([PromptRequest(requests[i].ids, index[requests[i].sample], requests[i].labels) for i in mine],
+    return ([replace(requests[i], sample=index[requests[i].sample]) for i in mine],
             [samples[s] for s in keep])

@@ -27,11 +27,16 @@ from pipeline.model.scoring import answer_logprob
 
 @dataclass(frozen=True)
 class Generation:
-    """One sample's generated tokens, their log-probabilities and text."""
+    """One prompt's generated tokens, their log-probabilities and text.
+
+    finished: generation ended by itself (EOS; vLLM's finish_reason "stop"), False when it was cut off at
+    max_new_tokens (vLLM's "length"); a schema answer cut off before its JSON closed becomes a `truncated` row.
+    """
 
     token_ids: list[int]
     logprobs: list[float]
     text: str
+    finished: bool = True
 
 
 class Prompter:
@@ -82,6 +87,16 @@ class InternVLEngine(Prompter):
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
         self._mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=plan.device).view(1, 3, 1, 1)
         self._std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=plan.device).view(1, 3, 1, 1)
+        self._grammar: Any = None
+
+    @property
+    def grammar(self) -> Any:
+        """The replica's grammar backend (xgrammar over this tokenizer), made at the first prompt with a schema."""
+        if self._grammar is None:
+            from pipeline.model.constrained import GrammarBackend
+
+            self._grammar = GrammarBackend.for_engine(self)
+        return self._grammar
 
     @classmethod
     def load(
@@ -173,10 +188,14 @@ class InternVLEngine(Prompter):
         temperature: float = 1.0,
         top_p: float = 1.0,
         seed: int | None = None,
+        schemas: Sequence[Mapping[str, Any] | None] | None = None,
     ) -> list[Generation]:
         """Generate for a batch of prompts; prompt i shows the tiles of samples[owners[i]] (default: samples[i]).
 
         The vision encoder runs once per sample, however many prompts (questions) share it.
+        schemas: one entry per prompt (or None for none): schemas[i], a checked JSON Schema dict, constrains prompt i's
+        answer to JSON of that schema (pipeline.model.constrained); a None entry leaves that prompt free. Another
+        engine (vLLM) takes the same argument; constrained.py's docstring says what it must do to give equal answers.
         """
         if not prompts:
             return []
@@ -186,7 +205,8 @@ class InternVLEngine(Prompter):
             torch.manual_seed(seed)
         return self._by_language_group(prompts, lambda group: self._generate(
             [prompts[i] for i in group], [features[owners[i]] for i in group],
-            max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p))
+            max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
+            schemas=None if schemas is None else [schemas[i] for i in group]))
 
     def language_groups(self, prompts: Sequence[list[int]]) -> list[list[int]]:
         """How a call's prompts go through the language model: on GPU all at once (left-padded; batched decode steps
@@ -205,10 +225,13 @@ class InternVLEngine(Prompter):
         return results
 
     def _generate(self, prompts: Sequence[list[int]], features: Sequence[torch.Tensor], *, max_new_tokens: int,
-                  do_sample: bool, temperature: float, top_p: float) -> list[Generation]:
+                  do_sample: bool, temperature: float, top_p: float,
+                  schemas: Sequence[Mapping[str, Any] | None] | None = None) -> list[Generation]:
         """generate() for prompts with their image features."""
         embeds, attention = self.embed(prompts, features)
         sampling = dict(temperature=temperature, top_p=top_p) if do_sample else dict(temperature=None, top_p=None, top_k=None)
+        if schemas is not None and any(s is not None for s in schemas):
+            sampling["logits_processor"] = [self.grammar.logits_processor(schemas)]
         out = self.model.generate(
             inputs_embeds=embeds,
             attention_mask=attention,
@@ -225,11 +248,11 @@ class InternVLEngine(Prompter):
         results = []
         for row in range(len(prompts)):
             tokens = new_tokens[row].tolist()
-            end = next((i + 1 for i, t in enumerate(tokens) if t in self.eos_ids), len(tokens))
+            end = next((i + 1 for i, t in enumerate(tokens) if t in self.eos_ids), None)
             tokens = tokens[:end]
             lp = [float(logprobs[row, i, t]) for i, t in enumerate(tokens)]
             text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
-            results.append(Generation(token_ids=tokens, logprobs=lp, text=text))
+            results.append(Generation(token_ids=tokens, logprobs=lp, text=text, finished=end is not None))
         return results
 
     @torch.inference_mode()

@@ -83,7 +83,7 @@ def check_output_state(job: JobConfig, echo: Echo) -> None:
         raise JobError(
             f"output {job.output!r} holds results of another configuration (fingerprint {marker.get('fingerprint')}, "
             f"model {marker.get('model')!r}; this job: {job.fingerprint()}, model {job.model!r}). Model, revision, "
-            "prompt, questions, tiling, video sampling and generation must match to resume; choose another output "
+            "prompt, questions, schema, tiling, video sampling and generation must match to resume; choose another output "
             "or pass --set overwrite=true to start a new run there"
         )
 

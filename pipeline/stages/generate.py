@@ -1,6 +1,7 @@
 """Model stage for caption and vqa: one output row per (sample, question), batched generation.
 
-The vision encoder runs once per sample however many questions it carries.
+The vision encoder runs once per sample however many questions it carries. A question with a schema is decoded
+under it and its parsed answer goes to the typed `answer` column; one cut off at max_new_tokens is a `truncated` row.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import pyarrow as pa
 
 from pipeline.config import JobConfig
 from pipeline.errors import ErrorType, PromptError
-from pipeline.io.schema import OUTPUT_SCHEMA, to_table
+from pipeline.io.schema import output_schema, to_table
+from pipeline.model.answers import AnswerError, parse_answer
 from pipeline.model.batching import PromptRequest
 from pipeline.model.prompts import user_text
 from pipeline.stages.base import Batch, batch_rows, require_columns
@@ -21,12 +23,14 @@ from pipeline.stages.model_stage import ModelStage, Requests, fail, questions_of
 
 
 class Generate(ModelStage):
-    """Adds `response`, `prompt`, token counts, `mean_logprob`, `infer_ms`; ids `<sample id>#<k>` for several
-    questions."""
+    """Adds `response`, `prompt`, token counts, `mean_logprob`, `infer_ms` (and `answer` with a schema); ids
+    `<sample id>#<k>` for several questions."""
 
     def __init__(self, job: JobConfig, engine: Any | None = None, *, rank_cpus: float | None = None) -> None:
         super().__init__(job, engine, rank_cpus=rank_cpus)
         self.generation_json = json.dumps(job.generation.model_dump(), sort_keys=True)
+        self.schema = output_schema(job)
+        self.constrained = bool(job.answer_schemas())
 
     def run(self, batch: Batch) -> pa.Table:
         require_columns(batch, "generate", self.reads)
@@ -35,7 +39,7 @@ class Generate(ModelStage):
         for sample in batch_rows(batch):
             questions = questions_of(self.job, sample)
             tiles: int | None = None
-            for k, question in enumerate(questions):
+            for k, (question, schema) in enumerate(questions):
                 row = dict(self.base_row(sample), sample_id=sample["id"], question=question, question_index=k,
                            task=self.job.task, model=self.job.model, generation=self.generation_json, prompt=None,
                            response=None, num_input_tokens=0, num_generated_tokens=0, mean_logprob=None, infer_ms=0.0)
@@ -53,20 +57,28 @@ class Generate(ModelStage):
                 ids = self.engine.prompt_ids(text, [int(t) for t in sample["tiles_per_image"]],
                                              video=sample["media_type"] == "video")
                 row.update(prompt=text, num_input_tokens=len(ids))
-                todo.add(row, ids, tiles)
+                todo.add((row, schema), ids, tiles, schema=schema)
 
         results, per_request_ms = todo.run(self._generate, max_tokens=self.job.compute.max_batch_tokens)
-        for row, result in results:
+        for (row, schema), result in results:
             row["infer_ms"] = per_request_ms
-            if not self.fill_failure(row, result):
-                row.update(response=result.text, num_generated_tokens=len(result.token_ids),
-                           mean_logprob=float(np.mean(result.logprobs)) if result.logprobs else None)
-        columns = {name: [r.get(name) for r in out] for name in dict.fromkeys(k for r in out for k in r)}
-        return to_table(columns, OUTPUT_SCHEMA)
+            if self.fill_failure(row, result):
+                continue
+            row.update(response=result.text, num_generated_tokens=len(result.token_ids),
+                       mean_logprob=float(np.mean(result.logprobs)) if result.logprobs else None)
+            if schema is not None:
+                try:
+                    row["answer"] = parse_answer(result.text, schema, max_new_tokens=self.job.generation.max_new_tokens,
+                                                 finished=result.finished)
+                except AnswerError as err:  # the raw text stays in `response`
+                    fail(row, err.error_type, str(err))
+        names = dict.fromkeys([*self.schema.names, *(k for r in out for k in r)])
+        return to_table({name: [r.get(name) for r in out] for name in names}, self.schema)
 
     def _generate(self, requests: list[PromptRequest], samples: list[np.ndarray]) -> list[Any]:
         gen = self.job.generation
+        constrained = {"schemas": [r.schema for r in requests]} if self.constrained else {}
         return self.engine.generate([r.ids for r in requests], samples, [r.sample for r in requests],
                                     max_new_tokens=gen.max_new_tokens, do_sample=gen.do_sample,
                                     temperature=gen.temperature, top_p=gen.top_p,
-                                    seed=gen.seed if gen.do_sample else None)
+                                    seed=gen.seed if gen.do_sample else None, **constrained)

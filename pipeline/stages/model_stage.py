@@ -44,14 +44,16 @@ def load_engine(job: JobConfig, rank_cpus: float | None = None) -> Any:
                                cache_dir=job.model_cache, storage_options=job.storage, trust_remote_code=job.trust_remote_code)
 
 
-def questions_of(job: JobConfig, row: dict[str, Any]) -> list[str | None]:
-    """The questions asked of one sample: the row's `questions`, else the job's, else the row's `question`."""
+def questions_of(job: JobConfig, row: dict[str, Any]) -> list[tuple[str | None, dict[str, Any] | None]]:
+    """The questions asked of one sample, each with the schema its answer follows (None: free text): the row's
+    `questions`, else the job's, else the row's `question`. Only the job's questions may have schemas of their own;
+    the others follow the job's `schema`."""
     own = as_list(row.get("questions"))
     if own:
-        return [str(q) for q in own]
+        return [(str(q), job.answer_schema) for q in own]
     if job.questions:
-        return list(job.questions)
-    return [row.get("question")]
+        return job.questions_asked()
+    return [(row.get("question"), job.answer_schema)]
 
 
 def fail(row: dict[str, Any], error_type: ErrorType, message: str) -> None:
@@ -72,8 +74,9 @@ class Requests:
         self.samples.append(tiles_from_bytes(sample["pixels"], int(sample["num_tiles"])))
         return len(self.samples) - 1
 
-    def add(self, target: Any, ids: list[int], sample: int, labels: list[list[int]] | None = None) -> None:
-        self.requests.append(PromptRequest(ids, sample, labels))
+    def add(self, target: Any, ids: list[int], sample: int, labels: list[list[int]] | None = None,
+            schema: dict[str, Any] | None = None) -> None:
+        self.requests.append(PromptRequest(ids, sample, labels, schema))
         self.targets.append(target)
 
     def run(self, call: Callable[[list[PromptRequest], list[np.ndarray]], list[Any]], *,

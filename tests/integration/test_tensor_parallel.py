@@ -1,12 +1,13 @@
 """Tensor-parallel replicas (compute.tp) and several replicas per job, on CPU with gloo.
 
-tp = 2 gives the same tokens and log-probabilities as tp = 1, with each rank holding half of every sharded
-language-model weight; the placement plan is right for tp in {1, 2, 4, 8}; a job whose rank (or replica) is killed
+tp = 2 gives the same tokens and log-probabilities as tp = 1 (free and under a schema), with each rank holding half
+of every sharded language-model weight; the placement plan is right for tp in {1, 2, 4, 8}; a job whose rank (or replica) is killed
 mid-run recovers with every input exactly once.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -23,6 +24,7 @@ from pipeline.run.resources import plan_resources
 from tests.conftest import REPO, pattern_image
 from tests.procs import own_pids
 from tests.helpers import output_rows
+from tests.schemas import SMALL
 
 BASE = {"task": "caption", "input": "in", "output": "out", "model": "m"}
 SHARDED = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # split by output rows
@@ -108,6 +110,12 @@ def test_tp2_equals_tp1_and_shards_the_weights(ray_local, tiny_model):
         for x, y in zip(a, b):
             assert x.token_ids == y.token_ids and x.text == y.text
             assert np.allclose(x.logprobs, y.logprobs, atol=1e-4)
+        if importlib.util.find_spec("xgrammar") is not None:  # schemas reach every rank; their masks agree
+            schemas = [SMALL, None, SMALL]
+            a = sharded.generate(prompts, samples, [0, 1, 2], max_new_tokens=24, schemas=schemas)
+            b = single.generate(prompts, samples, [0, 1, 2], max_new_tokens=24, schemas=schemas)
+            assert [(x.token_ids, x.finished) for x in a] == [(y.token_ids, y.finished) for y in b]
+            assert a[0].finished and a[0].text.startswith('{"ok":')
         labels = [[single.tokenizer.encode(w, add_special_tokens=False) for w in ("yes", "no")]] * 3
         assert np.allclose(sharded.score(prompts, samples, [0, 1, 2], labels),
                            single.score(prompts, samples, [0, 1, 2], labels), atol=1e-4)
