@@ -170,7 +170,16 @@ def test_two_replicas_share_the_work_and_survive_a_killed_replica(ray_local, tin
     job = {"task": "caption", "input": str(twelve_images), "output": str(out), "model": str(tiny_model),
            "rows_per_shard": 2, "generation": {"max_new_tokens": 60},
            "compute": {"replicas": 2, "batch_size": 1, "device": "cpu"}}
-    summary, rows = _run_and_kill(job, r"MapBatches\(Generate\)", out)
+    # Both replicas load before the first batch is dispatched; otherwise, on a loaded machine, the first one can take
+    # every batch while the second is still importing torch (and the work is not shared at all).
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    saved, ctx.wait_for_min_actors_s = ctx.wait_for_min_actors_s, 600
+    try:
+        summary, rows = _run_and_kill(job, r"MapBatches\(Generate\)", out)
+    finally:
+        ctx.wait_for_min_actors_s = saved
     assert len(rows) == 12 and len({r["id"] for r in rows}) == 12 and all(r["status"] == "ok" for r in rows)
     worked = [name for name, usage in summary.replicas.items() if usage["batches"] > 0]
     assert len(worked) >= 2, summary.replicas  # both replicas (and the killed one's replacement) took batches
