@@ -18,6 +18,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from pipeline.credentials import is_credential_key
 from pipeline.errors import JobError, SchemaError
+from pipeline.jobfile import label_words, load_yaml
 
 DEFAULT_PROMPTS = {
     "caption": "Describe the image in detail.",
@@ -92,9 +93,14 @@ class FilterRule(_Section):
 class Criterion(_Section):
     name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,39}$", description="Column suffix: score_<name>, label_<name>...")
     prompt: str = Field(min_length=1, description="The question asked of the sample.")
-    labels: list[str] | None = Field(None, min_length=2, description="Answers scored (default yes/no); the score is the first's probability.")
+    labels: list[str] | None = Field(None, min_length=2, description="Answers scored (default yes/no); the score is the first's probability. Unquoted yes/no/on/off/true/false and numbers are read as the words typed.")
     scale: ScaleConfig | None = Field(None, description="Rate on a digit scale instead: rating = expected value over the digits.")
     filter: FilterRule | None = Field(None, description="What passes on this criterion.")
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _label_words(cls, value: Any) -> Any:
+        return label_words(value)
 
     @model_validator(mode="after")
     def _labels_or_scale(self) -> Criterion:
@@ -194,7 +200,7 @@ class JobConfig(_Section):
         description=f"caption / vqa: {SCHEMA_HELP}. Decoding is constrained so every answer is JSON of it; the parsed "
                     "answer is the typed column `answer` (raw text stays in `response`). Needs the `structured` extra "
                     "(xgrammar).")
-    labels: list[str] | None = Field(None, min_length=2, description="score: the answers scored (default [yes, no]).")
+    labels: list[str] | None = Field(None, min_length=2, description="score: the answers scored (default [yes, no]); unquoted yes/no/on/off/true/false and numbers are read as the words typed, not as booleans or numbers.")
     scale: ScaleConfig | None = Field(None, description="score: rate on a digit scale {min, max}; adds a rating column.")
     criteria: list[Criterion] | None = Field(None, min_length=1, description="score: several named questions in one pass (score_<name> columns).")
     filter: FilterRule | None = Field(None, description="score: what passes (adds a passed column); with criteria, set filter per criterion.")
@@ -218,6 +224,11 @@ class JobConfig(_Section):
     def _plain_questions(cls, value: Any) -> Any:
         """A question may be written as its text alone."""
         return [{"question": q} if isinstance(q, str) else q for q in value] if isinstance(value, list) else value
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _label_words(cls, value: Any) -> Any:
+        return label_words(value)
 
     @field_validator("storage")
     @classmethod
@@ -358,7 +369,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(k, {})
             if not isinstance(node, dict):
                 raise JobError(f"--set {item!r}: '{k}' is not a group")
-        node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        node[keys[-1]] = load_yaml(raw, labels=keys[-1] == "labels") if raw.strip() else ""
     return result
 
 
@@ -433,7 +444,7 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
     """Read, override and validate a YAML job file."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text())
     except FileNotFoundError:
         raise JobError(f"{path}: no such job file") from None
     except yaml.YAMLError as err:

@@ -13,6 +13,7 @@ from pipeline.errors import JobError, RunError
 from pipeline.io.markers import JOB_FILE, SUCCESS_FILE, remove_marker, write_marker
 from pipeline.run.dataset import build_dataset
 from pipeline.run.plan import RunPlan
+from pipeline.run.quiet import quiet_ray_data
 from pipeline.run.replica import remove_replica_groups
 from pipeline.run.resources import Resources, object_store_budget, plan_resources
 from pipeline.stages.write import ShardStats
@@ -59,6 +60,7 @@ def configure_data_context(budget: int) -> None:
     """Ray Data settings of a run: progress bars on terminals only, no ordering, small tile blocks, the budget."""
     import ray
 
+    quiet_ray_data()
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = sys.stdout.isatty()
     ctx.execution_options.preserve_order = False

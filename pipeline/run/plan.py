@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import JobConfig
+from pipeline.credentials import is_missing_credentials, missing_credentials_message
 from pipeline.errors import InputError, JobError, ModelLoadError
 from pipeline.io.incremental import new_or_changed, read_state
 from pipeline.io.inputs import InputListing, derive_id, list_inputs
@@ -55,6 +56,10 @@ def preflight(job: JobConfig, echo: Echo) -> InputListing:
     except PermissionError as err:
         raise JobError(f"access denied ({err}) reading {job.input!r} or {job.output!r}; check the AWS credentials "
                        "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, profile or role)") from None
+    except Exception as err:  # noqa: BLE001 - botocore's NoCredentialsError, without importing botocore here
+        if not is_missing_credentials(err):
+            raise
+        raise JobError(f"{job.input!r} / {job.output!r}: {missing_credentials_message()}") from None
     clash = sorted(reserved_columns(job) & set(listing.table.column_names))
     if clash:
         raise JobError(f"input {job.input!r} has columns this {job.task} job writes itself: {', '.join(clash)}; rename them")

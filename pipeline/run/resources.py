@@ -14,9 +14,9 @@ from pipeline.media.tiling import TILE_SIZE
 from pipeline.model.device import wants_gpu
 from pipeline.run.replica import RANK_CPUS
 
-# What the other stages need running at once for a run to make progress: one CPU preprocessing task and one writer.
+# A CPU preprocessing task; on CPU the replicas always leave room for one, or the run could not move.
 PREPROCESS_CPUS = 1.0
-WRITE_CPUS = 0.25  # writing a shard of text rows is light work
+WRITE_CPUS = 0.25  # writing a shard of text rows is light work (it runs between preprocessing tasks)
 
 # Model batches of tiles per replica that may wait in Ray's object store: enough to keep a replica fed (Ray Data
 # shares the budget out among the stages; with 4, a replica on 13-tile photos waited a third of its time), few
@@ -56,7 +56,7 @@ def plan_resources(job: JobConfig, *, cluster_cpus: float, cluster_gpus: float, 
 
     `node_gpus` is the most GPUs one node has: a tensor-parallel replica needs tp of them on one node; too few GPUs
     is refused. On GPU the replicas' host CPUs mostly wait on the device. On CPU the replicas' CPUs are taken from
-    the preprocessing workers, and where they would leave less than one preprocessing task and one writer, the
+    the preprocessing workers, and where they would leave less than one preprocessing task, the
     replicas (and a replica's tp ranks) share what is left: slower, but tp and several replicas run on a laptop,
     which is what tp on CPU is for (trying it before a GPU cluster).
     """
@@ -72,10 +72,10 @@ def plan_resources(job: JobConfig, *, cluster_cpus: float, cluster_gpus: float, 
     low, high = compute.replica_range
     note = None
     if not on_gpu:
-        room = cluster_cpus - PREPROCESS_CPUS - WRITE_CPUS  # what the replicas may take and the run still moves
+        room = cluster_cpus - PREPROCESS_CPUS  # what the replicas may take and the run still moves
         if room <= 0:
             raise RunError(f"the cluster's {cluster_cpus:g} CPU(s) leave none for {low} replica(s) on CPU next to "
-                           f"preprocessing ({PREPROCESS_CPUS:g}) and writing ({WRITE_CPUS:g}); use a larger cluster")
+                           f"a preprocessing task ({PREPROCESS_CPUS:g}); use a larger cluster")
         if cpus_per_replica * low > room:
             cpus_per_replica = room / low
             what = f"{low} replica(s) of tp={tp}" if tp > 1 else f"{low} replica(s)"

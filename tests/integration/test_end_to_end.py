@@ -123,9 +123,16 @@ def test_vqa_manifest_with_passthrough(s3, tiny_model, tmp_path):
     assert all(r["status"] == "ok" and r["response"] for r in rows[:3])
 
 
+# What every run printed on stderr before it was quieted (the libraries' chatter, none of it for the user).
+STDERR_NOISE = ("Writing model shards", "Loading weights", "it/s]", "Token authentication is enabled",
+                "constructor arguments in the object store", "streaming_executor.py", "Progress bars disabled")
+
+
 def test_demo_command_runs_on_a_fresh_workdir(tmp_path):
-    """The README's first command: `internvl-batch demo` (local folders here; the S3 path is tested above)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS"))}
+    """The README's first command: `internvl-batch demo` (local folders here; the S3 path is tested above). It
+    builds the tiny model and runs a job on local Ray; its stderr holds none of the libraries' noise."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("AWS_", "RAY_ADDRESS", "RAY_AUTH_MODE", "HF_HUB_DISABLE_PROGRESS_BARS"))}
     proc = subprocess.run(
         [sys.executable, "-m", "pipeline.cli", "demo", "--workdir", str(tmp_path / "demo"), "--no-s3"],
         capture_output=True, text=True, timeout=600, env=env,
@@ -133,6 +140,24 @@ def test_demo_command_runs_on_a_fresh_workdir(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "rows in / out" in proc.stdout and "6 / 6" in proc.stdout
     assert (tmp_path / "demo" / "results" / "_SUCCESS.json").exists()
+    noise = [line for line in proc.stderr.splitlines() if any(n in line for n in STDERR_NOISE)]
+    assert noise == [], proc.stderr
+
+
+def test_verbose_run_keeps_the_library_lines(tmp_path):
+    """--verbose shows what a run hides: the hidden lines are real, and hiding them is the quiet default's doing."""
+    pattern_image(448, 448).save(tmp_path / "a.png")
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({"task": "caption", "input": str(tmp_path / "a.png"), "output": str(tmp_path / "out"),
+                                   "model": str(tmp_path / "demo-model"), "generation": {"max_new_tokens": 2}}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS", "RAY_AUTH_MODE"))}
+    made = subprocess.run([sys.executable, "-m", "pipeline.cli", "make-tiny-model", str(tmp_path / "demo-model")],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert made.returncode == 0, made.stderr
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(job), "--verbose"], capture_output=True,
+                          text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "constructor arguments in the object store" in proc.stderr and "streaming_executor.py" in proc.stderr
 
 
 def test_missing_model_fails_before_any_work(tmp_path):

@@ -229,6 +229,27 @@ def test_s3_throttling_is_retried_and_wrong_credentials_fail_fast(s3_server, tin
     assert "wrong-secret" not in bad.stdout + bad.stderr
 
 
+def test_no_credentials_at_all_exit_2_naming_where_the_chain_looked(tiny_model, tmp_path):
+    """No AWS credentials anywhere (no variables, no profile files): exit 2 with the places the chain looked, no
+    traceback, nothing written. The instance-metadata lookup is switched off so nothing leaves the machine; the
+    endpoint is a closed loopback port (botocore fails to sign before connecting)."""
+    job = {"task": "caption", "input": "s3://bucket/in/", "output": "s3://bucket/out/", "model": str(tiny_model)}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    (tmp_path / "home").mkdir()
+    env = {**{k: v for k, v in clean_env().items() if not k.startswith("AWS_")}, "HOME": str(tmp_path / "home"),
+           "AWS_EC2_METADATA_DISABLED": "true", "AWS_ENDPOINT_URL": "http://127.0.0.1:9"}
+    started = time.monotonic()
+    run = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(path)], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert run.returncode == 2, run.stdout + run.stderr
+    out = run.stdout + run.stderr
+    assert "no AWS credentials found" in out and "Traceback" not in out and "NoCredentialsError" not in out
+    for place in ("AWS_ACCESS_KEY_ID", "profile 'default'", "~/.aws/credentials", "container role", "instance role"):
+        assert place in out, place
+    assert time.monotonic() - started < 60
+
+
 def test_model_that_cannot_load_fails_fast_with_the_cause(images, tiny_model, tmp_path):
     import shutil
 

@@ -57,9 +57,9 @@ def test_tp_needs_enough_gpus_on_one_node():
 def test_cpu_replicas_take_cpus_from_preprocessing():
     r = plan_resources(parse_job(BASE, overrides=["compute.tp=2"]), cluster_cpus=4, cluster_gpus=0)
     assert (r.on_gpu, r.cpus_per_replica, r.rank_cpus, r.cpu_workers, r.note) == (False, 2.0, 1.0, 2, None)
-    # Two tp=2 replicas on 4 CPUs would leave nothing for preprocessing: their ranks share 2.75 CPUs instead.
+    # Two tp=2 replicas on 4 CPUs would leave nothing for preprocessing: their ranks share 3 CPUs instead.
     r = plan_resources(parse_job(BASE, overrides=["compute.tp=2", "compute.replicas=2"]), cluster_cpus=4, cluster_gpus=0)
-    assert (r.cpus_per_replica, r.rank_cpus, r.cpu_workers) == (1.375, 0.6875, 1) and "CPUs shared" in r.note
+    assert (r.cpus_per_replica, r.rank_cpus, r.cpu_workers) == (1.5, 0.75, 1) and "CPUs shared" in r.note
 
 
 def test_autoscaling_replicas_range():

@@ -178,3 +178,21 @@ def test_cli_schema_the_grammar_backend_cannot_compile_exits_2(tmp_path):
     assert result.exit_code == 2
     assert "schema $.properties.name: the grammar backend (xgrammar) cannot compile this schema" in result.output
     assert "Word boundary" in result.output and not out.exists()
+
+
+def test_yaml_boolean_labels_are_the_words_typed(tmp_path):
+    """`labels: [yes, no]` as the README writes it: YAML 1.1 reads those as booleans, which the labels (strings)
+    refused. Label lists keep the words as typed; every other key keeps YAML's types."""
+    path = tmp_path / "job.yaml"
+    path.write_text("task: score\ninput: in\noutput: out\nmodel: m\nprompt: Is it blurry?\n"
+                    "labels: [yes, no]\noverwrite: yes\ntiling: {thumbnail: off}\n")
+    job = load_job(path)
+    assert job.labels == ["yes", "no"] and job.score_criteria()[0].answers == ["yes", "no"]
+    assert job.overwrite is True and job.tiling.thumbnail is False
+    path.write_text("task: score\ninput: in\noutput: out\nmodel: m\ncriteria:\n"
+                    "  - {name: a, prompt: p, labels: [On, Off, TRUE, n]}\n  - {name: b, prompt: q, labels: [1, 10]}\n")
+    assert [c.labels for c in load_job(path).criteria] == [["On", "Off", "TRUE", "n"], ["1", "10"]]
+    assert load_job(path, ["labels=[yes, no]", "criteria=null", "prompt=q"]).labels == ["yes", "no"]
+    parsed = parse_job({**BASE, "task": "score", "prompt": "q", "labels": [True, False]})  # already parsed: yes/no
+    assert parsed.labels == ["yes", "no"]
+    assert load_job(REPO / "jobs" / "filter_images.yaml").criteria[0].labels == ["no", "yes"]

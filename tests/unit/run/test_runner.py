@@ -99,11 +99,11 @@ def test_metrics_count_rows_by_status_and_error_type(monkeypatch):
 @pytest.mark.parametrize("overrides", [["compute.tp=2"], ["compute.replicas=2"], ["compute.tp=2", "compute.replicas=2"]])
 def test_tp_and_replicas_on_a_two_cpu_machine_share_the_cpus(overrides):
     """tp on CPU is for trying tp before a GPU cluster: on 2 CPUs the ranks (or replicas) share what one
-    preprocessing task and one writer leave, and the plan says so in one line."""
+    preprocessing task leaves, and the plan says so in one line."""
     job = parse_job(BASE, overrides=[*overrides, "compute.device=cpu"])
     r = plan_resources(job, cluster_cpus=2, cluster_gpus=0)
     low = r.replicas[0]
-    assert r.cpus_per_replica * low == pytest.approx(0.75)  # 2 CPUs - 1 preprocessing task - 0.25 for a writer
+    assert r.cpus_per_replica * low == pytest.approx(1.0)  # 2 CPUs - 1 preprocessing task
     assert r.rank_cpus == pytest.approx(r.cpus_per_replica / r.tp) and r.cpu_workers == 1
     assert r.note.startswith("CPUs shared:") and "\n" not in r.note
 
@@ -112,10 +112,12 @@ def test_shared_rank_cpus_reach_the_placement_group_bundles():
     from pipeline.run.replica import replica_bundles
 
     r = plan_resources(parse_job(BASE, overrides=["compute.tp=2"]), cluster_cpus=2, cluster_gpus=0)
-    assert replica_bundles(r.tp, on_gpu=False, rank_cpus=r.rank_cpus) == [{"CPU": 0.375}, {"CPU": 0.375}]
+    assert replica_bundles(r.tp, on_gpu=False, rank_cpus=r.rank_cpus) == [{"CPU": 0.5}, {"CPU": 0.5}]
     assert r.model_stage_args() == {"num_cpus": 0, "num_gpus": 0}
     one = plan_resources(parse_job(BASE, overrides=["compute.replicas=2"]), cluster_cpus=2, cluster_gpus=0)
-    assert one.model_stage_args() == {"num_cpus": 0.375, "num_gpus": None}
+    assert one.model_stage_args() == {"num_cpus": 0.5, "num_gpus": None}
+    alone = plan_resources(parse_job(BASE), cluster_cpus=2, cluster_gpus=0)  # the default on 2 CPUs: nothing shared
+    assert (alone.cpus_per_replica, alone.cpu_workers, alone.note) == (1.0, 1, None)
 
 
 def test_short_gpus_and_a_one_cpu_machine_are_still_refused():
