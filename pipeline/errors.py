@@ -21,6 +21,8 @@ class ErrorType(StrEnum):
     BAD_INPUT = "bad_input"
     UNSUPPORTED = "unsupported"
     MODEL_ERROR = "model_error"
+    TRUNCATED = "truncated"
+    INVALID_ANSWER = "invalid_answer"
 
     @property
     def description(self) -> str:
@@ -32,12 +34,16 @@ _DESCRIPTIONS = {
     ErrorType.READ_ERROR: "storage failure",
     ErrorType.DECODE_ERROR: "not a decodable image or video",
     ErrorType.TOO_LARGE: "over the pixel / duration / frame limits (checked before decoding), or over the token "
-                         "budget even at `min_tiles`",
+                         "budget even at `min_tiles` (an image) or at one frame (a video)",
     ErrorType.TIMEOUT: "decoding took longer than `decode.timeout_s`",
     ErrorType.CRASHED: "the decoder crashed `decode.attempts` times on this file",
     ErrorType.BAD_INPUT: "e.g. a vqa row without a question",
     ErrorType.UNSUPPORTED: "e.g. a video where no decoder is installed",
     ErrorType.MODEL_ERROR: "one sample does not fit in device memory even alone",
+    ErrorType.TRUNCATED: "a `schema` answer cut off at `generation.max_new_tokens` before its JSON closed "
+                         "(`response` keeps the text, `answer` is null)",
+    ErrorType.INVALID_ANSWER: "a `schema` answer that is not a value of its schema, or one Arrow cannot hold (an "
+                              "integer outside int64); not expected under constrained decoding",
 }
 
 
@@ -47,6 +53,15 @@ class MediaError(Exception):
     def __init__(self, error_type: ErrorType | str, message: str) -> None:
         super().__init__(message)
         self.error_type = ErrorType(error_type)
+
+
+class SchemaError(ValueError):
+    """A `schema` we cannot load, enforce with the grammar backend, or map onto an Arrow type; the message names the
+    construct and its JSON path (a job with one fails validation: JobError, exit code 2)."""
+
+    def __init__(self, message: str, path: str = "$") -> None:
+        self.path = path
+        super().__init__(f"schema {path}: {message}")
 
 
 class JobError(ValueError):

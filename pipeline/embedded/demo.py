@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from pipeline.config import parse_job
+from pipeline.embedded import DEMO_WORKDIR
 from pipeline.run.summary import RunSummary
 
 # (name, width, height): sizes that give 1, 3, 7 and 13 tiles with the default max_tiles=12
@@ -80,7 +81,7 @@ def run_demo(
     from pipeline.embedded.tiny_model import make_tiny_model
     from pipeline.run.runner import run_job
 
-    workdir = (workdir or Path("internvl-batch-demo")).resolve()
+    workdir = (workdir or Path(DEMO_WORKDIR)).resolve()
     model = workdir / "tiny-internvl"
     if not (model / "config.json").exists():
         make_tiny_model(model)

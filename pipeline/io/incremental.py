@@ -1,8 +1,9 @@
 """Incremental runs: process only objects that are new or changed since the last successful run, one run at a time.
 
 State lives next to the results: `_INCREMENTAL.json` maps every object taken to its version (S3 ETag, else
-size and modification time), `_runs/<time>.json` records what each run took, and `_LOCK` (created only if absent:
-an S3 conditional PUT with If-None-Match, O_EXCL on disks) keeps two scheduled runs from overlapping.
+size and modification time: io/storage.object_version), `_runs/<time>.json` records what each run took, and
+`_LOCK` (created only if absent: an S3 conditional PUT with If-None-Match, O_EXCL on disks) keeps two scheduled
+runs from overlapping.
 """
 
 from __future__ import annotations
@@ -17,30 +18,11 @@ from typing import Any
 
 from pipeline.errors import LockedError
 from pipeline.io.markers import read_marker, remove_marker, write_marker
-from pipeline.io.storage import full_url, get_filesystem
+from pipeline.io.storage import get_filesystem
 
 STATE_FILE = "_INCREMENTAL.json"
 LOCK_FILE = "_LOCK"
 RUNS_DIR = "_runs"
-
-
-def object_version(info: Mapping[str, Any]) -> str:
-    """An object's version from its listing entry: the ETag where the store has one, else size and mtime."""
-    etag = info.get("ETag") or info.get("etag")
-    if etag:
-        return str(etag).strip('"')
-    mtime = info.get("mtime") or info.get("LastModified") or info.get("created") or ""
-    return f"{info.get('size')}-{mtime}"
-
-
-def list_versions(url: str, options: Mapping[str, Any] | None = None) -> dict[str, str]:
-    """{full URL: version} of every file under a prefix (or matching a glob)."""
-    fs, path = get_filesystem(url, options)
-    if any(ch in path for ch in "*?["):
-        entries = {p: fs.info(p) for p in fs.glob(path)}
-    else:
-        entries = fs.find(path, detail=True)
-    return {full_url(fs, p): object_version(info) for p, info in entries.items() if info.get("type") != "directory"}
 
 
 def read_state(output: str, options: Mapping[str, Any] | None = None) -> dict[str, str]:

@@ -120,7 +120,11 @@ def _manifest_rows(url: str, options: Mapping[str, Any] | None) -> pa.Table:
 
 
 def list_inputs(url: str, options: Mapping[str, Any] | None = None) -> InputListing:
-    """Rows for a prefix, glob or manifest, sorted by URI for listings and in manifest order otherwise."""
+    """Rows for a prefix, glob or manifest, sorted by URI for listings and in manifest order otherwise.
+
+    A listing takes files with a media extension and files without any extension (recognised by content when
+    decoded, as manifest URIs are: a video by its container, else an image; neither: a decode_error row); other
+    extensions are counted in `skipped`; names starting with '.' or '_' are left out."""
     if is_manifest(url):
         return InputListing(table=_manifest_rows(url, options), skipped={})
     try:
@@ -129,10 +133,12 @@ def list_inputs(url: str, options: Mapping[str, Any] | None = None) -> InputList
         raise InputError(str(err)) from None
     media, skipped = [], {}
     for f in files:
-        ext = extension(f)
-        if ext in MEDIA_EXTENSIONS:
+        ext, name = extension(f), f.rsplit("/", 1)[-1]
+        if name.startswith((".", "_")):
+            continue  # hidden files and markers (_SUCCESS, _JOB.json of an earlier run), neither media nor counted
+        if ext in MEDIA_EXTENSIONS or not ext:  # no extension: decoded by content (a video by its container)
             media.append(f)
-        elif not f.rsplit("/", 1)[-1].startswith("."):
-            skipped[ext or "(none)"] = skipped.get(ext or "(none)", 0) + 1
+        else:
+            skipped[ext] = skipped.get(ext, 0) + 1
     table = pa.table({"id": [derive_id(u) for u in media], "uri": media}, schema=pa.schema([("id", pa.string()), ("uri", pa.string())]))
     return InputListing(table=table, skipped=skipped)

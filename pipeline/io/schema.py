@@ -108,10 +108,15 @@ def score_fields(criteria: Sequence[Any], *, with_passed: bool) -> list[pa.Field
 
 
 def output_schema(job: Any) -> pa.Schema:
-    """Our typed columns for this job (a config.JobConfig): the common ones, plus a score job's score columns."""
-    if job.task != "score":
-        return OUTPUT_SCHEMA
-    return pa.schema([*OUTPUT_SCHEMA, *score_fields(job.score_criteria(), with_passed=job.has_filter)])
+    """Our typed columns for this job (a config.JobConfig): the common ones, plus a score job's score columns, or a
+    job with a `schema` its typed `answer` column (one struct merging the fields of per-question schemas)."""
+    if job.task == "score":
+        return pa.schema([*OUTPUT_SCHEMA, *score_fields(job.score_criteria(), with_passed=job.has_filter)])
+    if job.answer_schemas():
+        from pipeline.model.answers import answer_type
+
+        return pa.schema([*OUTPUT_SCHEMA, pa.field("answer", answer_type(job.answer_schemas()))])
+    return OUTPUT_SCHEMA
 
 
 def reserved_columns(job: Any) -> frozenset[str]:

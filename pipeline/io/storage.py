@@ -6,6 +6,8 @@ profiles, instance roles), and AWS_ENDPOINT_URL is honoured by botocore itself.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -81,3 +83,32 @@ def read_bytes(url: str, options: Mapping[str, Any] | None = None) -> bytes:
     fs, path = get_filesystem(url, options)
     with fs.open(path, "rb") as f:
         return f.read()
+
+
+def object_version(info: Mapping[str, Any]) -> str:
+    """An object's version from its listing entry: the ETag where the store has one, else size and mtime."""
+    etag = info.get("ETag") or info.get("etag")
+    if etag:
+        return str(etag).strip('"')
+    mtime = info.get("mtime") or info.get("LastModified") or info.get("created") or ""
+    return f"{info.get('size')}-{mtime}"
+
+
+def list_versions(url: str, options: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """{full URL: version} of every file under a prefix (or matching a glob)."""
+    fs, path = get_filesystem(url, options)
+    if any(ch in path for ch in "*?["):
+        entries = {p: fs.info(p) for p in fs.glob(path)}
+    else:
+        entries = fs.find(path, detail=True)
+    return {full_url(fs, p): object_version(info) for p, info in entries.items() if info.get("type") != "directory"}
+
+
+def prefix_version(url: str, options: Mapping[str, Any] | None = None) -> str:
+    """One version for everything under a prefix: a digest of each object's path (relative to the prefix) and
+    version. It changes when any object is re-uploaded, added or removed (a re-uploaded checkpoint)."""
+    fs, path = get_filesystem(url, options)
+    fs.invalidate_cache(path)  # a listing cached in this process would hide a re-upload by someone else
+    root = full_url(fs, path.rstrip("/"))
+    versions = {u.removeprefix(root): v for u, v in list_versions(url, options).items()}
+    return hashlib.sha256(json.dumps(versions, sort_keys=True).encode()).hexdigest()[:16]

@@ -32,7 +32,7 @@ def max_tiles_within(width: int, height: int, *, tokens: int, min_tiles: int, ma
 
 def frames_within(num_frames: int, *, tokens: int, tiles_per_frame: int, thumbnail: bool,
                   tokens_per_tile: int = TOKENS_PER_TILE) -> int:
-    """Frames of a video that fit `tokens` (at least one), each costing at most tiles_per_frame tiles (plus a
-    thumbnail when a frame is cut into several)."""
+    """Frames of a video that fit `tokens`, each costing at most tiles_per_frame tiles (plus a thumbnail when a
+    frame is cut into several); 0 when not even one frame fits (the sample is then too_large)."""
     per_frame = (tiles_per_frame + (1 if thumbnail and tiles_per_frame > 1 else 0)) * tokens_per_tile
-    return max(1, min(num_frames, tokens // per_frame))
+    return min(num_frames, tokens // per_frame)

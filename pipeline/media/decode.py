@@ -49,6 +49,10 @@ def video_tiles(data: bytes, video: VideoConfig, tiling: TilingConfig) -> dict[s
     if tiling.max_tokens_per_sample is not None:
         frames = frames_within(frames, tokens=tiling.max_tokens_per_sample, tiles_per_frame=video.tiles_per_frame,
                                thumbnail=tiling.thumbnail)
+        if frames == 0:
+            raise MediaError(ErrorType.TOO_LARGE, f"even one frame of video.tiles_per_frame={video.tiles_per_frame} tiles "
+                                                  f"exceeds the budget of {tiling.max_tokens_per_sample} visual tokens "
+                                                  "(tiling.max_tokens_per_sample)")
     limits = VideoLimits(max_duration_s=video.max_duration_s, max_frames=video.max_frames, max_pixels=video.max_pixels)
     sampled = sample_video(data, num_segments=frames, start_s=video.start_s, end_s=video.end_s, limits=limits)
     per_frame = dict(min_tiles=min(tiling.min_tiles, video.tiles_per_frame), max_tiles=video.tiles_per_frame)

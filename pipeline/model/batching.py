@@ -7,7 +7,7 @@ more than 25% padding; greedy results do not depend on the grouping (batched equ
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -19,11 +19,12 @@ from pipeline.errors import ErrorType
 @dataclass(frozen=True)
 class PromptRequest:
     """One prompt for the engine: its token ids, which sample's tiles it shows, (score) its labels' tokens, and
-    (sampling) its output row's seed."""
+    (generate) the JSON Schema its answer must follow, (sampling) its output row's seed."""
 
     ids: list[int]
     sample: int  # index into the call's samples
     labels: list[list[int]] | None = None
+    schema: Mapping[str, Any] | None = None
     seed: int | None = None
 
 

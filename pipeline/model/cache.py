@@ -20,9 +20,12 @@ def cache_root(cache_dir: str | Path | None) -> Path:
     return Path(cache_dir) if cache_dir else DEFAULT_CACHE
 
 
-def remote_entry(url: str, cache_dir: str | Path | None) -> Path:
-    """The cache entry of a remote checkpoint prefix."""
-    return cache_root(cache_dir) / hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
+def remote_entry(url: str, cache_dir: str | Path | None, version: str) -> Path:
+    """The cache entry of a remote checkpoint prefix as it is now: keyed by the URL and the version of everything
+    under it (io/storage.prefix_version: ETags, else sizes and mtimes), so a re-uploaded checkpoint gets a new entry
+    rather than the stale copy."""
+    digest = hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
+    return cache_root(cache_dir) / f"{digest}-{version}"
 
 
 def converted_entry(stamp: str, cache_dir: str | Path | None) -> Path:

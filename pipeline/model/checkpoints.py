@@ -1,5 +1,5 @@
-"""Where a checkpoint lives: local folders, remote (s3://, any fsspec) prefixes copied once per node, hub ids;
-original-format checkpoints converted once into the cache.
+"""Where a checkpoint lives: local folders, remote (s3://, any fsspec) prefixes copied once per node, hub ids
+(a snapshot in the Hugging Face cache); original-format checkpoints converted once into the cache.
 
 No torch at import, so the driver can check a job's model before any replica starts.
 """
@@ -12,8 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ModelLoadError
-from pipeline.io.storage import get_filesystem, is_remote
+from pipeline.io.storage import get_filesystem, is_remote, prefix_version
 from pipeline.model.cache import converted_entry, publish, remote_entry
+
+# What a hub snapshot fetches: configs, weights, tokenizer and chat-template files (code only where the job trusts
+# the checkpoint's tokenizer code); never other weight formats or repository extras.
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
 
 
 def check_checkpoint(model: str, options: Mapping[str, Any] | None = None) -> None:
@@ -27,13 +31,15 @@ def check_checkpoint(model: str, options: Mapping[str, Any] | None = None) -> No
 
 
 def cache_checkpoint(url: str, *, cache_dir: str | Path | None = None, options: Mapping[str, Any] | None = None) -> Path:
-    """Copy a remote checkpoint prefix into the node-local cache once (atomically); later callers reuse it."""
-    dest = remote_entry(url, cache_dir)
-    if (dest / "config.json").exists():
-        return dest
+    """Copy a remote checkpoint prefix into the node-local cache once (atomically); later callers reuse it while
+    the remote objects are unchanged (same ETags, else sizes and mtimes: one listing per call), and a re-uploaded
+    checkpoint is copied again into a new entry."""
     fs, path = get_filesystem(url, options)
     if not fs.exists(f"{path.rstrip('/')}/config.json"):
         raise ModelLoadError(f"model {url!r}: no config.json under that prefix")
+    dest = remote_entry(url, cache_dir, prefix_version(url, options))
+    if (dest / "config.json").exists():
+        return dest
     publish(dest, lambda tmp: fs.get(path.rstrip("/") + "/", str(tmp) + "/", recursive=True))
     return dest
 
@@ -52,13 +58,33 @@ def resolve_checkpoint(model: str, *, cache_dir: str | Path | None = None, optio
     return model  # a hub id
 
 
+def is_hub_id(model: str) -> bool:
+    """Not a remote prefix, not an existing or path-like local folder: a Hugging Face hub id (org/name)."""
+    return (not is_remote(model) and not model.startswith((".", "/", "~", "file://"))
+            and not Path(model).expanduser().exists())
+
+
+def hub_snapshot(model: str, revision: str | None = None, *, trust_remote_code: bool = False) -> str:
+    """The local folder of a hub checkpoint: its snapshot in the Hugging Face cache (HF_HUB_CACHE; downloaded once,
+    or found there offline with HF_HUB_OFFLINE=1), so that an original-format one can be converted like a folder."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import disable_progress_bars
+
+    disable_progress_bars()  # one bar per file from every replica would flood the job log
+    try:
+        return snapshot_download(model, revision=revision, allow_patterns=HUB_FILES + (["*.py"] * trust_remote_code))
+    except Exception as err:  # noqa: BLE001 - not found, gated, offline without a cached copy: name the cause
+        raise ModelLoadError(f"model {model!r}: no such local folder, and the hub snapshot could not be had: "
+                             f"{type(err).__name__}: {err}") from err
+
+
 def native_checkpoint(path: str, *, cache_dir: str | Path | None = None, trust_remote_code: bool = False) -> str:
     """A native checkpoint for a local folder: itself, or for an original-format (remote-code) checkpoint its
     conversion, made once into the cache (atomically) without running any code from the checkpoint, except its
     tokenizer's when the job sets trust_remote_code (with a pinned revision)."""
     config = Path(path) / "config.json"
     if not config.exists():
-        return path  # a hub id: loaded by transformers as it is
+        raise ModelLoadError(f"model folder {path!r} has no config.json")
     from pipeline.model.convert import convert_checkpoint
     from pipeline.model.convert_config import is_original_format
 
@@ -71,8 +97,12 @@ def native_checkpoint(path: str, *, cache_dir: str | Path | None = None, trust_r
 
 
 def prepare_checkpoint(model: str, *, cache_dir: str | Path | None = None, options: Mapping[str, Any] | None = None,
-                       trust_remote_code: bool = False) -> str:
-    """What a replica loads: the job's `model` made local (remote prefixes copied into the node cache) and native
-    (original-format checkpoints converted). The one resolver both the engine and tensor-parallel replicas use."""
-    return native_checkpoint(resolve_checkpoint(model, cache_dir=cache_dir, options=options), cache_dir=cache_dir,
-                             trust_remote_code=trust_remote_code)
+                       trust_remote_code: bool = False, revision: str | None = None) -> str:
+    """What a replica loads: the job's `model` made local (remote prefixes copied into the node cache, hub ids
+    fetched as a snapshot at `revision`) and native (original-format checkpoints converted). The one resolver both
+    the engine and tensor-parallel replicas use."""
+    if is_hub_id(model):
+        local = hub_snapshot(model, revision, trust_remote_code=trust_remote_code)
+    else:
+        local = resolve_checkpoint(model, cache_dir=cache_dir, options=options)
+    return native_checkpoint(local, cache_dir=cache_dir, trust_remote_code=trust_remote_code)

@@ -24,7 +24,7 @@ from transformers import (
 )
 
 from pipeline.errors import ConversionError
-from pipeline.io.storage import get_filesystem, is_remote
+from pipeline.io.storage import get_filesystem, is_remote, prefix_version
 from pipeline.model.cache import cache_root, remote_entry
 from pipeline.model.convert_config import (
     CHAT_FORMATS,
@@ -170,7 +170,7 @@ def convert_checkpoint(
         if is_remote(dst):
             fs, path = get_filesystem(dst, storage_options)
             fs.put(str(out) + "/", path.rstrip("/") + "/", recursive=True)
-            final = remote_entry(dst, cache_dir)  # the entry cache_checkpoint(dst) then reuses
+            final = remote_entry(dst, cache_dir, prefix_version(dst, storage_options))  # cache_checkpoint(dst)'s
             shutil.rmtree(final, ignore_errors=True)
             out = out.rename(final)
     return out

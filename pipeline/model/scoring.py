@@ -1,7 +1,10 @@
 """Scores from answer probabilities: label probabilities, ratings, filters, histograms (pure functions).
 
 A score is the probability of each label as the model's whole answer, normalised over the labels: for label
-token sequences l_1..l_k, log P(label) = sum_i log P(l_i | prompt, l_<i), then a softmax over the labels.
+token sequences l_1..l_k, log P(label) = sum_i log P(l_i | prompt, l_<i) + log P(end | prompt, l_1..l_k), then a
+softmax over the labels. `end` is the end of the answer: any of the tokens generation stops at (the chat template's
+end of the assistant turn, e.g. <|im_end|>, from the checkpoint's generation_config). Without it a label that is a
+prefix of another could never lose to it: on a 1-10 scale P("10") = P("1") P("0" | "1") <= P("1") always.
 """
 
 from __future__ import annotations
@@ -25,6 +28,17 @@ def label_token_ids(tokenizer: Any, labels: Sequence[str]) -> list[list[int]]:
     if len({tuple(s) for s in ids}) != len(ids):
         raise ValueError(f"labels {list(labels)} do not tokenise to distinct token sequences")
     return ids
+
+
+def answer_logprob(steps: Sequence[Any], label: Sequence[int], end_ids: Sequence[int]) -> float:
+    """log P(the answer is exactly `label`): `steps[t]` holds the next-token log-probabilities after the prompt and
+    label[:t], for t = 0..len(label); the label's tokens, then any of `end_ids` to end the answer."""
+    if len(steps) != len(label) + 1:
+        raise ValueError(f"{len(steps)} steps for a label of {len(label)} tokens (needs one more, for the end)")
+    logprob = sum(float(steps[t][token]) for t, token in enumerate(label))
+    ends = [float(steps[-1][e]) for e in end_ids]
+    top = max(ends)
+    return logprob + top + math.log(sum(math.exp(e - top) for e in ends))
 
 
 def normalize(logprobs: Sequence[float]) -> list[float]:

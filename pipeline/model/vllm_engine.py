@@ -15,7 +15,8 @@ and `score_async` for a model stage that keeps several batches in flight (stages
 - Sampling: each prompt gets its own `SamplingParams(seed=...)` from `seeds`, so a sampled answer depends only on
   its seed, never on what else is in flight. top_k follows the checkpoint's generation_config, or transformers'
   default of 50, as InternVLEngine samples. Per-prompt options are built in one place (`_params`).
-- Scoring: log P(label) from `logprob_token_ids` at the sampled position, one request per distinct label prefix,
+- Scoring: log P(label, then the end of the answer) from `logprob_token_ids` at the sampled position (as
+  scoring.answer_logprob), one request per distinct label prefix,
   deeper prefixes after shallower ones so that they read the prompt's KV from the prefix cache. (Prompt log-probs
   with `skip_reading_prefix_cache=False` are unsafe: positions the cache covered come back as uninitialised memory,
   which happens when the prompt length is a multiple of the block size.)
@@ -32,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import math
 import uuid
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -78,6 +80,8 @@ class VLLMEngine(Prompter):
         eos = generation.eos_token_id if generation.eos_token_id is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
         self.top_k = generation.top_k if generation.top_k is not None else TRANSFORMERS_TOP_K
+        self.vocab_size = int(vision.config.text_config.vocab_size)
+        self._allowed: list[int] | None = None  # token ids a schema answer may use (made at the first schema)
         self._mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=plan.device).view(1, 3, 1, 1)
         self._std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=plan.device).view(1, 3, 1, 1)
         check_plugin()
@@ -107,11 +111,7 @@ class VLLMEngine(Prompter):
         engine.open_checkpoint's arguments (device, dtype, cache_dir, storage_options, trust_remote_code)."""
         from transformers import AutoTokenizer
 
-        path, plan = open_checkpoint(model, **where)
-        if not Path(path).is_dir():  # a hub id: one local snapshot for both the vision weights and vLLM
-            from huggingface_hub import snapshot_download
-
-            path = snapshot_download(path, revision=revision)
+        path, plan = open_checkpoint(model, revision=revision, **where)  # a local folder, also for hub ids
         if not has_processor(path):
             raise ModelLoadError(f"model {model!r} has no processor_config.json, which vLLM reads the image tokens "
                                  "from: convert the checkpoint again with `internvl-batch convert` (it writes one), "
@@ -218,24 +218,45 @@ class VLLMEngine(Prompter):
         return final
 
     def _params(self, n: int, *, max_new_tokens: int, min_new_tokens: int = 0, do_sample: bool = False,
-                temperature: float = 1.0, top_p: float = 1.0, seeds: Sequence[int] | None = None) -> list[Any]:
+                temperature: float = 1.0, top_p: float = 1.0, seeds: Sequence[int] | None = None,
+                schemas: Sequence[Mapping[str, Any] | None] | None = None) -> list[Any]:
         """One SamplingParams per prompt, from generate's keyword arguments (InternVLEngine.generate's); per-prompt
-        options, such as each prompt's seed, go in here."""
+        options, each prompt's seed and JSON Schema, go in here."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        if seeds is not None and len(seeds) != n:
-            raise ValueError(f"{len(seeds)} seeds for {n} prompts")
+        for name, values in (("seeds", seeds), ("schemas", schemas)):
+            if values is not None and len(values) != n:
+                raise ValueError(f"{len(values)} {name} for {n} prompts")
         sampling = dict(temperature=temperature, top_p=top_p, top_k=self.top_k) if do_sample else dict(temperature=0.0)
         common = dict(max_tokens=max_new_tokens, min_tokens=min_new_tokens, logprobs=0, detokenize=False,
                       stop_token_ids=sorted(self.eos_ids), output_kind=RequestOutputKind.FINAL_ONLY, **sampling)
-        return [SamplingParams(seed=None if seeds is None or not do_sample else int(seeds[i]), **common)
+        return [SamplingParams(seed=None if seeds is None or not do_sample else int(seeds[i]),
+                               **self._constraint(None if schemas is None else schemas[i]), **common)
                 for i in range(n)]
+
+    def _constraint(self, schema: Mapping[str, Any] | None) -> dict[str, Any]:
+        """SamplingParams fields that constrain one answer to a JSON Schema (model/constrained.py's docstring says
+        why each is needed for answers equal to the transformers engine's); none for a free prompt."""
+        if schema is None:
+            return {}
+        from vllm.sampling_params import StructuredOutputsParams
+
+        from pipeline.model.constrained import grammar_schema
+
+        if self._allowed is None:  # vLLM's xgrammar lets special tokens into strings: every other id is allowed
+            from pipeline.model.constrained import blocked_token_ids
+
+            blocked = set(blocked_token_ids(self.tokenizer, sorted(self.eos_ids)))
+            self._allowed = [t for t in range(self.vocab_size) if t not in blocked]
+        return {"structured_outputs": StructuredOutputsParams(json=grammar_schema(schema)),
+                "allowed_token_ids": self._allowed}
 
     async def _generate(self, prompts: Sequence[list[int]], samples: Sequence[np.ndarray],
                         owners: Sequence[int] | None = None, **options: Any) -> list[Generation]:
         """Prompt i shows the tiles of samples[owners[i]] (default: samples[i]); `options` are InternVLEngine.generate's
-        keyword arguments (max_new_tokens, do_sample, temperature, top_p, seeds: one per prompt, min_new_tokens)."""
+        keyword arguments (max_new_tokens, do_sample, temperature, top_p, min_new_tokens; seeds and schemas: one per
+        prompt)."""
         if not prompts:
             return []
         owners = list(range(len(prompts))) if owners is None else list(owners)
@@ -248,7 +269,8 @@ class VLLMEngine(Prompter):
             tokens = list(completion.token_ids)
             logprobs = [float(step[t].logprob) for step, t in zip(completion.logprobs, tokens)]
             text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
-            results.append(Generation(token_ids=tokens, logprobs=logprobs, text=text))
+            results.append(Generation(token_ids=tokens, logprobs=logprobs, text=text,
+                                      finished=completion.finish_reason != "length"))
         return results
 
     async def _next_logprobs(self, request: dict[str, Any], tokens: Sequence[int]) -> dict[int, float]:
@@ -276,13 +298,15 @@ class VLLMEngine(Prompter):
             return []
         requests = self._requests(prompts, await self._features(samples), owners)
         result = [[0.0] * len(options) for options in labels]
+        end = sorted(self.eos_ids)
         longest = max((len(seq) for options in labels for seq in options), default=0)
-        for depth in range(longest):
+        for depth in range(longest + 1):  # a label's tokens, then the end of the answer (scoring.answer_logprob)
             asks: dict[tuple[int, tuple[int, ...]], set[int]] = {}
             for i, options in enumerate(labels):
                 for seq in options:
-                    if len(seq) > depth:
-                        asks.setdefault((i, tuple(seq[:depth])), set()).add(seq[depth])
+                    if len(seq) >= depth:
+                        wanted = asks.setdefault((i, tuple(seq[:depth])), set())
+                        wanted.update([seq[depth]] if len(seq) > depth else end)
             found = await asyncio.gather(*(
                 self._next_logprobs(dict(requests[i], prompt_token_ids=requests[i]["prompt_token_ids"] + list(prefix)),
                                     sorted(tokens))
@@ -292,4 +316,8 @@ class VLLMEngine(Prompter):
                 for j, seq in enumerate(options):
                     if len(seq) > depth:
                         result[i][j] += logprobs[(i, tuple(seq[:depth]))][seq[depth]]
+                    elif len(seq) == depth:
+                        ends = [logprobs[(i, tuple(seq))][e] for e in end]
+                        top = max(ends)
+                        result[i][j] += top + math.log(sum(math.exp(e - top) for e in ends))
         return result

@@ -78,12 +78,17 @@ def engine_args(path: str, dtype: torch.dtype, options: Mapping[str, Any] | None
     unknown = sorted(set(options) - known)
     if unknown:
         raise ValueError(f"unknown vLLM engine option(s) {', '.join(unknown)} (e.g. {', '.join(VLLM_OPTIONS)})")
-    fixed = sorted(set(options) & {*FIXED_ARGS, "tensor_parallel_size"})
+    fixed = sorted(set(options) & {*FIXED_ARGS, "tensor_parallel_size", "structured_outputs_config"})
     if fixed:
         raise ValueError(f"vLLM option(s) {', '.join(fixed)} are set by the engine (embeddings in; tp is compute.tp)")
+    from vllm.config import StructuredOutputsConfig
+
     parallel = {"tensor_parallel_size": tp, "distributed_executor_backend": "mp"} if tp > 1 else {}
+    # schema answers (job key `schema`): xgrammar with no free whitespace, as model/constrained.py compiles them, so
+    # greedy answers equal the transformers engine's; naming the backend stops a silent fallback to another one
+    grammar = StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True)
     return AsyncEngineArgs(model=path, tokenizer=path, dtype=DTYPE_NAMES[dtype], disable_log_stats=True,
-                           **FIXED_ARGS, **parallel, **options)
+                           structured_outputs_config=grammar, **FIXED_ARGS, **parallel, **options)
 
 
 def vision_key(key: str) -> str | None:

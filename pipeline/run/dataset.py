@@ -9,8 +9,8 @@ import pyarrow as pa
 
 from pipeline.config import JobConfig
 from pipeline.run.metrics import record_metrics
-from pipeline.run.resources import Resources
 from pipeline.model.engines import Engine
+from pipeline.run.resources import PREPROCESS_CPUS, WRITE_CPUS, Resources
 from pipeline.stages.generate import AsyncGenerate, Generate
 from pipeline.stages.preprocess import Preprocess
 from pipeline.stages.score import AsyncScore, Score
@@ -24,7 +24,6 @@ PREPROCESS_BATCH = 4
 # Memory each CPU preprocessing task reserves. Besides being a fair estimate (decoded image + tiles of a small
 # batch), it keeps Ray from fusing the CPU stage into the model actors, so the two stages scale independently.
 PREPROCESS_MEMORY = 512 * 1024**2
-WRITE_CPUS = 0.25  # writing a shard of text rows is light work
 
 
 def preprocess_block(block: dict, job: JobConfig) -> Iterator[pa.Table]:
@@ -85,14 +84,15 @@ def build_dataset(job: JobConfig, rows: pa.Table, resources: Resources, *, skip_
 
     # Reading a block of rows and tiling it run as one task: same resources and concurrency, and exactly one block
     # per read task (Ray Data would otherwise split a small input's blocks for parallelism, which prevents fusing).
-    cpu_task = {"num_cpus": 1, "memory": PREPROCESS_MEMORY}
+    cpu_task = {"num_cpus": PREPROCESS_CPUS, "memory": PREPROCESS_MEMORY}
     per_block = BLOCK_BATCHES * job.compute.batch_size
     ds = ray.data.read_datasource(input_rows(rows, per_block), override_num_blocks=-(-rows.num_rows // per_block),
                                   concurrency=resources.cpu_workers, **cpu_task)
     ds = ds.map_batches(preprocess_block, fn_kwargs={"job": job}, batch_size=None, batch_format="numpy",
                         compute=ray.data.TaskPoolStrategy(size=resources.cpu_workers), **cpu_task)
     ds = ds.map_batches(
-        model_stage_class(job.task, resources.engine), fn_constructor_kwargs={"job": job, "kind": resources.engine},
+        model_stage_class(job.task, resources.engine),
+        fn_constructor_kwargs={"job": job, "kind": resources.engine, "rank_cpus": resources.rank_cpus},
         batch_size=job.compute.batch_size,
         batch_format="numpy", compute=ray.data.ActorPoolStrategy(min_size=resources.replicas[0], max_size=resources.replicas[1]),
         **resources.model_stage_args(),

@@ -14,6 +14,7 @@ from pipeline.io.markers import JOB_FILE, SUCCESS_FILE, remove_marker, write_mar
 from pipeline.model.engines import vllm_installed
 from pipeline.run.dataset import build_dataset
 from pipeline.run.plan import RunPlan
+from pipeline.run.quiet import quiet_ray_data
 from pipeline.run.replica import remove_replica_groups
 from pipeline.run.resources import Resources, object_store_budget, plan_resources
 from pipeline.stages.write import ShardStats
@@ -61,6 +62,7 @@ def configure_data_context(budget: int) -> None:
     """Ray Data settings of a run: progress bars on terminals only, no ordering, small tile blocks, the budget."""
     import ray
 
+    quiet_ray_data()
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = sys.stdout.isatty()
     ctx.execution_options.preserve_order = False
@@ -97,6 +99,8 @@ def execute(job: JobConfig, plan: RunPlan, echo: Callable[[str], None], *, start
          + (f" of tp={resources.tp}" if resources.tp > 1 else "")
          + f", {resources.cpu_workers} CPU worker(s), {resources.gpus_per_replica:g} GPU(s) per replica, "
          f"{budget / 1024**2:.0f} MiB object store for queued tiles")
+    if resources.note:
+        echo(resources.note)
     shards: list[ShardStats] = []
     written = 0
     try:

@@ -13,12 +13,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import JobConfig
+from pipeline.credentials import is_missing_credentials, missing_credentials_message
 from pipeline.errors import InputError, JobError, ModelLoadError
-from pipeline.io.incremental import list_versions, new_or_changed, read_state
+from pipeline.io.incremental import new_or_changed, read_state
 from pipeline.io.inputs import InputListing, derive_id, list_inputs
 from pipeline.io.markers import JOB_FILE, read_marker
 from pipeline.io.schema import reserved_columns
 from pipeline.io.shards import clear_results, existing_ids, shard_files
+from pipeline.io.storage import list_versions
 from pipeline.model.checkpoints import check_checkpoint
 
 Echo = Callable[[str], None]
@@ -54,6 +56,10 @@ def preflight(job: JobConfig, echo: Echo) -> InputListing:
     except PermissionError as err:
         raise JobError(f"access denied ({err}) reading {job.input!r} or {job.output!r}; check the AWS credentials "
                        "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, profile or role)") from None
+    except Exception as err:  # noqa: BLE001 - botocore's NoCredentialsError, without importing botocore here
+        if not is_missing_credentials(err):
+            raise
+        raise JobError(f"{job.input!r} / {job.output!r}: {missing_credentials_message()}") from None
     clash = sorted(reserved_columns(job) & set(listing.table.column_names))
     if clash:
         raise JobError(f"input {job.input!r} has columns this {job.task} job writes itself: {', '.join(clash)}; rename them")
@@ -82,7 +88,7 @@ def check_output_state(job: JobConfig, echo: Echo) -> None:
         raise JobError(
             f"output {job.output!r} holds results of another configuration (fingerprint {marker.get('fingerprint')}, "
             f"model {marker.get('model')!r}; this job: {job.fingerprint()}, model {job.model!r}). Model, revision, "
-            "prompt, questions, tiling, video sampling and generation must match to resume; choose another output "
+            "prompt, questions, schema, tiling, video sampling and generation must match to resume; choose another output "
             "or pass --set overwrite=true to start a new run there"
         )
 

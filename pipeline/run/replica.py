@@ -30,15 +30,16 @@ GROUP_PREFIX = "internvl-batch-replica-"
 PLACEMENT_TIMEOUT_S = 1800  # an autoscaling cluster may need a while to add a node with tp free GPUs
 
 
-def replica_bundles(tp: int, *, on_gpu: bool) -> list[dict[str, float]]:
-    """The placement-group bundles of one replica: one per rank, each with one GPU (on GPU) and its host CPU."""
-    return [{"CPU": RANK_CPUS, "GPU": 1.0} if on_gpu else {"CPU": RANK_CPUS} for _ in range(tp)]
+def replica_bundles(tp: int, *, on_gpu: bool, rank_cpus: float = RANK_CPUS) -> list[dict[str, float]]:
+    """The placement-group bundles of one replica: one per rank, each with one GPU (on GPU) and its host CPU
+    (`rank_cpus`: less than one where the run plan lets ranks share the CPUs of a small machine)."""
+    return [{"CPU": rank_cpus, "GPU": 1.0} if on_gpu else {"CPU": rank_cpus} for _ in range(tp)]
 
 
-def replica_resources(tp: int, *, on_gpu: bool) -> dict[str, float]:
+def replica_resources(tp: int, *, on_gpu: bool, rank_cpus: float = RANK_CPUS) -> dict[str, float]:
     """What one replica reserves in all (the sum of its bundles)."""
     totals: dict[str, float] = {}
-    for bundle in replica_bundles(tp, on_gpu=on_gpu):
+    for bundle in replica_bundles(tp, on_gpu=on_gpu, rank_cpus=rank_cpus):
         for key, value in bundle.items():
             totals[key] = totals.get(key, 0.0) + value
     return totals
@@ -116,7 +117,7 @@ class TensorParallelEngine:
     A rank that dies takes the group down: it is rebuilt (up to `restarts` times per batch) and the batch re-runs.
     """
 
-    def __init__(self, job: JobConfig, *, restarts: int = 3) -> None:
+    def __init__(self, job: JobConfig, *, restarts: int = 3, rank_cpus: float = RANK_CPUS) -> None:
         import ray
 
         from pipeline.model.checkpoints import prepare_checkpoint
@@ -125,9 +126,10 @@ class TensorParallelEngine:
         self.job = job
         self.tp = job.compute.tp
         self.restarts = restarts
+        self.rank_cpus = rank_cpus
         # Copy an s3:// checkpoint into this node's cache once, here, before the ranks (on this node) read it.
         self.checkpoint = prepare_checkpoint(job.model, cache_dir=job.model_cache, options=job.storage,
-                                             trust_remote_code=job.trust_remote_code)
+                                             trust_remote_code=job.trust_remote_code, revision=job.model_revision)
         self.prompter = Prompter.load(self.checkpoint, revision=job.model_revision)
         self.tokenizer = self.prompter.tokenizer
         self.on_gpu = wants_gpu(job.compute.device, gpus_available=ray.cluster_resources().get("GPU", 0))
@@ -167,12 +169,13 @@ class TensorParallelEngine:
             except ValueError:
                 group = None
         if group is None:
-            group = ray.util.placement_group(replica_bundles(self.tp, on_gpu=self.on_gpu), strategy="STRICT_PACK", name=name)
+            group = ray.util.placement_group(replica_bundles(self.tp, on_gpu=self.on_gpu, rank_cpus=self.rank_cpus),
+                                             strategy="STRICT_PACK", name=name)
         try:
             ray.get(group.ready(), timeout=PLACEMENT_TIMEOUT_S)
         except ray.exceptions.GetTimeoutError:
             raise RuntimeError(f"no node could host a tp={self.tp} replica within {PLACEMENT_TIMEOUT_S} s: it needs "
-                               f"{replica_resources(self.tp, on_gpu=self.on_gpu)} on one node") from None
+                               f"{replica_resources(self.tp, on_gpu=self.on_gpu, rank_cpus=self.rank_cpus)} on one node") from None
         self._group_handle = group
         return group
 
@@ -185,7 +188,7 @@ class TensorParallelEngine:
         actor = ray.remote(Rank)
         self.ranks = [
             actor.options(
-                num_cpus=RANK_CPUS, num_gpus=1 if self.on_gpu else 0, max_restarts=0, max_task_retries=0,
+                num_cpus=self.rank_cpus, num_gpus=1 if self.on_gpu else 0, max_restarts=0, max_task_retries=0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i),
             ).remote(self.job, self.checkpoint)
             for i in range(self.tp)

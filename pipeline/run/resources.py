@@ -13,7 +13,11 @@ from pipeline.errors import RunError
 from pipeline.media.tiling import TILE_SIZE
 from pipeline.model.device import wants_gpu
 from pipeline.model.engines import Engine, choose_engine
-from pipeline.run.replica import replica_resources
+from pipeline.run.replica import RANK_CPUS
+
+# A CPU preprocessing task; on CPU the replicas always leave room for one, or the run could not move.
+PREPROCESS_CPUS = 1.0
+WRITE_CPUS = 0.25  # writing a shard of text rows is light work (it runs between preprocessing tasks)
 
 # Model batches of tiles per replica that may wait in Ray's object store: enough to keep a replica fed (Ray Data
 # shares the budget out among the stages; with 4, a replica on 13-tile photos waited a third of its time), few
@@ -35,6 +39,12 @@ class Resources:
     on_gpu: bool = False
     engine: Engine = "transformers"
     concurrent_batches: int = 1  # model batches in flight per replica (vLLM: compute.vllm.max_concurrent_batches)
+    note: str | None = None  # one line for the run's log when the plan bends a rule (CPUs shared on a small machine)
+
+    @property
+    def rank_cpus(self) -> float:
+        """CPUs one tensor-parallel rank reserves (its placement-group bundle); below 1 where ranks share CPUs."""
+        return self.cpus_per_replica / self.tp
 
     def model_stage_args(self) -> dict[str, Any]:
         """map_batches resource arguments of the model stage. transformers: the actor holds the device itself
@@ -54,8 +64,11 @@ def plan_resources(job: JobConfig, *, cluster_cpus: float, cluster_gpus: float, 
     """Replicas on GPUs when the job (or auto) says so, with the engine compute.engine picks for them
     (model/engines.py: vLLM needs `vllm_installed`); CPU workers fill the CPUs the replicas leave.
 
-    `node_gpus` is the most GPUs one node has: a tensor-parallel replica needs tp of them on one node. On CPU the
-    replicas' CPUs are taken from the preprocessing workers; on GPU their host CPUs mostly wait on the device.
+    `node_gpus` is the most GPUs one node has: a tensor-parallel replica needs tp of them on one node; too few GPUs
+    is refused. On GPU the replicas' host CPUs mostly wait on the device. On CPU the replicas' CPUs are taken from
+    the preprocessing workers, and where they would leave less than one preprocessing task, the
+    replicas (and a replica's tp ranks) share what is left: slower, but tp and several replicas run on a laptop,
+    which is what tp on CPU is for (trying it before a GPU cluster).
     """
     compute = job.compute
     tp = compute.tp
@@ -66,14 +79,23 @@ def plan_resources(job: JobConfig, *, cluster_cpus: float, cluster_gpus: float, 
         raise RunError(f"compute.device needs GPUs ({gpus_per_replica:g} per replica) but the cluster has {cluster_gpus:g}")
     if on_gpu and tp > 1 and node_gpus is not None and node_gpus < tp:
         raise RunError(f"compute.tp={tp} needs {tp} GPUs on one node; the largest node has {node_gpus:g}")
-    # a transformers tp > 1 replica reserves a host CPU per rank; a vLLM replica is one actor (its workers are
+    # a transformers tp > 1 replica reserves host CPUs per rank; a vLLM replica is one actor (its workers are
     # vLLM's processes)
-    cpus_per_replica = replica_resources(tp, on_gpu=on_gpu)["CPU"] if tp > 1 and engine == "transformers" else 1.0
+    cpus_per_replica = RANK_CPUS * tp if engine == "transformers" else RANK_CPUS
     low, high = compute.replica_range
+    note = None
+    if not on_gpu:
+        room = cluster_cpus - PREPROCESS_CPUS  # what the replicas may take and the run still moves
+        if room <= 0:
+            raise RunError(f"the cluster's {cluster_cpus:g} CPU(s) leave none for {low} replica(s) on CPU next to "
+                           f"a preprocessing task ({PREPROCESS_CPUS:g}); use a larger cluster")
+        if cpus_per_replica * low > room:
+            cpus_per_replica = room / low
+            what = f"{low} replica(s) of tp={tp}" if tp > 1 else f"{low} replica(s)"
+            note = (f"CPUs shared: {what} take {room:g} of the cluster's {cluster_cpus:g} CPUs together "
+                    f"({cpus_per_replica / tp:.2g} per {'rank' if tp > 1 else 'replica'}), so they run slower than "
+                    "on their own cores; fine for trying tp or replicas, not for throughput")
     left = cluster_cpus - (0 if on_gpu else cpus_per_replica * low)
-    if left < 1 and not compute.cpu_workers:
-        raise RunError(f"{low} replica(s) with tp={tp} on CPU take {cpus_per_replica * low:g} of the cluster's "
-                       f"{cluster_cpus:g} CPUs and leave none for preprocessing; use fewer replicas or a larger cluster")
     return Resources(
         replicas=(low, high),
         cpus_per_replica=cpus_per_replica,
@@ -83,6 +105,7 @@ def plan_resources(job: JobConfig, *, cluster_cpus: float, cluster_gpus: float, 
         on_gpu=on_gpu,
         engine=engine,
         concurrent_batches=compute.vllm.max_concurrent_batches if engine == "vllm" else 1,
+        note=note,
     )
 
 

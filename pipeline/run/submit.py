@@ -116,11 +116,31 @@ def _status_name(status: Any) -> str:
     return str(getattr(status, "value", status))
 
 
-def connect(address: str) -> JobClient:
-    """A JobSubmissionClient for the cluster's dashboard address (http://host:8265)."""
+def connect(address: str, token: str | None = None) -> JobClient:
+    """A JobSubmissionClient for the cluster's dashboard address (http://host:8265), sending `token` as a bearer
+    token when given (Ray's own client sends one only where this process has RAY_AUTH_MODE=token)."""
     from ray.job_submission import JobSubmissionClient
 
-    return JobSubmissionClient(address)
+    return JobSubmissionClient(address, headers={"Authorization": f"Bearer {token}"} if token else None)
+
+
+def find_ray_token() -> tuple[str, str] | None:
+    """(token, where it came from) from the places Ray reads it: RAY_AUTH_TOKEN, the file in RAY_AUTH_TOKEN_PATH,
+    ~/.ray/auth_token; None where there is none."""
+    if os.environ.get("RAY_AUTH_TOKEN", "").strip():
+        return os.environ["RAY_AUTH_TOKEN"].strip(), "RAY_AUTH_TOKEN"
+    for path in (os.environ.get("RAY_AUTH_TOKEN_PATH"), str(Path.home() / ".ray" / "auth_token")):
+        try:
+            token = Path(path).read_text().strip() if path else ""
+        except OSError:
+            continue
+        if token:
+            return token, path
+    return None
+
+
+def _is_auth_error(err: BaseException) -> bool:
+    return type(err).__name__ == "AuthenticationError"  # ray.exceptions.AuthenticationError, without importing Ray
 
 
 def _relative_path_warnings(job: JobConfig) -> list[str]:
@@ -165,18 +185,29 @@ def submit_job(job_file: Path, *, address: str, overrides: list[str], follow: bo
     for warning in _relative_path_warnings(job):
         echo(warning)
 
-    try:
-        client = client or connect(address)
-        job_id = _submit_once(client, base_id, entrypoint, runtime_env, metadata, echo)
-    except (OSError, RuntimeError) as err:  # unreachable cluster (ConnectionError is an OSError), HTTP errors
-        echo(f"error: {address}: {err}")
-        return 1
-    except Exception as err:  # noqa: BLE001 -- ray.exceptions.AuthenticationError without importing Ray here
-        if type(err).__name__ != "AuthenticationError":
-            raise
-        echo(f"error: {address}: the cluster uses token authentication: export RAY_AUTH_MODE=token, with the "
-             "cluster's token in ~/.ray/auth_token or RAY_AUTH_TOKEN")
-        return 1
+    token = None
+    while True:
+        try:
+            client = client or (connect(address) if token is None else connect(address, token=token[0]))
+            job_id = _submit_once(client, base_id, entrypoint, runtime_env, metadata, echo)
+            break
+        except (OSError, RuntimeError) as err:  # unreachable cluster (ConnectionError is an OSError), HTTP errors
+            echo(f"error: {address}: {err}")
+            return 1
+        except Exception as err:  # noqa: BLE001 -- ray.exceptions.AuthenticationError without importing Ray here
+            if not _is_auth_error(err):
+                raise
+            if token is not None:
+                echo(f"error: {address}: the cluster refused the token from {token[1]}; put the cluster's own token "
+                     "there (ray get-auth-token on the head node)")
+                return 1
+            token = find_ray_token()
+            if token is None:
+                echo(f"error: {address}: the cluster uses token authentication and no token was found: put the "
+                     "cluster's token in RAY_AUTH_TOKEN or ~/.ray/auth_token (or export RAY_AUTH_MODE=token with "
+                     "it there)")
+                return 1
+            client = None  # again, with the token
     if job_id is None:
         return 0
     if not follow:

@@ -32,27 +32,30 @@ BATCH_TYPE = pa.struct([("replica", pa.string()), ("ready", pa.float64()), ("sta
                         ("samples", pa.int64()), ("tokens", pa.int64())])
 
 
-def load_engine(job: JobConfig, kind: Engine = "transformers") -> Any:
+def load_engine(job: JobConfig, kind: Engine = "transformers", rank_cpus: float | None = None) -> Any:
     """The job's model replica with the engine the plan chose (model/engines.py); torch, transformers and vLLM load
     here, on the worker, never on the driver.
 
-    With compute.tp > 1 a transformers replica is a group of rank actors driven from here (run/replica.py); a vLLM
-    replica runs its tensor-parallel workers itself, on the GPUs of this actor."""
+    With compute.tp > 1 a transformers replica is a group of rank actors driven from here (run/replica.py), each
+    reserving `rank_cpus` (the run plan's share; default one CPU); a vLLM replica runs its tensor-parallel workers
+    itself, on the GPUs of this actor."""
     if kind == "transformers" and job.compute.tp > 1:
         from pipeline.run.replica import TensorParallelEngine
 
-        return TensorParallelEngine(job)
+        return TensorParallelEngine(job) if rank_cpus is None else TensorParallelEngine(job, rank_cpus=rank_cpus)
     return engines.load(kind, job)
 
 
-def questions_of(job: JobConfig, row: dict[str, Any]) -> list[str | None]:
-    """The questions asked of one sample: the row's `questions`, else the job's, else the row's `question`."""
+def questions_of(job: JobConfig, row: dict[str, Any]) -> list[tuple[str | None, dict[str, Any] | None]]:
+    """The questions asked of one sample, each with the schema its answer follows (None: free text): the row's
+    `questions`, else the job's, else the row's `question`. Only the job's questions may have schemas of their own;
+    the others follow the job's `schema`."""
     own = as_list(row.get("questions"))
     if own:
-        return [str(q) for q in own]
+        return [(str(q), job.answer_schema) for q in own]
     if job.questions:
-        return list(job.questions)
-    return [row.get("question")]
+        return job.questions_asked()
+    return [(row.get("question"), job.answer_schema)]
 
 
 def fail(row: dict[str, Any], error_type: ErrorType, message: str) -> None:
@@ -74,8 +77,8 @@ class Requests:
         return len(self.samples) - 1
 
     def add(self, target: Any, ids: list[int], sample: int, labels: list[list[int]] | None = None,
-            seed: int | None = None) -> None:
-        self.requests.append(PromptRequest(ids, sample, labels, seed))
+            schema: dict[str, Any] | None = None, seed: int | None = None) -> None:
+        self.requests.append(PromptRequest(ids, sample, labels, schema=schema, seed=seed))
         self.targets.append(target)
 
 
@@ -92,10 +95,11 @@ class ModelStage:
     reads = ("id", "uri", "pixels", "num_tiles", "tiles_per_image", "media_type", "status")
     method = ""  # the engine's method: generate or score
 
-    def __init__(self, job: JobConfig, engine: Any | None = None, *, kind: Engine = "transformers") -> None:
+    def __init__(self, job: JobConfig, engine: Any | None = None, *, kind: Engine = "transformers",
+                 rank_cpus: float | None = None) -> None:
         self.job = job
         self.owns_engine = engine is None  # closed with the stage only if the stage loaded it
-        self.engine = engine or load_engine(job, kind)
+        self.engine = engine or load_engine(job, kind, rank_cpus)
         self.replica = f"{socket.gethostname()}:{os.getpid()}"
         self.ready = time.time()
 

@@ -22,8 +22,9 @@ class Score(ModelStage):
 
     method = "score"
 
-    def __init__(self, job: JobConfig, engine: Any | None = None, *, kind: Engine = "transformers") -> None:
-        super().__init__(job, engine, kind=kind)
+    def __init__(self, job: JobConfig, engine: Any | None = None, *, kind: Engine = "transformers",
+                 rank_cpus: float | None = None) -> None:
+        super().__init__(job, engine, kind=kind, rank_cpus=rank_cpus)
         self.criteria = job.score_criteria()
         self.labels = [label_token_ids(self.engine.tokenizer, c.answers) for c in self.criteria]
         self.schema = output_schema(job)

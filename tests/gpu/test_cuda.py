@@ -26,10 +26,10 @@ def test_auto_plan_uses_bf16_on_cuda(tiny_model):
 def test_batched_generation_on_cuda_matches_single(tiny_model):
     engine = InternVLEngine.load(str(tiny_model), device="cuda", dtype="float32")
     pixels = [tile_image(pattern_image(w, h)).pixels for w, h in [(448, 448), (1344, 896)]]
-    requests = [(engine.prompt_ids("Describe.", [len(p)]), p) for p in pixels]
-    batched = engine.generate(requests, max_new_tokens=6)
-    for request, got in zip(requests, batched):
-        single = engine.generate([request], max_new_tokens=6)[0]
+    prompts = [engine.prompt_ids("Describe.", [len(p)]) for p in pixels]
+    batched = engine.generate(prompts, pixels, max_new_tokens=6)
+    for prompt, tiles, got in zip(prompts, pixels, batched):
+        single = engine.generate([prompt], [tiles], max_new_tokens=6)[0]
         assert got.token_ids == single.token_ids
         np.testing.assert_allclose(got.logprobs, single.logprobs, atol=1e-3)
 

@@ -1,6 +1,6 @@
 """Tensor parallelism on GPUs (NCCL): run with `pytest -m gpu` on a node with at least 2 CUDA devices.
 
-Not run on the CPU-only development machine; the CPU (gloo) versions are in tests/test_tensor_parallel.py.
+Not run on the CPU-only development machine; the CPU (gloo) versions are in tests/integration/test_tensor_parallel.py.
 """
 
 import numpy as np

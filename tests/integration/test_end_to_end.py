@@ -126,9 +126,16 @@ def test_vqa_manifest_with_passthrough(s3, tiny_model, tmp_path):
     assert all(r["status"] == "ok" and r["response"] for r in rows[:3])
 
 
+# What every run printed on stderr before it was quieted (the libraries' chatter, none of it for the user).
+STDERR_NOISE = ("Writing model shards", "Loading weights", "it/s]", "Token authentication is enabled",
+                "constructor arguments in the object store", "streaming_executor.py", "Progress bars disabled")
+
+
 def test_demo_command_runs_on_a_fresh_workdir(tmp_path):
-    """The README's first command: `internvl-batch demo` (local folders here; the S3 path is tested above)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS"))}
+    """The README's first command: `internvl-batch demo` (local folders here; the S3 path is tested above). It
+    builds the tiny model and runs a job on local Ray; its stderr holds none of the libraries' noise."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("AWS_", "RAY_ADDRESS", "RAY_AUTH_MODE", "HF_HUB_DISABLE_PROGRESS_BARS"))}
     proc = subprocess.run(
         [sys.executable, "-m", "pipeline.cli", "demo", "--workdir", str(tmp_path / "demo"), "--no-s3"],
         capture_output=True, text=True, timeout=600, env=env,
@@ -136,6 +143,24 @@ def test_demo_command_runs_on_a_fresh_workdir(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "rows in / out" in proc.stdout and "6 / 6" in proc.stdout
     assert (tmp_path / "demo" / "results" / "_SUCCESS.json").exists()
+    noise = [line for line in proc.stderr.splitlines() if any(n in line for n in STDERR_NOISE)]
+    assert noise == [], proc.stderr
+
+
+def test_verbose_run_keeps_the_library_lines(tmp_path):
+    """--verbose shows what a run hides: the hidden lines are real, and hiding them is the quiet default's doing."""
+    pattern_image(448, 448).save(tmp_path / "a.png")
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({"task": "caption", "input": str(tmp_path / "a.png"), "output": str(tmp_path / "out"),
+                                   "model": str(tmp_path / "demo-model"), "generation": {"max_new_tokens": 2}}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS", "RAY_AUTH_MODE"))}
+    made = subprocess.run([sys.executable, "-m", "pipeline.cli", "make-tiny-model", str(tmp_path / "demo-model")],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert made.returncode == 0, made.stderr
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(job), "--verbose"], capture_output=True,
+                          text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "constructor arguments in the object store" in proc.stderr and "streaming_executor.py" in proc.stderr
 
 
 def test_missing_model_fails_before_any_work(tmp_path):
@@ -229,6 +254,26 @@ def test_filter_job_writes_scores_and_passed_subset(s3, tiny_model, tmp_path):
     assert success["rows_in"] == success["rows_ok"] + success["rows_error"] == 4
     assert success["rows_passed"] == 3
     assert sum(success["score_histograms"]["blurry"]) == 3 and sum(success["score_histograms"]["quality"]) == 3
+
+    # Thresholds that cut rows, placed between the scores (and ratings) just seen: each rule keeps only the middle
+    # row, so each of min and max cuts a row the other keeps. The `passed` column, the passed subset and the count
+    # must agree. A re-run reproduces each score within 1e-6 (same samples, same batches), inside the gaps.
+    for name, key, low, high in (("blurry", "score_blurry", "min_score", "max_score"),
+                                 ("quality", "rating_quality", "min_rating", "max_rating")):
+        ranked = sorted("abc", key=lambda s: rows[s][key])
+        values = [rows[s][key] for s in ranked]
+        assert values[1] - values[0] > 1e-5 and values[2] - values[1] > 1e-5, values
+        rule = {low: (values[0] + values[1]) / 2, high: (values[1] + values[2]) / 2}
+        criteria = [{**c, "filter": rule if c["name"] == name else None} for c in job["criteria"]]
+        out, passed_out = f"bucket/filter/{name}-cut", f"bucket/filter/{name}-passed"
+        result = run_cli(tmp_path, {**job, "output": f"s3://{out}", "output_passed": f"s3://{passed_out}",
+                                    "criteria": [{k: v for k, v in c.items() if v is not None} for c in criteria]})
+        assert result.exit_code == 0, result.output
+        again = {r["source"]: r for r in read_output(out, s3).to_pylist()}
+        assert all(again[s][key] == pytest.approx(rows[s][key], abs=1e-6) for s in "abc")
+        assert [s for s in "abcd" if again[s]["passed"]] == [ranked[1]], (rule, values)
+        assert read_output(passed_out, s3).column("source").to_pylist() == [ranked[1]]
+        assert json.loads(s3.cat(f"{out}/_SUCCESS.json"))["rows_passed"] == 1
 
 
 @pytest.mark.parametrize("family", ["qwen2", "llama", "phi3", "internlm2"])

@@ -18,6 +18,7 @@ from PIL import Image
 from tests.conftest import DATA, pattern_image
 from tests.helpers import output_rows, read_output
 from tests.media import make_video
+from tests.procs import own_pids
 
 pytestmark = pytest.mark.integration
 
@@ -44,11 +45,6 @@ def wait_for(predicate, timeout: float, what: str) -> None:
 
 def shards(out: Path) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
-
-
-def ray_pids(tag: str) -> list[int]:
-    out = subprocess.run(["pgrep", "-f", tag], capture_output=True, text=True).stdout.split()
-    return [int(p) for p in out]
 
 
 @pytest.fixture()
@@ -95,7 +91,7 @@ def test_model_actor_killed_mid_job_is_replaced(images, tiny_model, tmp_path):
     run = start_job(job, tmp_path)
     try:
         wait_for(lambda: len(shards(out)) >= 1, 300, "a first shard")
-        victims = ray_pids("MapBatches\\(Generate\\)")
+        victims = own_pids(r"MapBatches\(Generate\)", root=run.pid)  # in this job's process tree only
         assert victims, "no model actor process found"
         for pid in victims:
             os.kill(pid, signal.SIGKILL)
@@ -231,6 +227,27 @@ def test_s3_throttling_is_retried_and_wrong_credentials_fail_fast(s3_server, tin
     assert bad.returncode != 0 and "access denied" in bad.stdout + bad.stderr
     assert time.monotonic() - started < 5 + 3  # preflight within 5 s, plus the interpreter's start-up
     assert "wrong-secret" not in bad.stdout + bad.stderr
+
+
+def test_no_credentials_at_all_exit_2_naming_where_the_chain_looked(tiny_model, tmp_path):
+    """No AWS credentials anywhere (no variables, no profile files): exit 2 with the places the chain looked, no
+    traceback, nothing written. The instance-metadata lookup is switched off so nothing leaves the machine; the
+    endpoint is a closed loopback port (botocore fails to sign before connecting)."""
+    job = {"task": "caption", "input": "s3://bucket/in/", "output": "s3://bucket/out/", "model": str(tiny_model)}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    (tmp_path / "home").mkdir()
+    env = {**{k: v for k, v in clean_env().items() if not k.startswith("AWS_")}, "HOME": str(tmp_path / "home"),
+           "AWS_EC2_METADATA_DISABLED": "true", "AWS_ENDPOINT_URL": "http://127.0.0.1:9"}
+    started = time.monotonic()
+    run = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(path)], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert run.returncode == 2, run.stdout + run.stderr
+    out = run.stdout + run.stderr
+    assert "no AWS credentials found" in out and "Traceback" not in out and "NoCredentialsError" not in out
+    for place in ("AWS_ACCESS_KEY_ID", "profile 'default'", "~/.aws/credentials", "container role", "instance role"):
+        assert place in out, place
+    assert time.monotonic() - started < 60
 
 
 def test_model_that_cannot_load_fails_fast_with_the_cause(images, tiny_model, tmp_path):

@@ -1,12 +1,13 @@
 """Tensor-parallel replicas (compute.tp) and several replicas per job, on CPU with gloo.
 
-tp = 2 gives the same tokens and log-probabilities as tp = 1, with each rank holding half of every sharded
-language-model weight; the placement plan is right for tp in {1, 2, 4, 8}; a job whose rank (or replica) is killed
+tp = 2 gives the same tokens and log-probabilities as tp = 1 (free and under a schema), with each rank holding half
+of every sharded language-model weight; the placement plan is right for tp in {1, 2, 4, 8}; a job whose rank (or replica) is killed
 mid-run recovers with every input exactly once.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -21,7 +22,9 @@ from pipeline.errors import RunError
 from pipeline.run.replica import device_layout, replica_bundles, replica_resources
 from pipeline.run.resources import plan_resources
 from tests.conftest import REPO, pattern_image
+from tests.procs import own_pids
 from tests.helpers import output_rows
+from tests.schemas import SMALL
 
 BASE = {"task": "caption", "input": "in", "output": "out", "model": "m"}
 SHARDED = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # split by output rows
@@ -53,9 +56,10 @@ def test_tp_needs_enough_gpus_on_one_node():
 
 def test_cpu_replicas_take_cpus_from_preprocessing():
     r = plan_resources(parse_job(BASE, overrides=["compute.tp=2"]), cluster_cpus=4, cluster_gpus=0)
-    assert (r.on_gpu, r.cpus_per_replica, r.cpu_workers) == (False, 2.0, 2)
-    with pytest.raises(RunError, match="leave none for preprocessing"):
-        plan_resources(parse_job(BASE, overrides=["compute.tp=2", "compute.replicas=2"]), cluster_cpus=4, cluster_gpus=0)
+    assert (r.on_gpu, r.cpus_per_replica, r.rank_cpus, r.cpu_workers, r.note) == (False, 2.0, 1.0, 2, None)
+    # Two tp=2 replicas on 4 CPUs would leave nothing for preprocessing: their ranks share 3 CPUs instead.
+    r = plan_resources(parse_job(BASE, overrides=["compute.tp=2", "compute.replicas=2"]), cluster_cpus=4, cluster_gpus=0)
+    assert (r.cpus_per_replica, r.rank_cpus, r.cpu_workers) == (1.5, 0.75, 1) and "CPUs shared" in r.note
 
 
 def test_autoscaling_replicas_range():
@@ -106,16 +110,17 @@ def test_tp2_equals_tp1_and_shards_the_weights(ray_local, tiny_model_tp):
         for x, y in zip(a, b):
             assert x.token_ids == y.token_ids and x.text == y.text
             assert np.allclose(x.logprobs, y.logprobs, atol=1e-4)
+        if importlib.util.find_spec("xgrammar") is not None:  # schemas reach every rank; their masks agree
+            schemas = [SMALL, None, SMALL]
+            a = sharded.generate(prompts, samples, [0, 1, 2], max_new_tokens=24, schemas=schemas)
+            b = single.generate(prompts, samples, [0, 1, 2], max_new_tokens=24, schemas=schemas)
+            assert [(x.token_ids, x.finished) for x in a] == [(y.token_ids, y.finished) for y in b]
+            assert a[0].finished and a[0].text.startswith('{"ok":')
         labels = [[single.tokenizer.encode(w, add_special_tokens=False) for w in ("yes", "no")]] * 3
         assert np.allclose(sharded.score(prompts, samples, [0, 1, 2], labels),
                            single.score(prompts, samples, [0, 1, 2], labels), atol=1e-4)
     finally:
         sharded.close()
-
-
-def _pids(pattern: str) -> list[int]:
-    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
-    return [int(p) for p in out if int(p) != os.getpid()]
 
 
 def _run_and_kill(job: dict, pattern: str, out, kill_one: bool = True):
@@ -130,7 +135,7 @@ def _run_and_kill(job: dict, pattern: str, out, kill_one: bool = True):
     while not list(out.glob("part-*.parquet")):
         assert runner.is_alive() and time.monotonic() < deadline, "no first shard"
         time.sleep(0.2)
-    victims = _pids(pattern)
+    victims = own_pids(pattern)  # the in-process local Ray's processes: this process's tree only
     assert victims, f"no process matching {pattern}"
     os.kill(victims[0] if kill_one else victims[-1], signal.SIGKILL)
     runner.join(900)
@@ -165,7 +170,16 @@ def test_two_replicas_share_the_work_and_survive_a_killed_replica(ray_local, tin
     job = {"task": "caption", "input": str(twelve_images), "output": str(out), "model": str(tiny_model),
            "rows_per_shard": 2, "generation": {"max_new_tokens": 60},
            "compute": {"replicas": 2, "batch_size": 1, "device": "cpu"}}
-    summary, rows = _run_and_kill(job, r"MapBatches\(Generate\)", out)
+    # Both replicas load before the first batch is dispatched; otherwise, on a loaded machine, the first one can take
+    # every batch while the second is still importing torch (and the work is not shared at all).
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    saved, ctx.wait_for_min_actors_s = ctx.wait_for_min_actors_s, 600
+    try:
+        summary, rows = _run_and_kill(job, r"MapBatches\(Generate\)", out)
+    finally:
+        ctx.wait_for_min_actors_s = saved
     assert len(rows) == 12 and len({r["id"] for r in rows}) == 12 and all(r["status"] == "ok" for r in rows)
     worked = [name for name, usage in summary.replicas.items() if usage["batches"] > 0]
     assert len(worked) >= 2, summary.replicas  # both replicas (and the killed one's replacement) took batches
@@ -179,3 +193,42 @@ def test_readme_sizing_table_is_the_computed_one():
     by_name = {m.name: m for m in MODELS}
     assert by_name["InternVL3-78B"].gb_per_gpu(4) < 80 / 1.25 < by_name["InternVL3-78B"].gb_per_gpu(2)
     assert by_name["InternVL3-1B"].gpus_needed(24) == 1
+
+
+SMALL_MACHINE = """
+import json, sys
+import ray
+from pipeline.config import parse_job
+from pipeline.run.runner import run_job
+
+ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+job = json.loads(sys.argv[1])
+for name, compute in (("tp2", {"tp": 2}), ("replicas2", {"replicas": 2})):
+    lines = []
+    summary = run_job(parse_job({**job, "output": job["output"] + name,
+                                 "compute": {**compute, "device": "cpu", "batch_size": 2}}), echo=lines.append)
+    print(json.dumps({"name": name, "rows_ok": summary.rows_ok, "lines": lines}))
+ray.shutdown()
+"""
+
+
+@pytest.mark.integration
+def test_tp2_and_two_replicas_run_on_a_two_cpu_machine(tiny_model, tmp_path):
+    """A laptop-sized cluster (2 CPUs): tp=2 and two replicas both run, their CPUs shared, and the log says so."""
+    import json
+    import sys
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(4):
+        pattern_image(448 + 32 * i, 448).save(folder / f"{i}.png")
+    job = {"task": "caption", "input": str(folder), "output": str(tmp_path / "out-"), "model": str(tiny_model),
+           "generation": {"max_new_tokens": 2}}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS"))}
+    proc = subprocess.run([sys.executable, "-c", SMALL_MACHINE, json.dumps(job)], capture_output=True, text=True,
+                          timeout=600, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"name"')]
+    assert [(r["name"], r["rows_ok"]) for r in results] == [("tp2", 4), ("replicas2", 4)]
+    for r in results:
+        assert sum(line.startswith("CPUs shared:") for line in r["lines"]) == 1, r["lines"]

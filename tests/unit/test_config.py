@@ -1,5 +1,7 @@
 """Job files are validated up front: unknown keys, bad values and credentials are named; exit code 2."""
 
+import json
+
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -129,3 +131,83 @@ def test_models_command_lists_the_seed_families():
     assert result.exit_code == 0
     for name in ("InternVL3-1B", "InternVL3-78B", "InternVL2_5-26B", "Mini-InternVL-Chat-4B-V1-5", "Phi-3-mini"):
         assert name in result.output
+
+
+# ------------------------------------------------------------------------------------------------- schema
+
+
+def test_fingerprints_of_jobs_without_a_schema_are_unchanged():
+    """Outputs written before the `schema` key existed still resume."""
+    assert parse_job(BASE).fingerprint() == "0b1a1bc3f6195c02"
+    assert parse_job({**BASE, "task": "vqa", "questions": ["a", "b"]}).fingerprint() == "37b238d234d75ecb"
+
+
+def test_schema_key_inline_file_and_per_question(tmp_path):
+    pytest.importorskip("xgrammar")
+    from tests.schemas import SCHEMA, SMALL
+
+    inline = parse_job({**BASE, "schema": SCHEMA})
+    assert inline.answer_schema == SCHEMA and inline.answer_schemas() == [SCHEMA]
+    (tmp_path / "schemas").mkdir()
+    (tmp_path / "schemas" / "answer.json").write_text(json.dumps(SCHEMA))
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump({**BASE, "schema": "schemas/answer.json"}))  # relative to the job file
+    from_file = load_job(job_file)
+    assert from_file.answer_schema == SCHEMA and from_file.fingerprint() == inline.fingerprint()
+    assert inline.fingerprint() != parse_job(BASE).fingerprint()
+    assert inline.fingerprint() != parse_job({**BASE, "schema": SMALL}).fingerprint()
+
+    vqa = parse_job({**BASE, "task": "vqa", "schema": SMALL,
+                     "questions": [{"question": "Describe it.", "schema": SCHEMA}, "Is it ok?"]})
+    assert vqa.question_texts == ["Describe it.", "Is it ok?"]
+    assert vqa.questions_asked() == [("Describe it.", SCHEMA), ("Is it ok?", SMALL)]
+    plain = parse_job({**BASE, "task": "vqa", "questions": ["Describe it.", "Is it ok?"]})
+    assert plain.questions_asked() == [("Describe it.", None), ("Is it ok?", None)]
+    assert vqa.fingerprint() != plain.fingerprint()
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"task": "score", "prompt": "Blurry?", "schema": {"type": "boolean"}}, "schema: only for tasks caption and vqa"),
+    ({"schema": {"type": "array", "items": {"type": "string"}, "uniqueItems": True}},
+     r"schema \$\.uniqueItems: uniqueItems is not supported"),
+    ({"schema": "/nonexistent/answer.json"}, "schema file /nonexistent/answer.json not found"),
+    ({"task": "vqa", "questions": [{"question": "q", "schema": {"type": "object", "properties": {"a": {}}}}]},
+     r"questions\[0\]\.schema \$\.properties\.a: an unconstrained value"),
+    ({"task": "vqa", "schema": {"type": "object", "properties": {"n": {"type": "integer"}}},
+      "questions": [{"question": "q", "schema": {"type": "object", "properties": {"n": {"type": "string"}}}}]},
+     r"cannot share one answer column: schema \$\.n: schemas\[1\] gives the answer type string"),
+])
+def test_bad_schemas_name_the_problem(extra, message):
+    pytest.importorskip("xgrammar")
+    with pytest.raises(JobError, match=message):
+        parse_job({**BASE, **extra})
+
+
+def test_cli_schema_the_grammar_backend_cannot_compile_exits_2(tmp_path):
+    pytest.importorskip("xgrammar")
+    job = tmp_path / "job.yaml"
+    out = tmp_path / "out"
+    schema = {"type": "object", "properties": {"name": {"type": "string", "pattern": r"\bword\b"}}}
+    job.write_text(yaml.safe_dump({**BASE, "output": str(out), "schema": schema}))
+    result = CliRunner().invoke(app, ["run", str(job)])
+    assert result.exit_code == 2
+    assert "schema $.properties.name: the grammar backend (xgrammar) cannot compile this schema" in result.output
+    assert "Word boundary" in result.output and not out.exists()
+
+
+def test_yaml_boolean_labels_are_the_words_typed(tmp_path):
+    """`labels: [yes, no]` as the README writes it: YAML 1.1 reads those as booleans, which the labels (strings)
+    refused. Label lists keep the words as typed; every other key keeps YAML's types."""
+    path = tmp_path / "job.yaml"
+    path.write_text("task: score\ninput: in\noutput: out\nmodel: m\nprompt: Is it blurry?\n"
+                    "labels: [yes, no]\noverwrite: yes\ntiling: {thumbnail: off}\n")
+    job = load_job(path)
+    assert job.labels == ["yes", "no"] and job.score_criteria()[0].answers == ["yes", "no"]
+    assert job.overwrite is True and job.tiling.thumbnail is False
+    path.write_text("task: score\ninput: in\noutput: out\nmodel: m\ncriteria:\n"
+                    "  - {name: a, prompt: p, labels: [On, Off, TRUE, n]}\n  - {name: b, prompt: q, labels: [1, 10]}\n")
+    assert [c.labels for c in load_job(path).criteria] == [["On", "Off", "TRUE", "n"], ["1", "10"]]
+    assert load_job(path, ["labels=[yes, no]", "criteria=null", "prompt=q"]).labels == ["yes", "no"]
+    parsed = parse_job({**BASE, "task": "score", "prompt": "q", "labels": [True, False]})  # already parsed: yes/no
+    assert parsed.labels == ["yes", "no"]
+    assert load_job(REPO / "jobs" / "filter_images.yaml").criteria[0].labels == ["no", "yes"]

@@ -239,3 +239,29 @@ def test_engine_options_are_checked():
         engine_args("/nowhere", torch.float32, {"enable_mm_embeds": False})
     with pytest.raises(ValueError, match="set by the engine"):
         engine_args("/nowhere", torch.float32, {"tensor_parallel_size": 2})
+
+
+def test_schema_answers_equal_transformers_and_follow_the_schema(vllm_engine, hf_engine, cases):
+    """Job key `schema` on vLLM: its xgrammar backend with no free whitespace, special tokens forbidden
+    (model/constrained.py's docstring): greedy schema answers are the transformers engine's, free prompts in the
+    same call stay free, and an answer cut off at max_new_tokens is not `finished` on either engine."""
+    pytest.importorskip("xgrammar")
+    from pipeline.model.answers import parse_answer
+    from tests.schemas import SCHEMA, SMALL
+
+    prompts, samples, owners = [], [], []
+    for _, text, tiles, video, pixels in cases:
+        samples.append(pixels)
+        prompts.append(hf_engine.prompt_ids(text, tiles, video=video))
+        owners.append(len(samples) - 1)
+    schemas = [SCHEMA, SMALL, None, SCHEMA, SMALL]
+    kw = dict(max_new_tokens=160, schemas=schemas)
+    want = hf_engine.generate(prompts, samples, owners, **kw)
+    got = vllm_engine.generate(prompts, samples, owners, **kw)
+    for k, (g, w, schema) in enumerate(zip(got, want, schemas)):
+        assert (g.text, g.finished) == (w.text, w.finished), k
+        if schema is not None:
+            assert g.finished, g.text
+            parse_answer(g.text, schema, max_new_tokens=160, finished=True)
+    short = vllm_engine.generate(prompts[:1], samples[:1], max_new_tokens=4, schemas=[SCHEMA])[0]
+    assert not short.finished and len(short.token_ids) == 4

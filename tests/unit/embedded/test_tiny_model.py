@@ -152,3 +152,19 @@ def test_generation_depends_on_image(model, tokenizer, first: str, second: str) 
 def test_multi_tile_generation(model, tokenizer) -> None:
     out = _generate(model, tokenizer, _tiles(_images()["gradient_h"], num_tiles=3))
     assert len(out) == MAX_NEW_TOKENS
+
+
+def test_demo_help_names_the_folder_it_uses():
+    """`internvl-batch demo --help` said the default workdir was a temp dir; it is ./internvl-batch-demo (kept)."""
+    import inspect
+
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from pipeline.embedded import DEMO_WORKDIR
+    from pipeline.embedded.demo import run_demo
+
+    result = CliRunner().invoke(app, ["demo", "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    assert f"./{DEMO_WORKDIR}" in result.output and "temp dir" not in result.output
+    assert "Path(DEMO_WORKDIR)" in inspect.getsource(run_demo)  # the folder the help names is the one used

@@ -29,6 +29,25 @@ def test_prefix_lists_media_sorted_with_stable_ids(folder):
     assert list_inputs(str(folder)).table.equals(listing.table)
 
 
+def test_files_without_an_extension_are_listed_and_recognised_by_content(folder):
+    """As the README says of manifests: a file without an extension is taken and decoded by its content."""
+    from pipeline.config import parse_job
+    from pipeline.stages.preprocess import Preprocess
+    from tests.media import make_video
+
+    (folder / "clip").write_bytes(make_video(20, 10))
+    Image.new("RGB", (64, 48)).save(folder / "photo", "PNG")
+    (folder / "_SUCCESS").write_text("")  # a marker another tool left: neither media nor counted
+    (folder / ".hidden").write_text("x")
+    listing = list_inputs(str(folder))
+    names = [u.rsplit("/", 1)[-1] for u in listing.table.column("uri").to_pylist()]
+    assert names == ["a.png", "b.jpg", "clip", "photo", "c.webp"] and listing.skipped == {".txt": 1}
+    stage = Preprocess(parse_job({"task": "caption", "input": str(folder), "output": "y", "model": "m",
+                                  "video": {"num_frames": 2}}))
+    rows = {name: stage.prepare(str(folder / name)) for name in ("clip", "photo")}
+    assert [(r["status"], r["media_type"]) for r in rows.values()] == [("ok", "video"), ("ok", "image")]
+
+
 def test_glob(folder):
     listing = list_inputs(str(folder / "*.jpg"))
     assert [u.rsplit("/", 1)[-1] for u in listing.table.column("uri").to_pylist()] == ["b.jpg"]

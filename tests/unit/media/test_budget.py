@@ -38,7 +38,8 @@ def test_frames_within_budget():
     assert frames_within(8, tokens=8 * 256, tiles_per_frame=1, thumbnail=True) == 8
     assert frames_within(8, tokens=5 * 256 + 100, tiles_per_frame=1, thumbnail=True) == 5
     assert frames_within(32, tokens=16 * 256, tiles_per_frame=4, thumbnail=True) == 3  # 5 tiles a frame
-    assert frames_within(8, tokens=100, tiles_per_frame=1, thumbnail=True) == 1  # never zero frames
+    assert frames_within(8, tokens=256, tiles_per_frame=1, thumbnail=True) == 1
+    assert frames_within(8, tokens=1000, tiles_per_frame=4, thumbnail=True) == 0  # 5 tiles a frame: none fits
 
 
 def test_pack_calls_groups_similar_lengths_within_budget():
@@ -110,3 +111,18 @@ def test_preprocess_fits_each_sample_to_the_token_budget(tmp_path):
     assert (len(clip["frame_indices"]), clip["num_tiles"]) == (5, 5)  # 5 sampled frames x 256 tokens
     pair = fitted.prepare(str(tmp_path / "big.jpg"), [str(tmp_path / "big.jpg"), str(tmp_path / "small.jpg")])
     assert pair["num_tiles"] * 256 <= 1280
+
+
+def test_a_video_whose_one_frame_exceeds_the_budget_is_too_large(tmp_path):
+    """As for an image over the budget even at min_tiles: a video one frame of which (tiles_per_frame tiles plus
+    the thumbnail) exceeds the budget becomes a too_large row, instead of one frame over the budget."""
+    from pipeline.config import parse_job
+    from pipeline.stages.preprocess import Preprocess
+    from tests.media import make_video
+
+    (tmp_path / "clip.mp4").write_bytes(make_video(20, 10, width=640, height=360))
+    job = parse_job({"task": "caption", "input": str(tmp_path), "output": str(tmp_path / "out"), "model": "m",
+                     "tiling": {"max_tokens_per_sample": 1000}, "video": {"num_frames": 4, "tiles_per_frame": 4}})
+    row = Preprocess(job).prepare(str(tmp_path / "clip.mp4"))
+    assert (row["status"], row["error_type"]) == ("error", "too_large")
+    assert "one frame" in row["error_message"] and "1000 visual tokens" in row["error_message"]

@@ -38,16 +38,24 @@ def batch(tmp_path_factory):
                                         "uri": np.array(uris, dtype=object)}))
 
 
-def reference_scores(engine, prompt: str, pixels: np.ndarray, tiles: list[int], video: bool, labels: list[str]):
-    """Softmax over label sequences from full forward passes of prompt + label, one sample and one label at a time."""
+def reference_scores(engine, prompt: str, pixels: np.ndarray, tiles: list[int], video: bool, labels: list[str],
+                     *, with_end: bool = True):
+    """Softmax over label sequences from full forward passes of prompt + label, one sample and one label at a time:
+    each label's tokens, then the end of the answer (any of the eos ids: here the tiny model's <|im_end|>).
+    with_end=False is the old definition, the label's tokens alone."""
     prompt_ids = engine.prompt_ids(prompt, tiles, video=video)
+    ends = sorted(engine.eos_ids)
+    assert ends == [engine.tokenizer.convert_tokens_to_ids("<|im_end|>")]  # the end of the assistant's turn
     logps = []
     for seq in label_token_ids(engine.tokenizer, labels):
         ids = torch.tensor([prompt_ids + seq])
         with torch.inference_mode():
             logits = engine.model(input_ids=ids, pixel_values=torch.from_numpy(normalize_tiles(pixels))).logits[0]
         logp = torch.log_softmax(logits.float(), -1)
-        logps.append(sum(float(logp[len(prompt_ids) - 1 + t, tok]) for t, tok in enumerate(seq)))
+        total = sum(float(logp[len(prompt_ids) - 1 + t, tok]) for t, tok in enumerate(seq))
+        if with_end:
+            total += float(torch.logsumexp(logp[len(prompt_ids) - 1 + len(seq), ends], dim=0))
+        logps.append(total)
     return normalize(logps)
 
 
@@ -69,6 +77,22 @@ def test_scores_equal_direct_softmax_over_label_sequences(engine, batch, labels)
         assert row["score"] == pytest.approx(ref[0], abs=1e-5)
         assert row["label"] == labels[int(np.argmax(ref))] == row["response"]
     assert rows[3]["status"] == "error" and rows[3]["score"] is None
+
+
+def test_a_label_that_is_a_prefix_of_another_is_not_biased(engine, batch):
+    """A 1-10 scale: "1" is one token and "10" is "1" then "0". Scored as the whole answer (the end of the answer
+    included), "10" is compared with "1"-and-stop, not with "1"-followed-by-anything, which made P("10") <= P("1")."""
+    ids = label_token_ids(engine.tokenizer, ["1", "10"])
+    assert ids[1][: len(ids[0])] == ids[0]  # a real prefix pair in this tokenizer
+    job = parse_job({**BASE, "prompt": "Rate it from 1 to 10.", "labels": ["1", "10"], "video": {"num_frames": 4}})
+    rows = Score(job, engine=engine)(batch).to_pylist()
+    for i, row in enumerate(rows[:3]):
+        args = (engine, "Rate it from 1 to 10.", pixels_of(batch, i), row["tiles_per_image"], row["media_type"] == "video",
+                ["1", "10"])
+        got = dict(row["label_probs"])
+        np.testing.assert_allclose([got["1"], got["10"]], reference_scores(*args), atol=1e-5)
+        old = reference_scores(*args, with_end=False)
+        assert old[1] <= old[0] and not np.isclose(got["10"], old[1], rtol=1e-2, atol=0)  # the old, biased ones differ
 
 
 def test_batched_and_single_sample_scores_agree(engine, batch):

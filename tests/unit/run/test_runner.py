@@ -140,3 +140,34 @@ def test_replica_usage_counts_overlapping_batches_once_and_gives_rates():
     assert usage["a"] == {"batches": 2, "busy_s": 4.0, "span_s": 5.0, "samples": 16, "generated_tokens": 1200,
                           "images_per_s": 4.0, "tokens_per_s": 300.0}
     assert usage["b"]["images_per_s"] == 2.0 and busy == round(5 / 7, 4)
+
+
+@pytest.mark.parametrize("overrides", [["compute.tp=2"], ["compute.replicas=2"], ["compute.tp=2", "compute.replicas=2"]])
+def test_tp_and_replicas_on_a_two_cpu_machine_share_the_cpus(overrides):
+    """tp on CPU is for trying tp before a GPU cluster: on 2 CPUs the ranks (or replicas) share what one
+    preprocessing task leaves, and the plan says so in one line."""
+    job = parse_job(BASE, overrides=[*overrides, "compute.device=cpu"])
+    r = plan_resources(job, cluster_cpus=2, cluster_gpus=0)
+    low = r.replicas[0]
+    assert r.cpus_per_replica * low == pytest.approx(1.0)  # 2 CPUs - 1 preprocessing task
+    assert r.rank_cpus == pytest.approx(r.cpus_per_replica / r.tp) and r.cpu_workers == 1
+    assert r.note.startswith("CPUs shared:") and "\n" not in r.note
+
+
+def test_shared_rank_cpus_reach_the_placement_group_bundles():
+    from pipeline.run.replica import replica_bundles
+
+    r = plan_resources(parse_job(BASE, overrides=["compute.tp=2"]), cluster_cpus=2, cluster_gpus=0)
+    assert replica_bundles(r.tp, on_gpu=False, rank_cpus=r.rank_cpus) == [{"CPU": 0.5}, {"CPU": 0.5}]
+    assert r.model_stage_args() == {"num_cpus": 0, "num_gpus": 0}
+    one = plan_resources(parse_job(BASE, overrides=["compute.replicas=2"]), cluster_cpus=2, cluster_gpus=0)
+    assert one.model_stage_args() == {"num_cpus": 0.5, "num_gpus": None}
+    alone = plan_resources(parse_job(BASE), cluster_cpus=2, cluster_gpus=0)  # the default on 2 CPUs: nothing shared
+    assert (alone.cpus_per_replica, alone.cpu_workers, alone.note) == (1.0, 1, None)
+
+
+def test_short_gpus_and_a_one_cpu_machine_are_still_refused():
+    with pytest.raises(RunError, match="tp=2 needs 2 GPUs on one node"):
+        plan_resources(parse_job(BASE, overrides=["compute.tp=2"]), cluster_cpus=2, cluster_gpus=2, node_gpus=1)
+    with pytest.raises(RunError, match="leave none"):
+        plan_resources(parse_job(BASE), cluster_cpus=1, cluster_gpus=0)

@@ -289,16 +289,64 @@ def test_unreachable_cluster_exits_1(project, monkeypatch):
     assert code == 1 and "Failed to connect" in lines[0]
 
 
-def test_token_authentication_gets_a_hint(project, monkeypatch):
-    class AuthenticationError(Exception):
-        pass
+class AuthenticationError(Exception):
+    """Stands in for ray.exceptions.AuthenticationError (matched by name)."""
 
-    def refuse(address):
-        raise AuthenticationError("no token")
 
-    monkeypatch.setattr(submit_mod, "connect", refuse)
+def _token_cluster(token: str, calls: list):
+    """connect() of a cluster that demands `token`: a client without it raises AuthenticationError."""
+    def connect(address, token_sent=None, **kwargs):
+        token_sent = kwargs.get("token", token_sent)
+        calls.append(token_sent)
+        if token_sent != token:
+            raise AuthenticationError("Authentication required: Unauthorized: Missing authentication token")
+        return FakeClient()
+    return connect
+
+
+@pytest.fixture()
+def no_token_anywhere(monkeypatch, tmp_path):
+    for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def test_token_authentication_without_a_token_gets_a_hint(project, monkeypatch, no_token_anywhere):
+    calls: list = []
+    monkeypatch.setattr(submit_mod, "connect", _token_cluster("s3cr3t-token", calls))
     code, lines = run(project)
-    assert code == 1 and "RAY_AUTH_MODE=token" in lines[0]
+    assert code == 1 and "RAY_AUTH_TOKEN" in lines[-1] and "~/.ray/auth_token" in lines[-1]
+    assert calls == [None]
+
+
+@pytest.mark.parametrize("where", ["env", "file", "path"])
+def test_token_authentication_uses_the_token_it_finds(project, monkeypatch, no_token_anywhere, where):
+    """Ray 2.60 turns token auth on for a cluster once ~/.ray/auth_token exists; the client then needs the token
+    without the user exporting RAY_AUTH_MODE=token."""
+    token = "s3cr3t-token"
+    if where == "env":
+        monkeypatch.setenv("RAY_AUTH_TOKEN", token)
+    elif where == "file":
+        (no_token_anywhere / ".ray").mkdir(parents=True)
+        (no_token_anywhere / ".ray" / "auth_token").write_text(token + "\n")
+    else:
+        (no_token_anywhere / "tok").parent.mkdir(parents=True)
+        (no_token_anywhere / "tok").write_text(token)
+        monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(no_token_anywhere / "tok"))
+    calls: list = []
+    monkeypatch.setattr(submit_mod, "connect", _token_cluster(token, calls))
+    code, lines = run(project)
+    assert code == 0 and calls == [None, token], lines
+    assert any(line.startswith("submitted internvl-batch-") for line in lines)
+    assert not any(token in line for line in lines)  # the token is never printed
+
+
+def test_a_refused_token_says_where_it_came_from(project, monkeypatch, no_token_anywhere):
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "stale-token")
+    monkeypatch.setattr(submit_mod, "connect", _token_cluster("the-real-one", []))
+    code, lines = run(project)
+    assert code == 1 and "refused the token from RAY_AUTH_TOKEN" in lines[-1] and "stale-token" not in lines[-1]
 
 
 def test_relative_local_paths_are_warned_about(project):
@@ -472,8 +520,9 @@ def test_submit_to_a_real_cluster(ray_head, tiny_model, tmp_path):
     assert env["AWS_SECRET_ACCESS_KEY"] not in sent and env["AWS_ACCESS_KEY_ID"] not in sent  # the cluster's own
     assert not any(k.startswith("AWS_") for k in (info["runtime_env"].get("env_vars") or {}))
 
-    # The same job again: reported, not run twice.
-    code, log = _submit(job_file, address, client_env)
+    # The same job again: reported, not run twice. This client has no RAY_AUTH_MODE: it finds the token in
+    # ~/.ray/auth_token by itself once the cluster demands one.
+    code, log = _submit(job_file, address, {k: v for k, v in client_env.items() if k != "RAY_AUTH_MODE"})
     assert code == 0 and "already SUCCEEDED" in log, log
     assert _job_info(job_id, address, env)["jobs"] == info["jobs"]
 
