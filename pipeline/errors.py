@@ -21,6 +21,7 @@ class ErrorType(StrEnum):
     BAD_INPUT = "bad_input"
     UNSUPPORTED = "unsupported"
     MODEL_ERROR = "model_error"
+    TOO_LONG = "too_long"
     TRUNCATED = "truncated"
     INVALID_ANSWER = "invalid_answer"
 
@@ -39,7 +40,10 @@ _DESCRIPTIONS = {
     ErrorType.CRASHED: "the decoder crashed `decode.attempts` times on this file",
     ErrorType.BAD_INPUT: "e.g. a vqa row without a question",
     ErrorType.UNSUPPORTED: "e.g. a video where no decoder is installed",
-    ErrorType.MODEL_ERROR: "one sample does not fit in device memory even alone",
+    ErrorType.MODEL_ERROR: "one sample does not fit in device memory even alone, or the model raised on it alone "
+                           "(the message names the exception; the batch's other samples complete)",
+    ErrorType.TOO_LONG: "the prompt (image tokens and text) is longer than the model's context; found before the "
+                        "model is called",
     ErrorType.TRUNCATED: "a `schema` answer cut off at `generation.max_new_tokens` before its JSON closed "
                          "(`response` keeps the text, `answer` is null)",
     ErrorType.INVALID_ANSWER: "a `schema` answer that is not a value of its schema, or one Arrow cannot hold (an "

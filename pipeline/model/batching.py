@@ -1,5 +1,6 @@
-"""How a model batch reaches the engine: one request per prompt, calls packed by padded tokens, and the
-out-of-memory fallback that retries sample by sample. A request that cannot be served ends as a `Failure`.
+"""How a model batch reaches the engine: one request per prompt, calls packed by padded tokens, the
+out-of-memory fallback that retries sample by sample, and the search for a poison sample that makes a call raise.
+A request that cannot be served ends as a `Failure`.
 
 With `compute.max_batch_tokens` a replica's batch is split into calls of samples of similar length, none carrying
 more than 25% padding; greedy results do not depend on the grouping (batched equals one at a time).
@@ -8,7 +9,7 @@ more than 25% padding; greedy results do not depend on the grouping (batched equ
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -30,10 +31,12 @@ class PromptRequest:
 
 @dataclass(frozen=True)
 class Failure:
-    """A request the model could not serve; it becomes an error row of this type."""
+    """A request the model could not serve; it becomes an error row of this type. `failed`: the exception the
+    model raised on this request's sample alone (None for failures found before or without a model call)."""
 
     error_type: ErrorType
     message: str
+    failed: BaseException | None = field(default=None, compare=False, repr=False)
 
 
 # call(requests, samples) -> one result per request, where request.sample indexes `samples`.
@@ -97,8 +100,11 @@ def in_calls(call: EngineCall, requests: Sequence[PromptRequest], samples: Seque
 
 
 def with_memory_fallback(call: EngineCall, requests: list[PromptRequest], samples: list[np.ndarray]) -> list[Any]:
-    """call() for the whole batch; if the device runs out of memory, again one sample (with all its requests) at
-    a time, and a sample that still does not fit becomes a Failure."""
+    """call() for the whole batch. If the device runs out of memory: again one sample (with all its requests) at a
+    time, and a sample that still does not fit becomes a Failure. If the call raises anything else: the batch is
+    split in halves, and halves of those, until the sample(s) it fails on are found; each becomes a Failure naming
+    the cause (`failed`: the exception), the others get their results, equal to running them alone. Whether the
+    model itself is broken (failing on every sample) is the caller's to decide (stages/model_stage.PoisonGuard)."""
     import torch
 
     if not requests:
@@ -109,10 +115,18 @@ def with_memory_fallback(call: EngineCall, requests: list[PromptRequest], sample
         if len(samples) == 1:
             failure = Failure(ErrorType.MODEL_ERROR, f"out of device memory for one sample ({len(samples[0])} tiles)")
             return [failure] * len(requests)
+        parts = [[s] for s in range(len(samples))]
+    except Exception as err:  # noqa: BLE001 - a poison sample: find it
+        if len(samples) == 1:
+            failure = Failure(ErrorType.MODEL_ERROR, f"the model failed on this sample: {type(err).__name__}: {err}",
+                              failed=err)
+            return [failure] * len(requests)
+        half = len(samples) // 2
+        parts = [list(range(half)), list(range(half, len(samples)))]
     results: list[Any] = [None] * len(requests)
-    for s in range(len(samples)):
-        mine = [i for i, r in enumerate(requests) if r.sample == s]
-        for i, r in zip(mine, with_memory_fallback(call, *_subset(requests, samples, [s], mine))):
+    for part in parts:
+        mine = [i for i, r in enumerate(requests) if r.sample in part]
+        for i, r in zip(mine, with_memory_fallback(call, *_subset(requests, samples, part, mine))):
             results[i] = r
     return results
 

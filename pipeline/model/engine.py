@@ -78,13 +78,20 @@ def require_chat_template(model: str, tokenizer: Any) -> None:
         raise ModelLoadError(f"model {model!r} has no chat template (tokenizer_config.json or chat_template.jinja)")
 
 
+def context_length(config: Any) -> int | None:
+    """The language model's context (max_position_embeddings of the text config), if the config says."""
+    value = getattr(getattr(config, "text_config", config), "max_position_embeddings", None)
+    return int(value) if value else None
+
+
 class Prompter:
     """Prompt building, which needs only the tokenizer (with its chat template) and the tokens per tile."""
 
-    def __init__(self, tokenizer: Any, image_seq_length: int) -> None:
+    def __init__(self, tokenizer: Any, image_seq_length: int, max_context: int | None = None) -> None:
         self.tokenizer = tokenizer
         self.image_tokens = ImageTokens.from_tokenizer(tokenizer)
         self.image_seq_length = image_seq_length
+        self.max_context = max_context  # the language model's context in tokens; a longer prompt is a too_long row
 
     @classmethod
     def load(cls, path: str | Path, revision: str | None = None) -> Prompter:
@@ -92,7 +99,8 @@ class Prompter:
         from transformers import AutoConfig, AutoTokenizer
 
         config = AutoConfig.from_pretrained(path, revision=revision)
-        return cls(AutoTokenizer.from_pretrained(path, revision=revision), int(getattr(config, "image_seq_length", 256)))
+        return cls(AutoTokenizer.from_pretrained(path, revision=revision), int(getattr(config, "image_seq_length", 256)),
+                   context_length(config))
 
     def prompt_text(self, text: str, tiles_per_image: Sequence[int], *, video: bool = False) -> str:
         """The full prompt string: chat template rendered, image (or video frame) placeholders expanded."""
@@ -112,7 +120,7 @@ class InternVLEngine(Prompter):
     """A loaded replica (or one tensor-parallel rank of it): tokenizer, chat template, model on its device."""
 
     def __init__(self, model: Any, tokenizer: Any, plan: DevicePlan) -> None:
-        super().__init__(tokenizer, int(getattr(model.config, "image_seq_length", 256)))
+        super().__init__(tokenizer, int(getattr(model.config, "image_seq_length", 256)), context_length(model.config))
         self.model = model
         self.plan = plan
         context_id = tokenizer.convert_tokens_to_ids(self.image_tokens.context)

@@ -46,7 +46,8 @@ import torch
 from pipeline.errors import ModelLoadError
 from pipeline.media.tiling import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.model.device import DevicePlan
-from pipeline.model.engine import Generation, InternVLEngine, Prompter, loading, open_checkpoint, require_chat_template
+from pipeline.model.engine import (Generation, InternVLEngine, Prompter, context_length, loading, open_checkpoint,
+                                   require_chat_template)
 from pipeline.model.processor_files import has_processor
 from pipeline.model.sampling import TRANSFORMERS_TOP_K
 from pipeline.model.vllm_support import LoopThread, check_plugin, engine_args, load_vision
@@ -63,7 +64,7 @@ class VLLMEngine(Prompter):
                  options: Mapping[str, Any] | None = None, tp: int = 1) -> None:
         from transformers import GenerationConfig
 
-        super().__init__(tokenizer, int(getattr(vision.config, "image_seq_length", 256)))
+        super().__init__(tokenizer, int(getattr(vision.config, "image_seq_length", 256)), context_length(vision.config))
         self.model = vision
         self.plan = plan
         self.path = path
@@ -92,6 +93,9 @@ class VLLMEngine(Prompter):
         self._loop = LoopThread()
         try:
             self.llm = self._loop.run(self._start(args))  # built on its loop, so its output handler runs there
+            limit = getattr(getattr(self.llm, "model_config", None), "max_model_len", None)
+            if limit:  # compute.vllm.max_model_len may be shorter than the model's own context
+                self.max_context = min(int(limit), self.max_context or int(limit))
         except BaseException:
             self._loop.stop()
             self._vision_thread.shutdown()

@@ -132,6 +132,7 @@ class TensorParallelEngine:
                                              trust_remote_code=job.trust_remote_code, revision=job.model_revision)
         self.prompter = Prompter.load(self.checkpoint, revision=job.model_revision)
         self.tokenizer = self.prompter.tokenizer
+        self.max_context = self.prompter.max_context
         self.on_gpu = wants_gpu(job.compute.device, gpus_available=ray.cluster_resources().get("GPU", 0))
         self._group_handle = None
         self.ranks: list[Any] = []

@@ -59,10 +59,12 @@ class Generate(ModelStage):
                 except PromptError as err:
                     fail(row, ErrorType.BAD_INPUT, str(err))
                     continue
-                tiles = todo.add_sample(sample) if tiles is None else tiles
                 ids = self.engine.prompt_ids(text, [int(t) for t in sample["tiles_per_image"]],
                                              video=sample["media_type"] == "video")
                 row.update(prompt=text, num_input_tokens=len(ids))
+                if self.too_long(row, len(ids) + 1):  # room for one generated token at least
+                    continue
+                tiles = todo.add_sample(sample) if tiles is None else tiles
                 todo.add((row, schema), ids, tiles, schema=schema,
                          seed=row_seed(gen.seed, row["id"]) if gen.do_sample else None)
         return out, todo

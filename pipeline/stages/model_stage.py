@@ -28,6 +28,9 @@ CONSUMED_COLUMNS = ("pixels", "questions")
 # did (samples through the model, tokens generated: per-replica rates); the write stage takes it out of the rows
 # and into the shard's stats, so it is never written.
 BATCH_COLUMN = "__batch"
+# Samples in a row the model may fail on (each alone) before the replica decides the model, not the samples, is
+# broken (stages/model_stage.PoisonGuard).
+POISON_LIMIT = 8
 BATCH_TYPE = pa.struct([("replica", pa.string()), ("ready", pa.float64()), ("start", pa.float64()), ("end", pa.float64()),
                         ("samples", pa.int64()), ("tokens", pa.int64())])
 
@@ -82,6 +85,26 @@ class Requests:
         self.targets.append(target)
 
 
+class PoisonGuard:
+    """Tells a poison sample (the model raises on it alone; it becomes a model_error row) from a broken model: once
+    `limit` samples in a row have failed that way with none served in between, the replica stops the job with the
+    cause, rather than turning every sample into an error row."""
+
+    def __init__(self, limit: int = POISON_LIMIT) -> None:
+        self.limit = limit
+        self.in_a_row = 0
+
+    def check(self, results: list[Any]) -> None:
+        failures = {id(r): r for r in results if isinstance(r, Failure) and r.failed is not None}  # one per sample
+        if any(not isinstance(r, Failure) for r in results):
+            self.in_a_row = 0
+        self.in_a_row += len(failures)
+        if failures and self.in_a_row >= self.limit:
+            cause = next(iter(failures.values())).failed
+            raise RuntimeError(f"the model failed on {self.in_a_row} samples in a row, each alone, and served none "
+                               f"in between: {type(cause).__name__}: {cause}") from cause
+
+
 class ModelStage:
     """A model stage over one replica: reads the CPU stage's columns, returns output rows (one table per batch).
 
@@ -102,12 +125,14 @@ class ModelStage:
         self.engine = engine or load_engine(job, kind, rank_cpus)
         self.replica = f"{socket.gethostname()}:{os.getpid()}"
         self.ready = time.time()
+        self.guard = PoisonGuard()
 
     def __call__(self, batch: Batch) -> pa.Table:
         started = time.time()
         rows, todo = self.prepare(batch)
         clock = time.perf_counter()
         results = in_calls(self.call, todo.requests, todo.samples, max_tokens=self.job.compute.max_batch_tokens)
+        self.guard.check(results)
         return self.finish(rows, todo, results, time.perf_counter() - clock, started)
 
     def prepare(self, batch: Batch) -> tuple[list[dict[str, Any]], Requests]:
@@ -140,6 +165,16 @@ class ModelStage:
     def base_row(sample: dict[str, Any]) -> dict[str, Any]:
         """A sample's columns as an output row starts from (tiles and question lists dropped)."""
         return {k: v for k, v in sample.items() if k not in CONSUMED_COLUMNS}
+
+    def too_long(self, row: dict[str, Any], tokens: int) -> bool:
+        """Make the row a too_long error if `tokens` (its prompt and what must follow it) exceed the model's context;
+        True if it did. Found here, the model is never called with it."""
+        limit = getattr(self.engine, "max_context", None)
+        if limit is None or tokens <= limit:
+            return False
+        fail(row, ErrorType.TOO_LONG, f"the prompt needs {tokens} tokens (image tokens, text and what follows), "
+                                      f"more than the model's context of {limit}")
+        return True
 
     @staticmethod
     def fill_failure(row: dict[str, Any], result: Any) -> bool:

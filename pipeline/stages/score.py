@@ -42,11 +42,15 @@ class Score(ModelStage):
             out.append(row)
             if row["status"] != "ok":
                 continue
-            tiles = todo.add_sample(sample)
             tiles_per_image = [int(t) for t in sample["tiles_per_image"]]
-            for c, criterion in enumerate(self.criteria):
-                ids = self.engine.prompt_ids(criterion.prompt, tiles_per_image, video=sample["media_type"] == "video")
-                row["num_input_tokens"] += len(ids)
+            prompts = [self.engine.prompt_ids(c.prompt, tiles_per_image, video=sample["media_type"] == "video")
+                       for c in self.criteria]
+            row["num_input_tokens"] = sum(map(len, prompts))
+            # each label, then the end of the answer, follows the prompt
+            if self.too_long(row, max(len(ids) + max(map(len, self.labels[c])) + 1 for c, ids in enumerate(prompts))):
+                continue
+            tiles = todo.add_sample(sample)
+            for c, ids in enumerate(prompts):
                 todo.add((row, c), ids, tiles, self.labels[c])
         return out, todo
 
