@@ -94,7 +94,7 @@ def in_calls(call: EngineCall, requests: Sequence[PromptRequest], samples: Seque
     results: list[Any] = [None] * len(requests)
     for group in pack_calls(lengths, max_tokens=max_tokens, sizes=[len(m) for m in per_sample]):
         mine = [i for s in group for i in per_sample[s]]
-        for i, r in zip(mine, with_memory_fallback(call, *_subset(requests, samples, group, mine))):
+        for i, r in zip(mine, with_memory_fallback(call, *subset(requests, samples, group, mine))):
             results[i] = r
     return results
 
@@ -126,12 +126,12 @@ def with_memory_fallback(call: EngineCall, requests: list[PromptRequest], sample
     results: list[Any] = [None] * len(requests)
     for part in parts:
         mine = [i for i, r in enumerate(requests) if r.sample in part]
-        for i, r in zip(mine, with_memory_fallback(call, *_subset(requests, samples, part, mine))):
+        for i, r in zip(mine, with_memory_fallback(call, *subset(requests, samples, part, mine))):
             results[i] = r
     return results
 
 
-def _subset(requests: Sequence[PromptRequest], samples: Sequence[np.ndarray], keep: list[int],
+def subset(requests: Sequence[PromptRequest], samples: Sequence[np.ndarray], keep: list[int],
             mine: list[int]) -> tuple[list[PromptRequest], list[np.ndarray]]:
     """The requests `mine` and the samples `keep` they show, with sample indices renumbered into `keep`."""
     index = {s: k for k, s in enumerate(keep)}

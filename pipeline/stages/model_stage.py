@@ -6,6 +6,7 @@ answers them in calls packed by tokens (model/batching.py); a request that fails
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import time
@@ -18,7 +19,7 @@ from pipeline.config import JobConfig
 from pipeline.errors import ErrorType
 from pipeline.media.decode import tiles_from_bytes
 from pipeline.model import engines
-from pipeline.model.batching import Failure, PromptRequest, in_calls
+from pipeline.model.batching import Failure, PromptRequest, in_calls, subset
 from pipeline.model.engines import Engine
 from pipeline.stages.base import Batch, as_list
 
@@ -195,7 +196,9 @@ class ModelStage:
 class AsyncStage:
     """A model stage whose `__call__` is a coroutine, for engines with `<method>_async` (vLLM): Ray Data keeps up
     to compute.vllm.max_concurrent_batches batches in flight per replica (the actor's max_concurrency), and the
-    engine serves their requests together. One engine call per batch: no packing, no out-of-memory fallback."""
+    engine serves their requests together. One engine call per batch: no packing, no out-of-memory fallback (the
+    engine schedules its own memory); if the call raises, each sample is asked alone, all in flight at once, and
+    those it raises on become model_error rows (a poison sample costs one row, as on the sync path)."""
 
     async def __call__(self: Any, batch: Batch) -> pa.Table:
         started = time.time()
@@ -203,6 +206,29 @@ class AsyncStage:
         clock = time.perf_counter()
         results: list[Any] = []
         if todo.requests:
-            args, kwargs = self.call_args(todo.requests, todo.samples)
-            results = await getattr(self.engine, f"{self.method}_async")(*args, **kwargs)
+            try:
+                results = await self.call_async(todo.requests, todo.samples)
+            except Exception:  # noqa: BLE001 - a poison sample: find it
+                results = await self.each_sample_alone(todo.requests, todo.samples)
+            self.guard.check(results)
         return self.finish(rows, todo, results, time.perf_counter() - clock, started)
+
+    async def call_async(self: Any, requests: list[PromptRequest], samples: list[np.ndarray]) -> list[Any]:
+        args, kwargs = self.call_args(requests, samples)
+        return await getattr(self.engine, f"{self.method}_async")(*args, **kwargs)
+
+    async def each_sample_alone(self: Any, requests: list[PromptRequest], samples: list[np.ndarray]) -> list[Any]:
+        async def alone(s: int) -> tuple[list[int], list[Any]]:
+            mine = [i for i, r in enumerate(requests) if r.sample == s]
+            try:
+                return mine, await self.call_async(*subset(requests, samples, [s], mine))
+            except Exception as err:  # noqa: BLE001
+                failure = Failure(ErrorType.MODEL_ERROR,
+                                  f"the model failed on this sample: {type(err).__name__}: {err}", failed=err)
+                return mine, [failure] * len(mine)
+
+        results: list[Any] = [None] * len(requests)
+        for mine, answers in await asyncio.gather(*(alone(s) for s in range(len(samples)))):
+            for i, r in zip(mine, answers):
+                results[i] = r
+        return results

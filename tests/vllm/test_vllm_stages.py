@@ -93,3 +93,17 @@ def test_sampled_rows_depend_only_on_seed_and_row_id(vllm_engine, images):
     assert answers(job, [2, 0]) == {"s2": together["s2"], "s0": together["s0"]}
     assert answers(parse_job(job.model_dump(), overrides=["generation.seed=6"]), [0, 1, 2]) != together
     assert np.unique(list(together.values())).size == 3
+
+
+def test_a_poison_sample_costs_one_row_on_vllm_too(vllm_engine, hf_engine, images):
+    """One sample whose tile counts disagree with its pixels makes the engine raise: it becomes a model_error row,
+    the batch's others get the transformers stage's answers."""
+    from tests.unit.stages.test_poison import poisoned
+
+    job = parse_job(dict(BASE, task="caption"))
+    batch = preprocessed(job, *images)
+    want = rows_of(Generate(job, engine=hf_engine)(batch))
+    got = rows_of(asyncio.run(AsyncGenerate(job, engine=vllm_engine)(poisoned(batch, 1))))
+    assert [got[f"s{i}"]["status"] for i in range(3)] == ["ok", "error", "ok"]
+    assert got["s1"]["error_type"] == "model_error"
+    assert [got[k]["response"] for k in ("s0", "s2")] == [want[k]["response"] for k in ("s0", "s2")]
