@@ -244,6 +244,7 @@ class JobConfig(_Section):
     decode: DecodeConfig = Field(default_factory=DecodeConfig, description="Crash and hang isolation of media decoding.")
     rows_per_shard: int = Field(1000, ge=1, description="Rows per output Parquet shard, at least: a shard takes whole model batches (only the run's last may hold fewer).")
     incremental: bool = Field(False, description="Process only objects new or changed (ETag, else size+mtime) since the last successful run into this output; one run at a time (a lock in the output).")
+    lock_ttl_s: float = Field(300.0, ge=10, description="Lease of an incremental run's lock (`_LOCK`), in seconds: renewed every third of it while the run lives; a later run takes over a lock whose lease expired (its run died).")
     overwrite: bool = Field(False, description="Replace results already in `output` (otherwise such a run is refused).")
     storage: dict[str, Any] = Field(default_factory=dict, description="Extra fsspec/s3fs options, e.g. endpoint_url. No credentials.")
     model_cache: str | None = Field(None, description="Local folder where s3:// checkpoints are copied (default ~/.cache/internvl-batch/models).")

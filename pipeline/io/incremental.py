@@ -2,26 +2,18 @@
 
 State lives next to the results: `_INCREMENTAL.json` maps every object taken to its version (S3 ETag, else
 size and modification time: io/storage.object_version), `_runs/<time>.json` records what each run took, and
-`_LOCK` (created only if absent: an S3 conditional PUT with If-None-Match, O_EXCL on disks) keeps two scheduled
-runs from overlapping.
+`_LOCK` (a lease, io/lock.py) keeps two scheduled runs from overlapping.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import socket
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from typing import Any
 
-from pipeline.errors import LockedError
-from pipeline.io.markers import read_marker, remove_marker, write_marker
-from pipeline.io.storage import get_filesystem
+from pipeline.io.markers import read_marker, write_marker
 
 STATE_FILE = "_INCREMENTAL.json"
-LOCK_FILE = "_LOCK"
 RUNS_DIR = "_runs"
 
 
@@ -44,27 +36,3 @@ def record_run(output: str, taken: Mapping[str, str], options: Mapping[str, Any]
     write_marker(output, name, {"finished_at": stamp, "objects_taken": len(taken), "objects": dict(taken)}, options)
     write_marker(output, STATE_FILE, {"updated_at": stamp, "objects": state}, options)
     return name
-
-
-@contextmanager
-def run_lock(output: str, options: Mapping[str, Any] | None = None) -> Iterator[None]:
-    """Hold the output's lock for the duration of a run; a second run finds it and is refused."""
-    fs, path = get_filesystem(output, options)
-    fs.makedirs(path, exist_ok=True)
-    target = f"{path.rstrip('/')}/{LOCK_FILE}"
-    holder = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    try:
-        with fs.open(target, "xb") as f:  # If-None-Match: * on S3, O_EXCL locally
-            f.write(json.dumps(holder).encode())
-    except OSError as err:  # FileExistsError locally; S3 answers 412 PreconditionFailed ("pre-conditions ... did not hold")
-        if not isinstance(err, FileExistsError) and "precondition" not in str(err).lower().replace("-", ""):
-            raise
-        other = read_marker(output, LOCK_FILE, options) or {}
-        raise LockedError(
-            f"another run holds {output.rstrip('/')}/{LOCK_FILE} (host {other.get('host')}, pid {other.get('pid')}, "
-            f"since {other.get('since')}); this run exits. If that run died, delete the lock file and run again."
-        ) from None
-    try:
-        yield
-    finally:
-        remove_marker(output, LOCK_FILE, options)

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from pipeline.config import JobConfig
 from pipeline.errors import JobError, LockedError
-from pipeline.io.incremental import run_lock
+from pipeline.io.lock import run_lock
 from pipeline.io.inputs import is_manifest
 from pipeline.run.execute import execute
 from pipeline.run.finish import finish
@@ -27,7 +27,7 @@ def run_job(job: JobConfig, *, echo: Callable[[str], None] = print) -> RunSummar
     if is_manifest(job.input):
         raise JobError("incremental: needs a prefix or glob input (object versions come from the listing), not a manifest")
     try:
-        with run_lock(job.output, job.storage):
+        with run_lock(job.output, job.storage, ttl_s=job.lock_ttl_s):
             return _run(job, echo)
     except LockedError as err:
         raise JobError(str(err)) from None
