@@ -26,12 +26,12 @@ def test_status_does_not_call_built_features_unbuilt():
 
 
 def test_claims_are_no_stronger_than_their_tests():
-    """Normalisation is tested within 1e-5 of the cards' values, not bit for bit; a dead nightly run's lock is not
-    taken over by the next run (tests/integration/test_incremental.py)."""
+    """Normalisation is tested within 1e-5 of the cards' values, not bit for bit; a dead nightly run's lock is taken
+    over once its lease expires (tests/integration/test_lock.py), which the nightly job says."""
     fidelity = README.split("Fidelity to the model cards:", 1)[1].split("- **Prompts**", 1)[0]
     assert "within 1e-5" in fidelity and not re.search(r"normalis\w+[^.]*bit for bit", fidelity)
     nightly = (REPO / "jobs" / "caption_nightly.yaml").read_text()
-    assert "resumed by the next one" not in nightly and "leaves _LOCK behind" in nightly
+    assert "lease" in nightly and "takes it over" in nightly
 
 
 def test_every_performance_figure_names_a_bench_that_exists():
