@@ -20,13 +20,14 @@ def shard_name(ids: list[str]) -> str:
     return f"part-{digest}.parquet"
 
 
-def write_shard(table: pa.Table, output: str, options: Mapping[str, Any] | None = None) -> str:
-    """Write one Parquet shard under `output` so that readers never see it half written; returns its name.
+def write_shard(table: pa.Table, output: str, options: Mapping[str, Any] | None = None, *, name: str | None = None) -> str:
+    """Write one Parquet shard under `output` so that readers never see it half written; returns its name (by
+    default shard_name of its ids).
 
     Object stores publish an object only when its upload completes; on local disks we write a hidden temporary
     file and rename it into place.
     """
-    name = shard_name(table.column("id").to_pylist())
+    name = name or shard_name(table.column("id").to_pylist())
     fs, path = get_filesystem(output, options)
     final = f"{path.rstrip('/')}/{name}"
     fs.makedirs(path, exist_ok=True)

@@ -15,6 +15,7 @@ from pipeline.config import Criterion, JobConfig
 from pipeline.errors import RunError
 from pipeline.io.incremental import record_run
 from pipeline.io.markers import SUCCESS_FILE
+from pipeline.io.passed import check_passed
 from pipeline.io.schema import Totals, column
 from pipeline.io.shards import shard_files
 from pipeline.io.storage import get_filesystem
@@ -83,6 +84,9 @@ def finish(job: JobConfig, plan: RunPlan, shards: list[ShardStats], *, started: 
             f"accounting failed: {plan.rows_in} rows expected, {counts.rows} rows in the output "
             f"({counts.unique_ids} distinct ids); _SUCCESS.json not written"
         )
+    problem = check_passed(job.output, job.output_passed, counts.rows_passed or 0, job.storage) if job.output_passed else None
+    if problem:
+        raise RunError(f"accounting failed for output_passed: {problem}; _SUCCESS.json not written")
     if job.incremental:
         record_run(job.output, plan.taken, job.storage)
         summary.objects_taken = len(plan.taken)

@@ -18,6 +18,7 @@ from pipeline.errors import InputError, JobError, ModelLoadError
 from pipeline.io.incremental import new_or_changed, read_state
 from pipeline.io.inputs import InputListing, derive_id, list_inputs
 from pipeline.io.markers import JOB_FILE, read_marker
+from pipeline.io.passed import remove_orphans
 from pipeline.io.schema import reserved_columns
 from pipeline.io.shards import clear_results, existing_ids, shard_files
 from pipeline.io.storage import list_versions
@@ -91,6 +92,11 @@ def check_output_state(job: JobConfig, echo: Echo) -> None:
             "prompt, questions, schema, tiling, video sampling and generation must match to resume; choose another output "
             "or pass --set overwrite=true to start a new run there"
         )
+    if job.output_passed:
+        orphans = remove_orphans(job.output, job.output_passed, job.storage)
+        if orphans:
+            echo(f"resume: removed {orphans} passed shard(s) of rows an earlier run did not finish writing; "
+                 "they are processed again")
 
 
 def expected_ids(job: JobConfig, rows: pa.Table) -> list[list[str]]:

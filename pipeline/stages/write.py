@@ -13,8 +13,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import JobConfig
+from pipeline.io.passed import passed_name
 from pipeline.io.schema import OUTPUT_SCHEMA, Totals
-from pipeline.io.shards import write_shard
+from pipeline.io.shards import shard_name, write_shard
 from pipeline.stages.base import require_columns
 from pipeline.stages.model_stage import BATCH_COLUMN, BATCH_TYPE
 
@@ -65,10 +66,11 @@ class WriteShards:
         stats = ShardStats.count(batch, batches=batches)
         if batch.num_rows == 0:
             return stats.to_table()
-        stats.file = write_shard(batch, self.job.output, self.job.storage)
-        if self.job.output_passed:
+        name = shard_name(batch.column("id").to_pylist())
+        if self.job.output_passed:  # first: a passed shard without its output shard is removed on resume (io/passed)
             kept = batch.filter(pc.fill_null(batch.column("passed"), False))
             if kept.num_rows:
                 columns = [c for c in self.input_columns if c in kept.column_names]
-                write_shard(kept.select(columns), self.job.output_passed, self.job.storage)
+                write_shard(kept.select(columns), self.job.output_passed, self.job.storage, name=passed_name(name))
+        stats.file = write_shard(batch, self.job.output, self.job.storage, name=name)
         return stats.to_table()

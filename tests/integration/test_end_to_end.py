@@ -276,6 +276,39 @@ def test_filter_job_writes_scores_and_passed_subset(s3, tiny_model, tmp_path):
         assert json.loads(s3.cat(f"{out}/_SUCCESS.json"))["rows_passed"] == 1
 
 
+def test_a_crash_between_the_two_writes_of_a_filter_shard_is_repaired_on_resume(s3, tiny_model, tmp_path):
+    """The passed shard is written first: a run that died before the output shard leaves an orphan passed shard
+    (made here as that crash leaves it: the output shard and _SUCCESS.json removed). Resuming removes it and
+    processes its rows again, so each passing row is in output_passed exactly once; a passed subset that does not
+    match the output's passed count fails the run's accounting."""
+    s3.pipe("bucket/window/in.jsonl", "\n".join(json.dumps({"uri": f"s3://bucket/e2e/images/{n}", "source": n})
+                                                 for n in ("one.jpg", "seven.png", "thirteen.jpg")).encode())
+    job = {"task": "score", "input": "s3://bucket/window/in.jsonl", "output": "s3://bucket/window/scored",
+           "output_passed": "s3://bucket/window/passed", "model": str(tiny_model), "rows_per_shard": 1,
+           "compute": {"batch_size": 1},
+           "criteria": [{"name": "blurry", "prompt": "Is this image blurry?", "labels": ["no", "yes"],
+                         "filter": {"min_score": 0.0}}]}
+    assert run_cli(tmp_path, job).exit_code == 0
+    passed = sorted(s3.glob("bucket/window/passed/part-*.passed.parquet"))
+    shards = sorted(s3.glob("bucket/window/scored/part-*.parquet"))
+    assert [p.replace("/passed/", "/scored/").replace(".passed.parquet", ".parquet") for p in passed] == shards
+    assert len(shards) >= 2  # one passed shard per output shard (every row passes), named after it
+    victim = shards[-1]
+    s3.rm(victim)
+    s3.rm("bucket/window/scored/_SUCCESS.json")
+    result = run_cli(tmp_path, job)
+    assert result.exit_code == 0, result.output
+    assert "removed 1 passed shard(s)" in result.output
+    sources = read_output("bucket/window/passed", s3).column("source").to_pylist()
+    assert sorted(sources) == ["one.jpg", "seven.png", "thirteen.jpg"]  # each exactly once
+    assert json.loads(s3.cat("bucket/window/scored/_SUCCESS.json"))["rows_passed"] == 3
+
+    s3.pipe("bucket/window/passed/part-stray.parquet", s3.cat(passed[0]))  # a row the output does not account for
+    s3.rm("bucket/window/scored/_SUCCESS.json")
+    result = run_cli(tmp_path, job)
+    assert result.exit_code != 0 and "accounting failed for output_passed: 4 rows" in result.output, result.output
+
+
 @pytest.mark.parametrize("family", ["qwen2", "llama", "phi3", "internlm2"])
 def test_job_runs_on_an_original_format_checkpoint(family, ray_local, tmp_path):
     """Each language-model family: an original-format (remote-code layout) checkpoint is converted on load."""
