@@ -73,6 +73,20 @@ def loading(model: str) -> Iterator[None]:
         raise ModelLoadError(f"model {model!r} could not be loaded: {type(err).__name__}: {err}") from err
 
 
+def require_divisible_heads(model: str, path: str, tp: int) -> None:
+    """transformers' tensor-parallel plan splits the attention heads and key/value heads between the tp ranks: a
+    model whose head counts tp does not divide cannot be sharded that way (it would fail on every sample)."""
+    from transformers import AutoConfig
+
+    text = AutoConfig.from_pretrained(path).text_config
+    heads = {"attention heads": text.num_attention_heads,
+             "key/value heads": getattr(text, "num_key_value_heads", None) or text.num_attention_heads}
+    bad = [f"{n} {what}" for what, n in heads.items() if n % tp]
+    if bad:
+        raise ModelLoadError(f"model {model!r} cannot be split over compute.tp={tp} ranks: its language model has "
+                             f"{' and '.join(bad)}, not divisible by {tp}; use a tp that divides them")
+
+
 def require_chat_template(model: str, tokenizer: Any) -> None:
     if not tokenizer.chat_template:
         raise ModelLoadError(f"model {model!r} has no chat template (tokenizer_config.json or chat_template.jinja)")
@@ -156,6 +170,8 @@ class InternVLEngine(Prompter):
         from transformers import AutoTokenizer, InternVLForConditionalGeneration
 
         path, plan = open_checkpoint(model, revision=revision, **where)
+        if tp > 1:
+            require_divisible_heads(model, path, tp)
         with loading(model):
             tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
             sharding = {"tp_plan": "auto", "tp_size": tp} if tp > 1 else {}

@@ -213,7 +213,7 @@ ray.shutdown()
 
 
 @pytest.mark.integration
-def test_tp2_and_two_replicas_run_on_a_two_cpu_machine(tiny_model, tmp_path):
+def test_tp2_and_two_replicas_run_on_a_two_cpu_machine(tiny_model_tp, tmp_path):
     """A laptop-sized cluster (2 CPUs): tp=2 and two replicas both run, their CPUs shared, and the log says so."""
     import json
     import sys
@@ -222,7 +222,7 @@ def test_tp2_and_two_replicas_run_on_a_two_cpu_machine(tiny_model, tmp_path):
     folder.mkdir()
     for i in range(4):
         pattern_image(448 + 32 * i, 448).save(folder / f"{i}.png")
-    job = {"task": "caption", "input": str(folder), "output": str(tmp_path / "out-"), "model": str(tiny_model),
+    job = {"task": "caption", "input": str(folder), "output": str(tmp_path / "out-"), "model": str(tiny_model_tp),
            "generation": {"max_new_tokens": 2}}
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS"))}
     proc = subprocess.run([sys.executable, "-c", SMALL_MACHINE, json.dumps(job)], capture_output=True, text=True,

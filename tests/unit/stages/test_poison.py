@@ -82,9 +82,19 @@ def test_a_model_that_fails_on_everything_still_stops_the_job():
 
     guard = PoisonGuard(limit=3)
     broken = [Failure(ErrorType.MODEL_ERROR, "x", failed=ValueError(f"bad {k}")) for k in range(2)]
-    guard.check(broken)
-    guard.check(["served", broken[0]])  # a sample served: the count starts again
+    guard.check(["served", broken[0]])  # a sample served: the count starts again (1)
     guard.check([broken[1]])
     with pytest.raises(RuntimeError, match="failed on 4 samples in a row.*ValueError: bad 1"):
         guard.check([broken[1], Failure(ErrorType.MODEL_ERROR, "y", failed=ValueError("bad 2"))])
+    with pytest.raises(RuntimeError, match="failed on 2 samples in a row"):  # none served yet: two are enough
+        PoisonGuard().check(broken)
     PoisonGuard(limit=1).check([Failure(ErrorType.MODEL_ERROR, "out of memory")])  # memory is not poison
+
+
+def test_tp_that_does_not_divide_the_heads_is_refused_at_load(tiny_model, tiny_model_tp):
+    from pipeline.errors import ModelLoadError
+    from pipeline.model.engine import require_divisible_heads
+
+    with pytest.raises(ModelLoadError, match=r"cannot be split over compute.tp=2 ranks: .*1 key/value heads"):
+        require_divisible_heads("tiny", str(tiny_model), 2)  # the default tiny model: 2 heads, 1 kv head
+    require_divisible_heads("tiny", str(tiny_model_tp), 2)  # 4 heads, 2 kv heads
