@@ -61,8 +61,13 @@ def input_rows(rows: pa.Table, per_block: int) -> Any:
 
         def get_read_tasks(self, parallelism: int, **_: Any) -> list[ReadTask]:
             tasks = []
+            index = pa.array(range(per_block), pa.int64())
             for start in range(0, rows.num_rows, per_block):
-                part = rows.take(pa.array(range(start, min(start + per_block, rows.num_rows)), pa.int64()))
+                # A contiguous slice, then a copy of just its rows: `take` on the whole table would rebuild every
+                # column split into several chunks on each call (quadratic in the rows), and pickling the slice
+                # itself would carry the whole chunk it is cut from.
+                part = rows.slice(start, per_block)
+                part = part.take(index[:part.num_rows])
                 meta = BlockMetadata(num_rows=part.num_rows, size_bytes=part.nbytes, input_files=None, exec_stats=None)
                 tasks.append(ReadTask(lambda part=part: [part], meta, schema=part.schema))
             return tasks

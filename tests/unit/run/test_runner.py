@@ -125,3 +125,23 @@ def test_short_gpus_and_a_one_cpu_machine_are_still_refused():
         plan_resources(parse_job(BASE, overrides=["compute.tp=2"]), cluster_cpus=2, cluster_gpus=2, node_gpus=1)
     with pytest.raises(RunError, match="leave none"):
         plan_resources(parse_job(BASE), cluster_cpus=1, cluster_gpus=0)
+
+
+def test_input_rows_copy_each_block_from_a_contiguous_slice():
+    """Regression (issue 16): `take` on the whole listing rebuilt every multi-chunk column once per read task, so
+    building the read tasks cost rows x blocks. Counted as bytes allocated, not timed: each block's rows are
+    copied once, so the work is a small multiple of the table, however many blocks."""
+    import pyarrow as pa
+
+    chunks = [pa.table({"id": [f"{i:06d}" for i in range(s, s + 1000)], "uri": [f"s3://b/{i}.jpg" for i in range(s, s + 1000)],
+                        "questions": [["q1", "q2"]] * 1000}) for s in range(0, 20_000, 1000)]
+    rows = pa.concat_tables(chunks)  # 20 chunks per column, as a manifest read in parts has
+    assert rows.column("id").num_chunks == 20
+    pool = pa.default_memory_pool()
+    before = pool.total_bytes_allocated()
+    tasks = input_rows(rows, per_block=16).get_read_tasks(parallelism=1)
+    allocated = pool.total_bytes_allocated() - before
+    assert len(tasks) == 1250
+    # a copy per block (small buffers, padded): a few times the table; the old `take`: ~1250 times the table (1.1 GB)
+    assert allocated < 20 * rows.nbytes, allocated
+    assert pa.concat_tables([b for t in tasks for b in t()]).equals(rows)
