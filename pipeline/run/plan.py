@@ -169,7 +169,8 @@ def plan_run(job: JobConfig, echo: Echo, *, dry_run: bool = False) -> RunPlan:
         inputs = read_inputs(job, partitions)
     except InputError as err:
         raise JobError(f"input: {err}") from None
-    columns = inputs.samples.schema().names
+    schema = inputs.samples.schema()  # None when nothing is new (an incremental run with no new object)
+    columns = schema.names if schema is not None else ["id", "uri"]
     clash = sorted(reserved_columns(job) & set(columns))
     if clash:
         raise JobError(f"input {job.input!r} has columns this {job.task} job writes itself: {', '.join(clash)}; rename them")
