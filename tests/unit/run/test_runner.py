@@ -145,3 +145,46 @@ def test_input_rows_copy_each_block_from_a_contiguous_slice():
     # a copy per block (small buffers, padded): a few times the table; the old `take`: ~1250 times the table (1.1 GB)
     assert allocated < 20 * rows.nbytes, allocated
     assert pa.concat_tables([b for t in tasks for b in t()]).equals(rows)
+
+
+def test_id_indicators_count_done_missing_and_duplicated_rows():
+    import pyarrow as pa
+
+    from pipeline.run.ids import indicators
+
+    grouped = pa.table({"id": ["a", "b", "c", "d", "e"], "e": [1, 1, 2, 0, 1], "d": [1, 0, 1, 1, 2],
+                        "first": [1, 1, 1, 0, 1], "sample_id": ["a", "b", "c", None, "e"]})
+    sums = {k: sum(v) for k, v in indicators(grouped).to_pydict().items()}
+    assert sums == {"rows_expected": 4, "dup_expected": 1, "rows_done": 3, "rows_any": 5, "dup_done": 1, "missing": 1,
+                    "unexpected": 1, "samples": 4, "rows_out": 5}
+
+
+def test_block_totals_sum_to_the_output_counts():
+    import pyarrow as pa
+
+    from pipeline.run.finish import block_totals
+
+    batch = pa.table({"id": ["a", "b", "c"], "status": ["ok", "error", "error"], "error_type": [None, "not_found", None],
+                      "num_tiles": [3, None, 1], "num_input_tokens": [10, 0, 5], "num_generated_tokens": [2, 0, 1],
+                      "score": [0.05, None, 0.99], "passed": [True, None, False]})
+    row = block_totals(batch, [("score", "score")], True).to_pylist()[0]
+    assert (row["rows"], row["ok"], row["tiles"], row["passed"]) == (3, 1, 4, 1)
+    assert row["error:not_found"] == 1 and row["error:unknown"] == 1
+    assert [row[f"hist:score:{k}"] for k in (0, 9)] == [1, 1]
+
+
+def test_writer_keeps_only_the_rows_a_resumed_sample_is_missing(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.io.schema import TODO_COLUMN
+    from pipeline.stages.write import WriteShards
+    from tests.outputs import done_rows
+
+    rows = done_rows(["s#0", "s#1", "t"], ["/x/s.jpg", "/x/s.jpg", "/x/t.jpg"], sample_ids=["s", "s", "t"])
+    rows = rows.append_column(TODO_COLUMN, pa.array([["s#1"], ["s#1"], None], pa.list_(pa.string())))
+    job = parse_job({**BASE, "output": str(tmp_path)})
+    stats = WriteShards(job, ["id", "uri", TODO_COLUMN])(rows).to_pylist()[0]
+    written = pq.read_table(tmp_path / stats["file"])
+    assert stats["rows"] == 2 and written.column("id").to_pylist() == ["s#1", "t"]
+    assert TODO_COLUMN not in written.column_names
