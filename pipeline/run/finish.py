@@ -25,7 +25,7 @@ from pipeline.io.storage import get_filesystem
 from pipeline.model.scoring import HISTOGRAM_BINS, histogram
 from pipeline.run import ids
 from pipeline.run.plan import RunPlan, expected_rows
-from pipeline.run.sources import arrow_fs, read_files
+from pipeline.run.sources import arrow_fs, read_files, read_shards
 from pipeline.run.summary import RunSummary, replica_usage
 from pipeline.stages.write import ShardStats
 
@@ -73,7 +73,7 @@ def summarize_output(output: str, options: Mapping[str, Any] | None = None, *, c
     score_columns = [((c.name or "score"), column("score", c)) for c in criteria]
     cols = ["id", "status", "error_type", "num_tiles", "num_input_tokens", "num_generated_tokens",
             *[col for _, col in score_columns], *(["passed"] if with_passed else [])]
-    parts = read_files(files, options, columns=cols).map_batches(
+    parts = read_shards(files, options, cols).map_batches(
         block_totals, fn_kwargs={"score_columns": score_columns, "with_passed": with_passed},
         batch_format="pyarrow", batch_size=None)
     names = block_totals(pa.table({c: pa.array([], pa.string() if c in ("id", "status", "error_type") else pa.float64())

@@ -38,9 +38,9 @@ def partitions_for(job: JobConfig) -> int:
 
 def read_ids(files: list[str], options: Any) -> Any:
     """The `id` column of output shards (column pruned) as a dataset."""
-    from pipeline.run.sources import read_files
+    from pipeline.run.sources import read_shards
 
-    return read_files(files, options, columns=["id"])
+    return read_shards(files, options, ["id"])
 
 
 def tag_expected(batch: pa.Table) -> pa.Table:
