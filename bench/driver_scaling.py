@@ -3,7 +3,10 @@
 Synthetic URIs (local paths that do not exist: the rows left to do become `not_found` rows, so the model's cost
 stays out of the figures); the resumed run finds all but 1,000 rows already in the output, written with the
 project's own writer. Each measurement is a fresh driver process (local Ray started inside it) that reports its
-own peak RSS (getrusage); Ray's worker processes are not the driver and are not counted.
+own peak RSS: VmHWM of /proc/self/status, the high-water mark of its own address space. Not getrusage's
+ru_maxrss, which Linux carries across fork and exec: a child started by this script would report this script's
+peak (the rows `prepare` built), which grows with the row count although the driver does not. Ray's worker
+processes are not the driver and are not counted.
 
     PYTHONPATH=. python bench/driver_scaling.py [--rows 100000 1000000 10000000] [--left 1000] [--work DIR]
 """
@@ -12,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -55,6 +57,14 @@ def prepare(work: Path, rows: int, left: int, model: Path) -> Path:
     return job_file
 
 
+def peak_rss_mb() -> int:
+    """This process's peak resident set (VmHWM), in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) // 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+
+
 def child(what: str, job_file: str) -> None:
     """One measurement in this process: `plan` or `run`; prints wall time and this process's peak RSS."""
     from pipeline.config import load_job
@@ -69,7 +79,7 @@ def child(what: str, job_file: str) -> None:
         summary = run_job(job, echo=quiet)
         figures = {"rows_out": summary.rows_out, "rows_this_run": summary.rows_this_run}
     print(json.dumps({"wall_s": round(time.perf_counter() - started, 1),
-                      "rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), **figures}))
+                      "rss_mb": peak_rss_mb(), **figures}))
 
 
 def measure(what: str, job_file: Path) -> dict:
