@@ -19,6 +19,7 @@ from pipeline.run.plan import RunPlan
 from pipeline.run.quiet import quiet_ray_data
 from pipeline.run.replica import remove_replica_groups
 from pipeline.run.resources import Resources, object_store_budget, plan_resources
+from pipeline.run.summary import RunTally
 from pipeline.stages.write import ShardStats
 
 # A resumed run with at most this many samples left reads them from memory (their read fuses with the CPU stage).
@@ -100,8 +101,8 @@ def todo_rows(plan: RunPlan) -> Any:
     return pa.concat_tables(tables, promote_options="default") if tables else plan.todo
 
 
-def execute(job: JobConfig, plan: RunPlan, echo: Callable[[str], None], *, started: float) -> list[ShardStats]:
-    """Run the Ray Data plan over the samples left to do; one ShardStats per written shard."""
+def execute(job: JobConfig, plan: RunPlan, echo: Callable[[str], None], *, started: float) -> RunTally:
+    """Run the Ray Data plan over the samples left to do; the written shards' stats, summed as they arrive."""
     import ray
 
     mark_output(job)
@@ -114,12 +115,12 @@ def execute(job: JobConfig, plan: RunPlan, echo: Callable[[str], None], *, start
          f"{budget / 1024**2:.0f} MiB object store for queued tiles")
     if resources.note:
         echo(resources.note)
-    shards: list[ShardStats] = []
+    tally = RunTally()
     written = 0
     try:
         for row in build_dataset(job, todo_rows(plan), resources, input_columns=plan.input_columns).iter_rows():  # one row per shard
             shard = ShardStats.from_row(row)
-            shards.append(shard)
+            tally.add(shard.rows, shard.tiles, shard.generated_tokens, shard.batches, shard=bool(shard.file))
             written += shard.rows
             if shard.file:
                 echo(f"[{written}/{plan.rows_todo}] {shard.file}: {shard.rows} rows, {shard.rows - shard.ok} errors "
@@ -140,4 +141,4 @@ def execute(job: JobConfig, plan: RunPlan, echo: Callable[[str], None], *, start
     finally:
         if resources.tp > 1:
             remove_replica_groups()
-    return shards
+    return tally

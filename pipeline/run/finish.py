@@ -26,8 +26,7 @@ from pipeline.model.scoring import HISTOGRAM_BINS, histogram
 from pipeline.run import ids
 from pipeline.run.plan import RunPlan, expected_rows
 from pipeline.run.sources import arrow_fs, read_files, read_shards
-from pipeline.run.summary import RunSummary, replica_usage
-from pipeline.stages.write import ShardStats
+from pipeline.run.summary import RunSummary, RunTally
 
 ERROR_KINDS = [e.value for e in ErrorType] + ["unknown"]
 
@@ -136,16 +135,16 @@ def write_success(output: str, summary: RunSummary, options: Mapping[str, Any] |
         f.write(summary.to_json())
 
 
-def finish(job: JobConfig, plan: RunPlan, shards: list[ShardStats], *, started: float) -> RunSummary:
+def finish(job: JobConfig, plan: RunPlan, tally: RunTally, *, started: float) -> RunSummary:
     """Account for every row of the plan, then write _SUCCESS.json (incremental: record the objects taken)."""
     criteria = job.score_criteria() if job.task == "score" else []
     counts = summarize_output(job.output, job.storage, criteria=criteria, with_passed=job.has_filter)
-    busy, replicas = replica_usage([b for s in shards for b in s.batches])
+    busy, replicas = tally.replica_usage()
     summary = RunSummary(
         rows_in=plan.rows_in, **counts.summary_fields(), wall_s=time.perf_counter() - started,
         fingerprint=job.fingerprint(), task=job.task, model=job.model, output=job.output,
-        skipped_inputs=plan.skipped, rows_this_run=sum(s.rows for s in shards),
-        tiles_this_run=sum(s.tiles for s in shards), tokens_this_run=sum(s.generated_tokens for s in shards),
+        skipped_inputs=plan.skipped, rows_this_run=tally.rows,
+        tiles_this_run=tally.tiles, tokens_this_run=tally.generated_tokens,
         model_busy_fraction=busy, replicas=replicas,
     )
     check_ids(job, plan, counts.rows)

@@ -12,7 +12,7 @@ from pipeline.run.execute import execute, init_ray
 from pipeline.run.finish import finish
 from pipeline.run.estimate import describe_estimate, estimate_plan
 from pipeline.run.plan import RunPlan, plan_run, preflight
-from pipeline.run.summary import RunSummary
+from pipeline.run.summary import RunSummary, RunTally
 
 
 def run_job(job: JobConfig, *, echo: Callable[[str], None] = print) -> RunSummary:
@@ -50,7 +50,7 @@ def _run(job: JobConfig, echo: Callable[[str], None]) -> RunSummary:
     echo(describe_estimate(plan.estimate))
     if plan.rows_todo == 0:
         echo("nothing to do: every row of this job is already in the output")
-        return finish(job, plan, [], started=started)
-    shards = execute(job, plan, echo, started=started)
+        return finish(job, plan, RunTally(), started=started)
+    tally = execute(job, plan, echo, started=started)
     plan.todo = None  # the samples processed are not needed while the output is accounted for
-    return finish(job, plan, shards, started=started)
+    return finish(job, plan, tally, started=started)

@@ -8,19 +8,35 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
-def replica_usage(batches: list[dict[str, Any]]) -> tuple[float | None, dict[str, dict[str, float]]]:
-    """Per replica: batches, seconds busy, seconds from ready to its last batch's end; and the busy fraction of
-    all replicas together (None without batches). Each replica's times come from its own clock."""
-    per: dict[str, dict[str, float]] = {}
-    for b in {(b["replica"], b["start"]): b for b in batches}.values():
-        r = per.setdefault(b["replica"], {"batches": 0, "busy_s": 0.0, "ready": b["ready"], "end": b["end"]})
-        r["batches"] += 1
-        r["busy_s"] += b["end"] - b["start"]
-        r["ready"], r["end"] = min(r["ready"], b["ready"]), max(r["end"], b["end"])
-    usage = {k: {"batches": int(v["batches"]), "busy_s": round(v["busy_s"], 3), "span_s": round(v["end"] - v["ready"], 3)}
-             for k, v in sorted(per.items())}
-    span = sum(u["span_s"] for u in usage.values())
-    return (round(sum(u["busy_s"] for u in usage.values()) / span, 4) if span > 0 else None), usage
+@dataclass
+class RunTally:
+    """What this run's shards add up to, folded in as each shard's stats row arrives: the driver keeps totals
+    (and one record per replica), never one record per shard or per model batch."""
+
+    shards: int = 0
+    rows: int = 0
+    tiles: int = 0
+    generated_tokens: int = 0
+    per_replica: dict[str, dict[str, float]] = field(default_factory=dict)  # batches, busy_s, ready, end
+
+    def add(self, rows: int, tiles: int, generated_tokens: int, batches: list[dict[str, Any]], *, shard: bool = True) -> None:
+        self.shards += int(shard)
+        self.rows += rows
+        self.tiles += tiles
+        self.generated_tokens += generated_tokens
+        for b in {(b["replica"], b["start"]): b for b in batches}.values():  # a batch's timing once
+            r = self.per_replica.setdefault(b["replica"], {"batches": 0, "busy_s": 0.0, "ready": b["ready"], "end": b["end"]})
+            r["batches"] += 1
+            r["busy_s"] += b["end"] - b["start"]
+            r["ready"], r["end"] = min(r["ready"], b["ready"]), max(r["end"], b["end"])
+
+    def replica_usage(self) -> tuple[float | None, dict[str, dict[str, float]]]:
+        """Per replica: batches, seconds busy, seconds from ready to its last batch's end; and the busy fraction of
+        all replicas together (None without batches). Each replica's times come from its own clock."""
+        usage = {k: {"batches": int(v["batches"]), "busy_s": round(v["busy_s"], 3), "span_s": round(v["end"] - v["ready"], 3)}
+                 for k, v in sorted(self.per_replica.items())}
+        span = sum(u["span_s"] for u in usage.values())
+        return (round(sum(u["busy_s"] for u in usage.values()) / span, 4) if span > 0 else None), usage
 
 
 @dataclass

@@ -188,3 +188,21 @@ def test_writer_keeps_only_the_rows_a_resumed_sample_is_missing(tmp_path):
     written = pq.read_table(tmp_path / stats["file"])
     assert stats["rows"] == 2 and written.column("id").to_pylist() == ["s#1", "t"]
     assert TODO_COLUMN not in written.column_names
+
+
+def test_run_tally_folds_shards_into_totals_and_one_record_per_replica():
+    """The driver sums each shard's stats as it arrives (a 100M-row run writes 100k shards of ~125 model batches
+    each): totals and per-replica usage, never a list of shards or batches."""
+    from pipeline.run.summary import RunTally
+
+    tally = RunTally()
+    for s in range(1000):  # 1000 shards, 3 batches each, alternating replicas
+        batches = [{"replica": f"r{k % 2}", "ready": 0.0, "start": 10.0 * (3 * s + k), "end": 10.0 * (3 * s + k) + 5}
+                   for k in range(3)]
+        tally.add(8, 2, 3, batches + batches[:1])  # a batch's timing counted once even if repeated
+    busy, replicas = tally.replica_usage()
+    assert (tally.shards, tally.rows, tally.tiles, tally.generated_tokens) == (1000, 8000, 2000, 3000)
+    assert len(tally.per_replica) == 2 and replicas["r0"]["batches"] + replicas["r1"]["batches"] == 3000
+    assert replicas["r0"]["busy_s"] == 5.0 * replicas["r0"]["batches"]
+    assert 0 < busy < 1
+    assert RunTally().replica_usage() == (None, {})
