@@ -100,11 +100,13 @@ def _list_prefixes(batch: dict[str, Any], options: Any, pattern: str) -> pa.Tabl
 
 def list_objects(job: JobConfig) -> Any:
     """A prefix or glob listed in parallel: the top level in one task, then one task per sub-prefix; the listing
-    (uri, version) stays in the object store (materialized: the plan and the run both read it)."""
+    (uri, version) stays in the object store (materialized: the plan and the run both read it). The driver gets
+    the sub-prefix names only: the top level's files (all of a flat prefix) stay an object-store block."""
     import ray
 
-    top, prefixes = ray.get(ray.remote(num_cpus=LIST_CPUS)(list_level).remote(job.input, job.storage))
-    listing = ray.data.from_arrow(top)
+    top, names = ray.remote(num_cpus=LIST_CPUS, num_returns=2)(list_level).remote(job.input, job.storage)
+    prefixes = ray.get(names)
+    listing = ray.data.from_arrow_refs([top])
     if prefixes:  # sub-prefix names only: the objects under them are listed by the tasks
         sub = ray.data.from_items([{"prefix": p} for p in prefixes], override_num_blocks=min(len(prefixes), 256))
         pattern = job.input if any(ch in job.input for ch in "*?[") else None
