@@ -35,13 +35,13 @@ def init_ray() -> None:
 
     if ray.is_initialized():
         return
-    logging.getLogger("ray.data").setLevel(logging.WARNING)  # the plan runs many small datasets; say what fails
     ray.init(
         address=os.environ.get("RAY_ADDRESS") or None,
         include_dashboard=False if not os.environ.get("RAY_ADDRESS") else None,
         logging_level=logging.WARNING,
         log_to_driver=True,
     )
+    quiet_ray_data()  # the plan runs Ray Data (listing, resume) before execute configures it
     ray.data.DataContext.get_current().enable_progress_bars = sys.stdout.isatty()
 
 
