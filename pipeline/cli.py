@@ -75,6 +75,34 @@ def run(
 
 
 @app.command()
+def plan(
+    job_file: Annotated[Path, typer.Argument(help="Job YAML file.")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key: --set compute.batch_size=16")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as one JSON object (and nothing else on stdout).")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help=VERBOSE_HELP)] = False,
+) -> None:
+    """Dry run: validate, list, resume and estimate what a run would do, without loading a model or writing."""
+    import json
+
+    from pipeline.run.quiet import quiet_run
+    from pipeline.run.runner import plan_job
+
+    try:
+        job = load_job(job_file, set_ or [])
+        with quiet_run(verbose):
+            report = plan_job(job, echo=(lambda line: err_console.print(line, highlight=False)) if as_json else console.print)
+    except JobError as err:
+        err_console.print(f"[red]error:[/red] {err}", highlight=False)
+        raise typer.Exit(2) from None
+    figures = report.figures()
+    if as_json:
+        print(json.dumps(figures, sort_keys=True))
+        return
+    console.print(f"plan: {figures['samples_todo']} of {figures['samples']} samples and {figures['rows_todo']} of "
+                  f"{figures['rows']} output rows to process ({figures['rows_done']} already done); nothing was written")
+
+
+@app.command()
 def submit(
     job_file: Annotated[Path, typer.Argument(help="Job YAML file (inside the project folder that travels as working dir).")],
     address: Annotated[str, typer.Option(help="Ray dashboard address, e.g. http://HEAD:8265.", envvar="RAY_ADDRESS")],

@@ -216,7 +216,12 @@ class DecodeConfig(_Section):
 class JobConfig(_Section):
     task: Literal["caption", "vqa", "score"] = Field(
         description="caption: one prompt for every sample; vqa: a question per row; score: label probabilities of a yes/no or rating question.")
-    input: str = Field(description="Local path, s3:// prefix or glob (any fsspec URL), or a .parquet/.jsonl/.csv manifest with a uri column.")
+    input: str = Field(description="Local path, s3:// prefix or glob (any fsspec URL); a .parquet/.jsonl/.csv manifest with a "
+                                   "uri column (one file, a folder or a glob of them); or an S3 Inventory manifest.json.")
+    input_format: Literal["auto", "files", "manifest", "inventory"] = Field(
+        "auto", description="How `input` is read. auto: a .parquet/.jsonl/.csv URL or glob is a manifest, a URL ending "
+                            "in manifest.json an S3 Inventory report, anything else a prefix or glob of media files; "
+                            "manifest: also a folder of manifest files; files / inventory: as named.")
     output: str = Field(description="Folder or s3:// prefix for the Parquet shards and _SUCCESS.json.")
     model: str = Field(description="Native InternVL checkpoint: local directory, s3:// prefix, or hub id.")
     model_revision: str | None = Field(None, description="Hub revision (commit) of the model, recorded in the fingerprint.")

@@ -1,8 +1,12 @@
-"""Turn a job's `input` (prefix, glob or manifest) into a table of rows with stable ids.
+"""Turn a job's `input` (prefix, glob, manifest or S3 Inventory report) into rows with stable ids.
 
 Rows carry `id`, `uri` (or `uris`, a list: one sample of several images), optional `question` / `questions`
-and any passthrough columns of a manifest. Ids are given by the
-manifest or derived from the URI (and question), so they stay the same across runs: later resume work keys on them.
+and any passthrough columns of a manifest. Ids are given by the manifest or derived from the URI (and question),
+so they stay the same across runs: resume keys on them.
+
+Everything here works on one batch of rows at a time (pure functions over Arrow tables): the run reads inputs
+with Ray Data and calls these in its workers (`pipeline/run/sources.py`); `list_inputs` composes the same
+functions in-process for small inputs (tests, tools).
 """
 
 from __future__ import annotations
@@ -14,17 +18,21 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from pipeline.errors import InputError
 from pipeline.io.schema import RESERVED_COLUMNS
-from pipeline.io.storage import IMAGE_EXTENSIONS, MANIFEST_EXTENSIONS, extension, get_filesystem, list_files
+from pipeline.io.storage import IMAGE_EXTENSIONS, MANIFEST_EXTENSIONS, extension, get_filesystem
 from pipeline.media.video import VIDEO_EXTENSIONS
 
 MEDIA_EXTENSIONS = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS
-
+INVENTORY_MANIFEST = "manifest.json"
+# A listing (of a prefix, a glob or an inventory report): one row per object, its version for incremental runs.
+LISTING_SCHEMA = pa.schema([("uri", pa.string()), ("version", pa.string())])
+SKIPPED_SCHEMA = pa.schema([("ext", pa.string()), ("n", pa.int64())])
 
 
 @dataclass(frozen=True)
@@ -45,8 +53,25 @@ def is_manifest(url: str) -> bool:
     return extension(url) in MANIFEST_EXTENSIONS
 
 
+def input_kind(url: str, input_format: str = "auto") -> str:
+    """`files` (a prefix or glob of media), `manifest` (one, a folder or a glob of manifest files) or `inventory`."""
+    if input_format != "auto":
+        return input_format
+    if url.rstrip("/").rsplit("/", 1)[-1] == INVENTORY_MANIFEST:
+        return "inventory"
+    return "manifest" if is_manifest(url) else "files"
+
+
+def manifest_base(url: str) -> str:
+    """The folder relative manifest URIs resolve against: a file's folder, a folder itself, a glob's static part."""
+    if extension(url) in MANIFEST_EXTENSIONS and not any(ch in url for ch in "*?["):
+        return url.rsplit("/", 1)[0] if "/" in url else "."
+    static = url.split("*", 1)[0].split("?", 1)[0].split("[", 1)[0]
+    return static.rstrip("/") if static.endswith("/") else (static.rsplit("/", 1)[0] if "/" in static else ".")
+
+
 def read_manifest(url: str, options: Mapping[str, Any] | None = None) -> pa.Table:
-    """Read a .parquet / .jsonl / .csv manifest into an Arrow table."""
+    """Read one .parquet / .jsonl / .csv manifest into an Arrow table (in-process; the run reads with Ray Data)."""
     fs, path = get_filesystem(url, options)
     try:
         with fs.open(path, "rb") as f:
@@ -59,9 +84,13 @@ def read_manifest(url: str, options: Mapping[str, Any] | None = None) -> pa.Tabl
             return pq.read_table(io.BytesIO(data))
         if ext == ".jsonl":
             return pajson.read_json(io.BytesIO(data))
-        return pacsv.read_csv(io.BytesIO(data))
+        return pacsv.read_csv(io.BytesIO(data), convert_options=pacsv.ConvertOptions(column_types=MANIFEST_TEXT_TYPES))
     except (pa.ArrowInvalid, OSError) as err:
         raise InputError(f"manifest {url!r} could not be parsed as {ext}: {err}") from None
+
+
+# Manifest columns read as text whatever they look like (a CSV id column of digits stays an id, not a number).
+MANIFEST_TEXT_TYPES = {name: pa.string() for name in ("id", "uri", "question")}
 
 
 def _resolve(uri: str, base: str) -> str:
@@ -69,76 +98,116 @@ def _resolve(uri: str, base: str) -> str:
     return uri if "://" in uri or uri.startswith("/") else f"{base}/{uri}"
 
 
-def _manifest_rows(url: str, options: Mapping[str, Any] | None) -> pa.Table:
-    table = read_manifest(url, options)
-    names = table.column_names
+def check_manifest_columns(url: str, names: list[str]) -> None:
+    """A manifest needs `uri` or `uris` and may not bring columns the output writes."""
     if "uri" not in names and "uris" not in names:
         raise InputError(f"manifest {url!r} has no 'uri' (or 'uris') column (columns: {', '.join(names)})")
     clash = sorted(RESERVED_COLUMNS & set(names))
     if clash:
         raise InputError(f"manifest {url!r} has columns the output uses: {', '.join(clash)}; rename them")
-    base = url.rsplit("/", 1)[0] if "/" in url else "."
-    keys: list[str] = []
+
+
+def manifest_rows(table: pa.Table, url: str, base: str) -> pa.Table:
+    """One batch of a manifest's rows, validated, URIs resolved against `base`, ids derived: `id`, `uri` first."""
+    names = table.column_names
+    check_manifest_columns(url, names)
     if "uris" in names:  # a sample of several images
         lists = table.column("uris").to_pylist()
-        for i, uris in enumerate(lists):
+        for uris in lists:
             if not uris or not all(isinstance(u, str) and u for u in uris):
-                raise InputError(f"manifest {url!r}: 'uris' in row {i} must be a non-empty list of URIs")
+                raise InputError(f"manifest {url!r}: 'uris' must be a non-empty list of URIs in every row (found {uris!r})")
         lists = [[_resolve(u, base) for u in uris] for uris in lists]
         table = table.set_column(names.index("uris"), "uris", pa.array(lists, pa.list_(pa.string())))
         if "uri" not in names:
             table = table.append_column("uri", pa.array([uris[0] for uris in lists], pa.string()))
+        else:
+            table = table.set_column(names.index("uri"), "uri", table.column("uri").cast(pa.string()))
         keys = ["\n".join(uris) for uris in lists]
     else:
         uris = table.column("uri").cast(pa.string()).to_pylist()
         if any(not u for u in uris):
-            raise InputError(f"manifest {url!r}: 'uri' is empty in row {next(i for i, u in enumerate(uris) if not u)}")
+            raise InputError(f"manifest {url!r}: 'uri' is empty in a row (after {next((u for u in uris if u), None)!r})")
         uris = [_resolve(u, base) for u in uris]
         table = table.set_column(names.index("uri"), "uri", pa.array(uris, pa.string()))
         keys = uris
     if "questions" in table.column_names:
-        for i, qs in enumerate(table.column("questions").to_pylist()):
+        for qs in table.column("questions").to_pylist():
             if qs is not None and (not isinstance(qs, list) or not all(isinstance(q, str) and q.strip() for q in qs)):
-                raise InputError(f"manifest {url!r}: 'questions' in row {i} must be a list of non-empty strings")
-    questions = (
-        table.column("question").cast(pa.string()).to_pylist() if "question" in table.column_names else [None] * len(keys)
-    )
+                raise InputError(f"manifest {url!r}: 'questions' must be a list of non-empty strings in every row (found {qs!r})")
+    if "question" in table.column_names:
+        table = table.set_column(table.column_names.index("question"), "question", table.column("question").cast(pa.string()))
+        questions = table.column("question").to_pylist()
+    else:
+        questions = [None] * len(keys)
     if "id" in table.column_names:
-        ids = [None if v is None else str(v) for v in table.column("id").to_pylist()]
-        ids = [i if i else derive_id(k, q) for i, k, q in zip(ids, keys, questions)]
+        given = [None if v is None else str(v) for v in table.column("id").to_pylist()]
+        ids = [i if i else derive_id(k, q) for i, k, q in zip(given, keys, questions)]
         table = table.drop_columns(["id"])
     else:
         ids = [derive_id(k, q) for k, q in zip(keys, questions)]
-    seen: set[str] = set()
-    for i in ids:
-        if i in seen:
-            raise InputError(f"manifest {url!r}: id {i!r} appears more than once; ids must be unique")
-        seen.add(i)
     table = table.add_column(0, "id", pa.array(ids, pa.string()))
     order = ["id", "uri"] + [c for c in table.column_names if c not in ("id", "uri")]
     return table.select(order)
 
 
-def list_inputs(url: str, options: Mapping[str, Any] | None = None) -> InputListing:
-    """Rows for a prefix, glob or manifest, sorted by URI for listings and in manifest order otherwise.
+def duplicate_id_error(url: str, dup: str) -> InputError:
+    return InputError(f"manifest {url!r}: id {dup!r} appears more than once; ids must be unique")
 
-    A listing takes files with a media extension and files without any extension (recognised by content when
-    decoded, as manifest URIs are: a video by its container, else an image; neither: a decode_error row); other
-    extensions are counted in `skipped`; names starting with '.' or '_' are left out."""
+
+def is_hidden(uri: str) -> bool:
+    """Hidden files and markers (`_SUCCESS`, an earlier run's `_JOB.json`): neither media nor counted as skipped."""
+    return uri.rsplit("/", 1)[-1].startswith((".", "_"))
+
+
+def is_media(uri: str) -> bool:
+    """A listed file taken as an input: a media extension, or none at all (then recognised by content when decoded,
+    as manifest URIs are: a video by its container, else an image; neither: a decode_error row)."""
+    ext = extension(uri)
+    return not is_hidden(uri) and (ext in MEDIA_EXTENSIONS or not ext)
+
+
+def media_rows(listing: pa.Table, *, versioned: bool = False) -> pa.Table:
+    """The media files of one batch of a listing as input rows: `id` (from the URI, and the object's version for
+    incremental runs, whose changed objects get new rows), `uri` (and `source_version`)."""
+    uris = listing.column("uri").to_pylist()
+    keep = [i for i, u in enumerate(uris) if is_media(u)]
+    kept = [uris[i] for i in keep]
+    if not versioned:
+        return pa.table({"id": pa.array([derive_id(u) for u in kept], pa.string()), "uri": pa.array(kept, pa.string())})
+    versions = listing.column("version").take(pa.array(keep, pa.int64())).cast(pa.string())
+    ids = [derive_id(f"{u}@{v}") for u, v in zip(kept, versions.to_pylist())]
+    return pa.table({"id": pa.array(ids, pa.string()), "uri": pa.array(kept, pa.string()), "source_version": versions})
+
+
+def skipped_counts(listing: pa.Table) -> pa.Table:
+    """Listed files that are not media, by extension (hidden files and markers are not counted): `ext`, `n`."""
+    exts = [extension(u) for u in listing.column("uri").to_pylist() if not is_hidden(u) and not is_media(u)]
+    if not exts:
+        return SKIPPED_SCHEMA.empty_table()
+    counts = pc.value_counts(pa.array(exts, pa.string())).to_pylist()
+    return pa.table({"ext": [c["values"] for c in counts], "n": [int(c["counts"]) for c in counts]}, schema=SKIPPED_SCHEMA)
+
+
+def add_counts(totals: dict[str, int], table: pa.Table) -> dict[str, int]:
+    """Sum (ext, n) rows into a dict, sorted by key."""
+    for ext, n in zip(table.column("ext").to_pylist(), table.column("n").to_pylist()):
+        totals[ext] = totals.get(ext, 0) + int(n)
+    return dict(sorted(totals.items()))
+
+
+def list_inputs(url: str, options: Mapping[str, Any] | None = None) -> InputListing:
+    """Rows of a small prefix, glob or single manifest, in-process (tests, tools; a run uses Ray Data): listings
+    sorted by URI, manifests in their order; a duplicate id is refused by name. A listing takes the files
+    `is_media` accepts; other extensions are counted in `skipped`."""
+    from pipeline.io.listing import list_tree
+
     if is_manifest(url):
-        return InputListing(table=_manifest_rows(url, options), skipped={})
-    try:
-        files = list_files(url, options)
-    except FileNotFoundError as err:
-        raise InputError(str(err)) from None
-    media, skipped = [], {}
-    for f in files:
-        ext, name = extension(f), f.rsplit("/", 1)[-1]
-        if name.startswith((".", "_")):
-            continue  # hidden files and markers (_SUCCESS, _JOB.json of an earlier run), neither media nor counted
-        if ext in MEDIA_EXTENSIONS or not ext:  # no extension: decoded by content (a video by its container)
-            media.append(f)
-        else:
-            skipped[ext] = skipped.get(ext, 0) + 1
-    table = pa.table({"id": [derive_id(u) for u in media], "uri": media}, schema=pa.schema([("id", pa.string()), ("uri", pa.string())]))
-    return InputListing(table=table, skipped=skipped)
+        table = manifest_rows(read_manifest(url, options), url, manifest_base(url))
+        ids = table.column("id")
+        if pc.count_distinct(ids).as_py() != table.num_rows:
+            seen: set[str] = set()
+            dup = next(i for i in ids.to_pylist() if i in seen or seen.add(i))
+            raise duplicate_id_error(url, dup)
+        return InputListing(table=table, skipped={})
+    listing = list_tree(url, options).sort_by("uri")
+    return InputListing(table=media_rows(listing), skipped=add_counts({}, skipped_counts(listing)))

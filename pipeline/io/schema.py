@@ -83,6 +83,10 @@ def _plain(value: Any) -> Any:
     return value
 
 
+# An input row's column on a resumed run: the ids of the sample's output rows still to write (null: all of them).
+# It travels with the sample through the stages; the write stage keeps only those rows and drops the column.
+TODO_COLUMN = "__todo"
+
 # Columns a manifest row brings and the output keeps under the same name.
 INPUT_COLUMNS = frozenset({"id", "uri", "uris", "question", "questions"})
 # Columns every job writes; a score job also writes its score columns (see `reserved_columns`).

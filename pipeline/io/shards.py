@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.io.markers import JOB_FILE, SUCCESS_FILE
-from pipeline.io.storage import get_filesystem, is_local
+from pipeline.io.storage import full_url, get_filesystem, is_local
 
 
 def shard_name(ids: list[str]) -> str:
@@ -47,14 +47,21 @@ def existing_results(output: str, options: Mapping[str, Any] | None = None) -> l
     fs, path = get_filesystem(output, options)
     if not fs.exists(path):
         return []
-    own = lambda p: p.endswith((".parquet", SUCCESS_FILE, JOB_FILE, "_INCREMENTAL.json")) or "/_runs/" in p  # noqa: E731
+    own = lambda p: p.endswith((".parquet", SUCCESS_FILE, JOB_FILE, "_INCREMENTAL.json")) or "/_runs/" in p or "/_state/" in p  # noqa: E731
     return sorted(p for p in fs.find(path) if own(p))
 
 
 def shard_files(output: str, options: Mapping[str, Any] | None = None) -> list[str]:
-    """Paths of the Parquet shards under `output` (hidden temporary files excluded)."""
+    """Paths of the Parquet shards under `output` (hidden temporary files and `_state/`-like folders excluded)."""
+    root = get_filesystem(output, options)[1].rstrip("/")
     return [p for p in existing_results(output, options)
-            if p.endswith(".parquet") and not p.rsplit("/", 1)[-1].startswith((".", "_"))]
+            if p.endswith(".parquet") and not any(part.startswith((".", "_")) for part in p[len(root) + 1:].split("/"))]
+
+
+def shard_urls(output: str, options: Mapping[str, Any] | None = None) -> list[str]:
+    """The shards under `output` as full URLs (for readers that are handed no filesystem)."""
+    fs, _ = get_filesystem(output, options)
+    return [full_url(fs, p) for p in shard_files(output, options)]
 
 
 def clear_results(output: str, options: Mapping[str, Any] | None = None) -> int:
@@ -64,12 +71,3 @@ def clear_results(output: str, options: Mapping[str, Any] | None = None) -> int:
     for p in files:
         fs.rm(p)
     return len(files)
-
-
-def existing_ids(output: str, options: Mapping[str, Any] | None = None) -> list[str]:
-    """The `id` of every row already written under `output` (duplicates kept, so callers can count them)."""
-    files = shard_files(output, options)
-    if not files:
-        return []
-    fs, _ = get_filesystem(output, options)
-    return [i for f in files for i in pq.read_table(f, columns=["id"], filesystem=fs).column("id").to_pylist()]

@@ -1,4 +1,5 @@
-"""fsspec URLs: filesystems with the job's storage options, listing, reading and writing. Knows nothing of models.
+"""fsspec URLs: filesystems with the job's storage options, reading, writing, object versions (listing inputs:
+`io/listing.py`). Knows nothing of models.
 
 Credentials are never passed here: s3fs/botocore find them through the standard AWS chain (environment,
 profiles, instance roles), and AWS_ENDPOINT_URL is honoured by botocore itself.
@@ -62,20 +63,6 @@ def full_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
 def extension(url: str) -> str:
     """Lower-case extension of a URL's last path element, query strings aside."""
     return os.path.splitext(url.split("?", 1)[0])[1].lower()
-
-
-def list_files(url: str, options: Mapping[str, Any] | None = None) -> list[str]:
-    """All files under a prefix, or matching a glob, as full URLs in sorted order."""
-    fs, path = get_filesystem(url, options)
-    if any(ch in path for ch in "*?["):
-        paths = [p for p in fs.glob(path) if fs.isfile(p)]
-    elif fs.isfile(path):
-        paths = [path]
-    elif fs.isdir(path):
-        paths = fs.find(path)
-    else:
-        raise FileNotFoundError(f"input {url!r} does not exist (no such file, prefix or glob match)")
-    return sorted(full_url(fs, p) for p in paths)
 
 
 def read_bytes(url: str, options: Mapping[str, Any] | None = None) -> bytes:

@@ -46,9 +46,9 @@ def model_stage_class(task: str, engine: Engine) -> type:
     return AsyncGenerate if engine == "vllm" else Generate
 
 
-def write_batch(batch: pa.Table, job: JobConfig, input_columns: list[str], skip_ids: list[str]) -> pa.Table:
+def write_batch(batch: pa.Table, job: JobConfig, input_columns: list[str]) -> pa.Table:
     """Ray task body for the write stage; also counts what it wrote in the Prometheus metrics."""
-    stats = WriteShards(job, input_columns, skip_ids)(batch)
+    stats = WriteShards(job, input_columns)(batch)
     record_metrics(ShardStats.from_row(stats.to_pylist()[0]))
     return stats
 
@@ -69,8 +69,13 @@ def input_rows(rows: pa.Table, per_block: int) -> Any:
 
         def get_read_tasks(self, parallelism: int, **_: Any) -> list[ReadTask]:
             tasks = []
+            index = pa.array(range(per_block), pa.int64())
             for start in range(0, rows.num_rows, per_block):
-                part = rows.take(pa.array(range(start, min(start + per_block, rows.num_rows)), pa.int64()))
+                # A contiguous slice, then a copy of just its rows: `take` on the whole table would rebuild every
+                # column split into several chunks on each call (quadratic in the rows), and pickling the slice
+                # itself would carry the whole chunk it is cut from.
+                part = rows.slice(start, per_block)
+                part = part.take(index[:part.num_rows])
                 meta = BlockMetadata(num_rows=part.num_rows, size_bytes=part.nbytes, input_files=None, exec_stats=None)
                 tasks.append(ReadTask(lambda part=part: [part], meta, schema=part.schema))
             return tasks
@@ -78,16 +83,32 @@ def input_rows(rows: pa.Table, per_block: int) -> Any:
     return InputRows()
 
 
-def build_dataset(job: JobConfig, rows: pa.Table, resources: Resources, *, skip_ids: list[str] | None = None) -> Any:
-    """The lazy Ray Data plan: input rows -> tiles -> output rows (one per question) -> one stats row per shard."""
+def read_rows(rows: Any, per_block: int, cpu_workers: int, cpu_task: dict[str, Any]) -> tuple[Any, bool]:
+    """The samples to process in blocks of `per_block` rows, and whether the CPU stage fuses with their reading.
+
+    A small set of samples already in memory (an Arrow table: a resumed run's few left) is read by lazy read tasks
+    that fuse with the CPU stage: exactly one block per read task (Ray Data would otherwise split a small input's
+    blocks for parallelism, which prevents fusing). A dataset (a manifest read by Ray Data, a listing, a join)
+    streams: its blocks are cut to `per_block` rows on the way, so the CPU work spreads over all workers.
+    """
     import ray
 
-    # Reading a block of rows and tiling it run as one task: same resources and concurrency, and exactly one block
-    # per read task (Ray Data would otherwise split a small input's blocks for parallelism, which prevents fusing).
+    if isinstance(rows, pa.Table):
+        return ray.data.read_datasource(input_rows(rows, per_block), override_num_blocks=-(-rows.num_rows // per_block),
+                                        concurrency=cpu_workers, **cpu_task), True
+    return rows.repartition(target_num_rows_per_block=per_block), False
+
+
+def build_dataset(job: JobConfig, rows: Any, resources: Resources, *, input_columns: list[str] | None = None) -> Any:
+    """The lazy Ray Data plan: input rows (an Arrow table or a dataset) -> tiles -> output rows (one per question)
+    -> one stats row per shard."""
+    import ray
+
+    # Reading a block of rows and tiling it run as one task where the rows are in memory: same resources and
+    # concurrency.
     cpu_task = {"num_cpus": PREPROCESS_CPUS, "memory": PREPROCESS_MEMORY}
     per_block = BLOCK_BATCHES * job.compute.batch_size
-    ds = ray.data.read_datasource(input_rows(rows, per_block), override_num_blocks=-(-rows.num_rows // per_block),
-                                  concurrency=resources.cpu_workers, **cpu_task)
+    ds, _ = read_rows(rows, per_block, resources.cpu_workers, cpu_task)
     ds = ds.map_batches(preprocess_block, fn_kwargs={"job": job}, batch_size=None, batch_format="numpy",
                         compute=ray.data.TaskPoolStrategy(size=resources.cpu_workers), **cpu_task)
     ds = ds.map_batches(
@@ -102,5 +123,5 @@ def build_dataset(job: JobConfig, rows: pa.Table, resources: Resources, *, skip_
     # the bundle's remainder, leaving a tiny shard beside every full one), then each block is one shard.
     writer = {"batch_format": "pyarrow", "num_cpus": WRITE_CPUS, "compute": ray.data.TaskPoolStrategy(size=resources.replicas[1])}
     ds = ds.map_batches(_gather, batch_size=job.rows_per_shard, zero_copy_batch=True, **writer)
-    return ds.map_batches(write_batch, fn_kwargs={"job": job, "input_columns": rows.column_names, "skip_ids": skip_ids or []},
-                          batch_size=None, **writer)
+    columns = input_columns if input_columns is not None else (rows.column_names if isinstance(rows, pa.Table) else ["id", "uri"])
+    return ds.map_batches(write_batch, fn_kwargs={"job": job, "input_columns": columns}, batch_size=None, **writer)

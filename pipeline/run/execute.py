@@ -7,6 +7,9 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
+
+import pyarrow as pa
 
 from pipeline.config import JobConfig
 from pipeline.errors import JobError, RunError
@@ -17,8 +20,11 @@ from pipeline.run.plan import RunPlan
 from pipeline.run.quiet import quiet_ray_data
 from pipeline.run.replica import remove_replica_groups
 from pipeline.run.resources import Resources, object_store_budget, plan_resources
+from pipeline.run.summary import RunTally
 from pipeline.stages.write import ShardStats
 
+# A resumed run with at most this many samples left reads them from memory (their read fuses with the CPU stage).
+SMALL_TODO = 4096
 # Tiles leave a CPU task in blocks of about this size (Ray Data's default, 128 MiB, would hold back the tiles of a
 # whole 16-row input block of camera photos until the task ends, while the model waits for them).
 TILE_BLOCK_BYTES = 32 * 1024**2
@@ -36,6 +42,8 @@ def init_ray() -> None:
         logging_level=logging.WARNING,
         log_to_driver=True,
     )
+    quiet_ray_data()  # the plan runs Ray Data (listing, resume) before execute configures it
+    ray.data.DataContext.get_current().enable_progress_bars = sys.stdout.isatty()
 
 
 def mark_output(job: JobConfig) -> None:
@@ -85,12 +93,21 @@ def find_cause(err: BaseException, kind: type[BaseException]) -> BaseException |
     return None
 
 
-def execute(job: JobConfig, plan: RunPlan, echo: Callable[[str], None], *, started: float) -> list[ShardStats]:
-    """Run the Ray Data plan over the samples left to do; one ShardStats per written shard."""
+def todo_rows(plan: RunPlan) -> Any:
+    """The samples left to do: a dataset, or an Arrow table when they are few (SMALL_TODO)."""
+    import ray
+
+    if plan.samples_todo > SMALL_TODO:
+        return plan.todo
+    tables = [t for t in ray.get(plan.todo.to_arrow_refs()) if t.num_rows]
+    return pa.concat_tables(tables, promote_options="default") if tables else plan.todo
+
+
+def execute(job: JobConfig, plan: RunPlan, echo: Callable[[str], None], *, started: float) -> RunTally:
+    """Run the Ray Data plan over the samples left to do; the written shards' stats, summed as they arrive."""
     import ray
 
     mark_output(job)
-    init_ray()
     resources = cluster_resources(job)
     budget = object_store_budget(job, resources, ray.cluster_resources().get("object_store_memory"))
     configure_data_context(budget)
@@ -101,12 +118,12 @@ def execute(job: JobConfig, plan: RunPlan, echo: Callable[[str], None], *, start
          f"{budget / 1024**2:.0f} MiB object store for queued tiles")
     if resources.note:
         echo(resources.note)
-    shards: list[ShardStats] = []
+    tally = RunTally()
     written = 0
     try:
-        for row in build_dataset(job, plan.todo, resources, skip_ids=plan.skip_ids).iter_rows():  # one row per shard
+        for row in build_dataset(job, todo_rows(plan), resources, input_columns=plan.input_columns).iter_rows():  # one row per shard
             shard = ShardStats.from_row(row)
-            shards.append(shard)
+            tally.add(shard.rows, shard.tiles, shard.generated_tokens, shard.batches, shard=bool(shard.file))
             written += shard.rows
             if shard.file:
                 echo(f"[{written}/{plan.rows_todo}] {shard.file}: {shard.rows} rows, {shard.rows - shard.ok} errors "
@@ -127,4 +144,4 @@ def execute(job: JobConfig, plan: RunPlan, echo: Callable[[str], None], *, start
     finally:
         if resources.tp > 1 and resources.engine == "transformers":
             remove_replica_groups()
-    return shards
+    return tally

@@ -1,4 +1,9 @@
-"""After the run: read the output back, check every expected row is there exactly once, write _SUCCESS.json last."""
+"""After the run: account for every row with Ray Data aggregations over the output, then write _SUCCESS.json last.
+
+Totals (rows, ok, errors by type, tiles, tokens, score histograms, passed) are summed from one small row per
+block; "every expected id exactly once" is the id grouping of `pipeline/run/ids.py` over the expected rows and the
+output's ids. The driver holds totals only, and names one missing and one duplicated id when the check fails.
+"""
 
 from __future__ import annotations
 
@@ -9,27 +14,28 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from pipeline.config import Criterion, JobConfig
-from pipeline.errors import RunError
-from pipeline.io.incremental import record_run
+from pipeline.errors import ErrorType, RunError
+from pipeline.io.incremental import COMPACT_AFTER, delta_url, record_run, remove_deltas, state_deltas
 from pipeline.io.markers import SUCCESS_FILE
 from pipeline.io.passed import check_passed
 from pipeline.io.schema import Totals, column
-from pipeline.io.shards import shard_files
+from pipeline.io.shards import shard_urls
 from pipeline.io.storage import get_filesystem
-from pipeline.model.scoring import histogram
-from pipeline.run.plan import RunPlan
-from pipeline.run.summary import RunSummary, replica_usage
-from pipeline.stages.write import ShardStats
+from pipeline.model.scoring import HISTOGRAM_BINS, histogram
+from pipeline.run import ids
+from pipeline.run.plan import RunPlan, expected_rows
+from pipeline.run.sources import arrow_fs, read_files, read_shards
+from pipeline.run.summary import RunSummary, RunTally
+
+ERROR_KINDS = [e.value for e in ErrorType] + ["unknown"]
 
 
 @dataclass
 class OutputCounts(Totals):
-    """What is really in an output, read back from every shard."""
+    """What is really in an output, summed over every shard."""
 
-    unique_ids: int = 0  # distinct ids among the rows: equal to rows when every row is there once
     files: int = 0  # shards
     score_histograms: dict[str, list[int]] = field(default_factory=dict)
     rows_passed: int | None = None
@@ -41,23 +47,86 @@ class OutputCounts(Totals):
                     files=self.files, score_histograms=self.score_histograms, rows_passed=self.rows_passed)
 
 
+def block_totals(batch: pa.Table, score_columns: Sequence[tuple[str, str]], with_passed: bool) -> pa.Table:
+    """One row of counts for a block of output rows (summed over all blocks by a Ray Data aggregation)."""
+    total = Totals.count(batch)
+    row: dict[str, int] = {"rows": total.rows, "ok": total.ok, "tiles": total.tiles, "input_tokens": total.input_tokens,
+                           "generated_tokens": total.generated_tokens}
+    for kind in ERROR_KINDS:
+        row[f"error:{kind}"] = total.errors.get(kind, 0)
+    for name, col in score_columns:
+        for k, n in enumerate(histogram(batch.column(col).to_pylist())):
+            row[f"hist:{name}:{k}"] = n
+    if with_passed:
+        row["passed"] = int(pc.sum(pc.fill_null(batch.column("passed"), False).cast(pa.int64())).as_py() or 0)
+    return pa.table({k: pa.array([v], pa.int64()) for k, v in row.items()})
+
+
 def summarize_output(output: str, options: Mapping[str, Any] | None = None, *, criteria: Sequence[Criterion] = (),
                      with_passed: bool = False) -> OutputCounts:
-    """Counts read back from every shard under `output` (so the summary reports what is really there)."""
-    fs, _ = get_filesystem(output, options)
-    files = shard_files(output, options)
-    score_cols = [column("score", c) for c in criteria]
-    cols = ["id", "status", "error_type", "num_tiles", "num_input_tokens", "num_generated_tokens", *score_cols]
-    cols += ["passed"] if with_passed else []
-    tables = [pq.read_table(f, columns=cols, filesystem=fs) for f in files]
-    if not tables:
+    """Counts over every shard under `output` (so the summary reports what is really there)."""
+    from ray.data.aggregate import Sum
+
+    files = shard_urls(output, options)
+    if not files:
         return OutputCounts(rows_passed=0 if with_passed else None)
-    table = pa.concat_tables(tables)
-    return OutputCounts.count(
-        table, unique_ids=pc.count_distinct(table.column("id")).as_py(), files=len(files),
-        score_histograms={(c.name or "score"): histogram(table.column(column("score", c)).to_pylist()) for c in criteria},
-        rows_passed=int(pc.sum(pc.fill_null(table.column("passed"), False).cast(pa.int64())).as_py() or 0) if with_passed else None,
+    score_columns = [((c.name or "score"), column("score", c)) for c in criteria]
+    cols = ["id", "status", "error_type", "num_tiles", "num_input_tokens", "num_generated_tokens",
+            *[col for _, col in score_columns], *(["passed"] if with_passed else [])]
+    parts = read_shards(files, options, cols).map_batches(
+        block_totals, fn_kwargs={"score_columns": score_columns, "with_passed": with_passed},
+        batch_format="pyarrow", batch_size=None)
+    names = block_totals(pa.table({c: pa.array([], pa.string() if c in ("id", "status", "error_type") else pa.float64())
+                                   for c in cols}), score_columns, with_passed).column_names
+    sums = {k: int(v or 0) for k, v in (parts.aggregate(*[Sum(n, alias_name=n) for n in names]) or {}).items()}
+    return OutputCounts(
+        rows=sums.get("rows", 0), ok=sums.get("ok", 0), tiles=sums.get("tiles", 0), input_tokens=sums.get("input_tokens", 0),
+        generated_tokens=sums.get("generated_tokens", 0), files=len(files),
+        errors={k: sums[f"error:{k}"] for k in ERROR_KINDS if sums.get(f"error:{k}")},
+        score_histograms={name: [sums.get(f"hist:{name}:{k}", 0) for k in range(HISTOGRAM_BINS)] for name, _ in score_columns},
+        rows_passed=sums.get("passed", 0) if with_passed else None,
     )
+
+
+def check_ids(job: JobConfig, plan: RunPlan, rows_out: int) -> None:
+    """Every expected row is in the output exactly once, and the output holds rows_in rows; else RunError naming
+    one missing and one duplicated id."""
+    expected = plan.inputs.keys.map_batches(expected_rows, fn_kwargs={"job": job}, batch_format="pyarrow", batch_size=None)
+    files = shard_urls(job.output, job.storage)
+    partitions = ids.partitions_for(job)
+    counts = ids.count_ids(expected, ids.read_ids(files, job.storage) if files else None, partitions)
+    unexpected = counts.unexpected if not job.incremental else 0  # earlier incremental runs' rows stay
+    if rows_out == plan.rows_in and not counts.missing and not counts.dup_done and not unexpected:
+        return
+    named = []
+    if counts.missing:
+        named.append(f"{counts.missing} missing (e.g. {ids.first_where(counts.table, 'missing')!r})")
+    if counts.dup_done:
+        named.append(f"{counts.dup_done} written more than once (e.g. {ids.first_where(counts.table, 'dup_done')!r})")
+    if unexpected:
+        named.append(f"{unexpected} not expected (e.g. {ids.first_where(counts.table, 'unexpected')!r})")
+    distinct = counts.rows_done + counts.unexpected  # ids the output holds
+    raise RunError(f"accounting failed: {plan.rows_in} rows expected, {rows_out} rows in the output ({distinct} distinct "
+                   f"ids{'; ' + ', '.join(named) if named else ''}); _SUCCESS.json not written")
+
+
+def record_state(job: JobConfig, plan: RunPlan) -> str:
+    """Incremental: write the objects this run took as the state's delta (compacting the state now and then)."""
+    import ray
+
+    stamp = plan.stamp
+    if not plan.samples:
+        return record_run(job.output, stamp, 0, job.storage)
+    taken = plan.inputs.samples.select_columns(["uri", "source_version"]).rename_columns({"source_version": "version"})
+    fs, path = arrow_fs(delta_url(job.output, stamp), job.storage)
+    taken.write_parquet(path, filesystem=fs)
+    deltas = state_deltas(job.output, job.storage)
+    if len(deltas) > COMPACT_AFTER:  # one delta instead of many: written first, then the merged ones removed
+        merged = read_files([f for files in deltas.values() for f in files], job.storage)
+        fs, path = arrow_fs(delta_url(job.output, f"{stamp}-compacted"), job.storage)
+        merged.repartition(max(1, int(ray.cluster_resources().get("CPU", 1)))).write_parquet(path, filesystem=fs)
+        remove_deltas(list(deltas), job.storage)
+    return record_run(job.output, stamp, plan.samples, job.storage)
 
 
 def write_success(output: str, summary: RunSummary, options: Mapping[str, Any] | None = None) -> None:
@@ -67,28 +136,24 @@ def write_success(output: str, summary: RunSummary, options: Mapping[str, Any] |
         f.write(summary.to_json())
 
 
-def finish(job: JobConfig, plan: RunPlan, shards: list[ShardStats], *, started: float) -> RunSummary:
+def finish(job: JobConfig, plan: RunPlan, tally: RunTally, *, started: float) -> RunSummary:
     """Account for every row of the plan, then write _SUCCESS.json (incremental: record the objects taken)."""
     criteria = job.score_criteria() if job.task == "score" else []
     counts = summarize_output(job.output, job.storage, criteria=criteria, with_passed=job.has_filter)
-    busy, replicas = replica_usage([b for s in shards for b in s.batches])
+    busy, replicas = tally.replica_usage()
     summary = RunSummary(
         rows_in=plan.rows_in, **counts.summary_fields(), wall_s=time.perf_counter() - started,
         fingerprint=job.fingerprint(), task=job.task, model=job.model, output=job.output,
-        skipped_inputs=plan.listing.skipped, rows_this_run=sum(s.rows for s in shards),
-        tiles_this_run=sum(s.tiles for s in shards), tokens_this_run=sum(s.generated_tokens for s in shards),
+        skipped_inputs=plan.skipped, rows_this_run=tally.rows,
+        tiles_this_run=tally.tiles, tokens_this_run=tally.generated_tokens,
         model_busy_fraction=busy, replicas=replicas,
     )
-    if counts.rows != plan.rows_in or counts.unique_ids != plan.rows_in:
-        raise RunError(
-            f"accounting failed: {plan.rows_in} rows expected, {counts.rows} rows in the output "
-            f"({counts.unique_ids} distinct ids); _SUCCESS.json not written"
-        )
+    check_ids(job, plan, counts.rows)
     problem = check_passed(job.output, job.output_passed, counts.rows_passed or 0, job.storage) if job.output_passed else None
     if problem:
         raise RunError(f"accounting failed for output_passed: {problem}; _SUCCESS.json not written")
     if job.incremental:
-        record_run(job.output, plan.taken, job.storage)
-        summary.objects_taken = len(plan.taken)
+        record_state(job, plan)
+        summary.objects_taken = plan.samples
     write_success(job.output, summary, job.storage)
     return summary

@@ -8,11 +8,11 @@ from collections.abc import Callable
 from pipeline.config import JobConfig
 from pipeline.errors import JobError, LockedError
 from pipeline.io.lock import run_lock
-from pipeline.io.inputs import is_manifest
-from pipeline.run.execute import execute
+from pipeline.run.execute import execute, init_ray
 from pipeline.run.finish import finish
-from pipeline.run.plan import plan_run, preflight
-from pipeline.run.summary import RunSummary
+from pipeline.run.estimate import describe_estimate, estimate_plan
+from pipeline.run.plan import RunPlan, plan_run, preflight
+from pipeline.run.summary import RunSummary, RunTally
 
 
 def run_job(job: JobConfig, *, echo: Callable[[str], None] = print) -> RunSummary:
@@ -24,8 +24,6 @@ def run_job(job: JobConfig, *, echo: Callable[[str], None] = print) -> RunSummar
     """
     if not job.incremental:
         return _run(job, echo)
-    if is_manifest(job.input):
-        raise JobError("incremental: needs a prefix or glob input (object versions come from the listing), not a manifest")
     try:
         with run_lock(job.output, job.storage, ttl_s=job.lock_ttl_s):
             return _run(job, echo)
@@ -33,12 +31,26 @@ def run_job(job: JobConfig, *, echo: Callable[[str], None] = print) -> RunSummar
         raise JobError(str(err)) from None
 
 
+def plan_job(job: JobConfig, *, echo: Callable[[str], None] = print) -> RunPlan:
+    """The dry run: validate, probe, list, resume and estimate what a run would do; no model, nothing written."""
+    preflight(job, echo, dry_run=True)
+    init_ray()
+    plan = plan_run(job, echo, dry_run=True)
+    plan.estimate = estimate_plan(job, plan)
+    echo(describe_estimate(plan.estimate))
+    return plan
+
+
 def _run(job: JobConfig, echo: Callable[[str], None]) -> RunSummary:
     started = time.perf_counter()
-    plan = plan_run(job, preflight(job, echo), echo)
-    if plan.todo.num_rows == 0:
+    preflight(job, echo)
+    init_ray()
+    plan = plan_run(job, echo)
+    plan.estimate = estimate_plan(job, plan)
+    echo(describe_estimate(plan.estimate))
+    if plan.rows_todo == 0:
         echo("nothing to do: every row of this job is already in the output")
-        return finish(job, plan, [], started=started)
-    shards = execute(job, plan, echo, started=started)
-    plan.todo = plan.todo.slice(0, 0)  # the rows processed are not needed while the output is read back
-    return finish(job, plan, shards, started=started)
+        return finish(job, plan, RunTally(), started=started)
+    tally = execute(job, plan, echo, started=started)
+    plan.todo = None  # the samples processed are not needed while the output is accounted for
+    return finish(job, plan, tally, started=started)

@@ -8,39 +8,50 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
-def busy_seconds(spans: list[tuple[float, float]]) -> float:
-    """Seconds covered by the union of (start, end) spans: batches in flight together (vLLM) count once."""
-    total, reach = 0.0, float("-inf")
-    for start, end in sorted(spans):
-        if end > reach:
-            total += end - max(start, reach)
-            reach = end
-    return total
+@dataclass
+class RunTally:
+    """What this run's shards add up to, folded in as each shard's stats row arrives: the driver keeps totals
+    (and one record per replica), never one record per shard or per model batch.
 
+    A replica's busy time (seconds with some batch in flight: batches in flight together, as on vLLM, count once)
+    is kept by the replica itself (`busy` in each batch's timing, cumulative); here it is the largest value seen.
+    Timing without it (older shards) counts each batch's own duration."""
 
-def replica_usage(batches: list[dict[str, Any]]) -> tuple[float | None, dict[str, dict[str, float]]]:
-    """Per replica: batches, seconds busy (some batch in flight), seconds from ready to its last batch's end, and
-    its rates while busy: samples through the model (`images_per_s`; an image set or a video counts once) and
-    generated tokens (`tokens_per_s`); and the busy fraction of all replicas together (None without batches).
-    Each replica's times come from its own clock."""
-    per: dict[str, dict[str, Any]] = {}
-    for b in {(b["replica"], b["start"]): b for b in batches}.values():
-        r = per.setdefault(b["replica"], {"batches": 0, "spans": [], "ready": b["ready"], "end": b["end"],
-                                          "samples": 0, "tokens": 0})
-        r["batches"] += 1
-        r["spans"].append((b["start"], b["end"]))
-        r["samples"] += b.get("samples") or 0
-        r["tokens"] += b.get("tokens") or 0
-        r["ready"], r["end"] = min(r["ready"], b["ready"]), max(r["end"], b["end"])
-    usage = {}
-    for name, r in sorted(per.items()):
-        busy = busy_seconds(r["spans"])
-        usage[name] = {"batches": int(r["batches"]), "busy_s": round(busy, 3), "span_s": round(r["end"] - r["ready"], 3),
-                       "samples": int(r["samples"]), "generated_tokens": int(r["tokens"]),
-                       "images_per_s": round(r["samples"] / busy, 3) if busy > 0 else 0.0,
-                       "tokens_per_s": round(r["tokens"] / busy, 3) if busy > 0 else 0.0}
-    span = sum(u["span_s"] for u in usage.values())
-    return (round(sum(u["busy_s"] for u in usage.values()) / span, 4) if span > 0 else None), usage
+    shards: int = 0
+    rows: int = 0
+    tiles: int = 0
+    generated_tokens: int = 0
+    per_replica: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def add(self, rows: int, tiles: int, generated_tokens: int, batches: list[dict[str, Any]], *, shard: bool = True) -> None:
+        self.shards += int(shard)
+        self.rows += rows
+        self.tiles += tiles
+        self.generated_tokens += generated_tokens
+        for b in {(b["replica"], b["start"]): b for b in batches}.values():  # a batch's timing once
+            r = self.per_replica.setdefault(b["replica"], {"batches": 0, "busy_sum": 0.0, "busy": 0.0, "ready": b["ready"],
+                                                           "end": b["end"], "samples": 0, "tokens": 0})
+            r["batches"] += 1
+            r["busy_sum"] += b["end"] - b["start"]
+            r["busy"] = max(r["busy"], b.get("busy") or 0.0)
+            r["samples"] += b.get("samples") or 0
+            r["tokens"] += b.get("tokens") or 0
+            r["ready"], r["end"] = min(r["ready"], b["ready"]), max(r["end"], b["end"])
+
+    def replica_usage(self) -> tuple[float | None, dict[str, dict[str, float]]]:
+        """Per replica: batches, seconds busy, seconds from ready to its last batch's end, samples through the model
+        and generated tokens, and its rates while busy (`images_per_s`: an image set or a video counts once;
+        `tokens_per_s`); and the busy fraction of all replicas together (None without batches). Each replica's
+        times come from its own clock."""
+        usage = {}
+        for name, r in sorted(self.per_replica.items()):
+            busy = r["busy"] or r["busy_sum"]
+            usage[name] = {"batches": int(r["batches"]), "busy_s": round(busy, 3), "span_s": round(r["end"] - r["ready"], 3),
+                           "samples": int(r["samples"]), "generated_tokens": int(r["tokens"]),
+                           "images_per_s": round(r["samples"] / busy, 3) if busy > 0 else 0.0,
+                           "tokens_per_s": round(r["tokens"] / busy, 3) if busy > 0 else 0.0}
+        span = sum(u["span_s"] for u in usage.values())
+        return (round(sum(u["busy_s"] for u in usage.values()) / span, 4) if span > 0 else None), usage
 
 
 @dataclass

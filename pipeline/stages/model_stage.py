@@ -33,7 +33,7 @@ BATCH_COLUMN = "__batch"
 # broken (stages/model_stage.PoisonGuard).
 POISON_LIMIT = 8
 BATCH_TYPE = pa.struct([("replica", pa.string()), ("ready", pa.float64()), ("start", pa.float64()), ("end", pa.float64()),
-                        ("samples", pa.int64()), ("tokens", pa.int64())])
+                        ("samples", pa.int64()), ("tokens", pa.int64()), ("busy", pa.float64())])
 
 
 def load_engine(job: JobConfig, kind: Engine = "transformers", rank_cpus: float | None = None) -> Any:
@@ -86,6 +86,28 @@ class Requests:
         self.targets.append(target)
 
 
+class BusyClock:
+    """A replica's busy seconds: time with at least one batch in flight, so batches in flight together (the async
+    stage) count once; cumulative, read at each batch's end into its timing (`busy`)."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self.in_flight = 0
+        self.since = 0.0
+
+    def begin(self) -> None:
+        if self.in_flight == 0:
+            self.since = time.time()
+        self.in_flight += 1
+
+    def end(self) -> float:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self.total += time.time() - self.since
+            return self.total
+        return self.total + time.time() - self.since
+
+
 class PoisonGuard:
     """Tells a poison sample (the model raises on it alone; it becomes a model_error row) from a broken model: once
     `limit` samples in a row have failed that way with none served in between (2, if the replica has served none
@@ -128,13 +150,19 @@ class ModelStage:
         self.replica = f"{socket.gethostname()}:{os.getpid()}"
         self.ready = time.time()
         self.guard = PoisonGuard()
+        self.busy = BusyClock()
 
     def __call__(self, batch: Batch) -> pa.Table:
         started = time.time()
-        rows, todo = self.prepare(batch)
-        clock = time.perf_counter()
-        results = in_calls(self.call, todo.requests, todo.samples, max_tokens=self.job.compute.max_batch_tokens)
-        self.guard.check(results)
+        self.busy.begin()
+        try:
+            rows, todo = self.prepare(batch)
+            clock = time.perf_counter()
+            results = in_calls(self.call, todo.requests, todo.samples, max_tokens=self.job.compute.max_batch_tokens)
+            self.guard.check(results)
+        except BaseException:
+            self.busy.end()
+            raise
         return self.finish(rows, todo, results, time.perf_counter() - clock, started)
 
     def prepare(self, batch: Batch) -> tuple[list[dict[str, Any]], Requests]:
@@ -159,7 +187,7 @@ class ModelStage:
         table = self.fill(rows, list(zip(todo.targets, results)), model_s * 1000.0 / max(len(todo.requests), 1))
         tokens = sum(r.get("num_generated_tokens") or 0 for r in rows)
         timing = {"replica": self.replica, "ready": self.ready, "start": started, "end": time.time(),
-                  "samples": len(todo.samples), "tokens": int(tokens)}
+                  "samples": len(todo.samples), "tokens": int(tokens), "busy": self.busy.end()}
         cells = [timing] + [None] * (table.num_rows - 1) if table.num_rows else []
         return table.append_column(pa.field(BATCH_COLUMN, BATCH_TYPE), pa.array(cells, BATCH_TYPE))
 
@@ -203,15 +231,20 @@ class AsyncStage:
 
     async def __call__(self: Any, batch: Batch) -> pa.Table:
         started = time.time()
-        rows, todo = self.prepare(batch)
-        clock = time.perf_counter()
-        results: list[Any] = []
-        if todo.requests:
-            try:
-                results = await self.call_async(todo.requests, todo.samples)
-            except Exception:  # noqa: BLE001 - a poison sample: find it
-                results = await self.each_sample_alone(todo.requests, todo.samples)
-            self.guard.check(results)
+        self.busy.begin()
+        try:
+            rows, todo = self.prepare(batch)
+            clock = time.perf_counter()
+            results: list[Any] = []
+            if todo.requests:
+                try:
+                    results = await self.call_async(todo.requests, todo.samples)
+                except Exception:  # noqa: BLE001 - a poison sample: find it
+                    results = await self.each_sample_alone(todo.requests, todo.samples)
+                self.guard.check(results)
+        except BaseException:
+            self.busy.end()
+            raise
         return self.finish(rows, todo, results, time.perf_counter() - clock, started)
 
     async def call_async(self: Any, requests: list[PromptRequest], samples: list[np.ndarray]) -> list[Any]:

@@ -1,5 +1,8 @@
 """Write stage: each batch of output rows becomes one Parquet shard (named from its ids); one stats row back.
 
+A resumed sample whose rows are partly written carries, in its input row, the ids of the rows still missing
+(`TODO_COLUMN`): only those are written, so no row is written twice and no global list reaches the writers.
+
 A score job with `output_passed` also writes the passing rows, with only their input columns, as a shard of the
 same name there: a manifest ready for the next stage.
 """
@@ -14,7 +17,7 @@ import pyarrow.compute as pc
 
 from pipeline.config import JobConfig
 from pipeline.io.passed import passed_name
-from pipeline.io.schema import OUTPUT_SCHEMA, Totals
+from pipeline.io.schema import OUTPUT_SCHEMA, TODO_COLUMN, Totals
 from pipeline.io.shards import shard_name, write_shard
 from pipeline.stages.base import require_columns
 from pipeline.stages.model_stage import BATCH_COLUMN, BATCH_TYPE
@@ -50,10 +53,9 @@ SHARD_STATS_SCHEMA = pa.schema([
 class WriteShards:
     """Reads the output columns; writes them, skipping rows a resumed run finds already written."""
 
-    def __init__(self, job: JobConfig, input_columns: list[str] | None = None, skip_ids: list[str] | None = None) -> None:
+    def __init__(self, job: JobConfig, input_columns: list[str] | None = None) -> None:
         self.job = job
-        self.input_columns = input_columns or ["id", "uri"]
-        self.skip_ids = pa.array(skip_ids or [], pa.string())  # rows a resumed run finds already written
+        self.input_columns = [c for c in input_columns or ["id", "uri"] if c != TODO_COLUMN]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         require_columns(batch.column_names, "write", OUTPUT_SCHEMA.names)
@@ -61,8 +63,10 @@ class WriteShards:
         if BATCH_COLUMN in batch.column_names:
             batches = [b for b in batch.column(BATCH_COLUMN).to_pylist() if b is not None]
             batch = batch.drop_columns([BATCH_COLUMN])
-        if len(self.skip_ids):
-            batch = batch.filter(pc.invert(pc.is_in(batch.column("id"), value_set=self.skip_ids)))
+        if TODO_COLUMN in batch.column_names:  # a resumed sample: only the rows its input row says are missing
+            todo = batch.column(TODO_COLUMN).to_pylist()
+            keep = [t is None or i in t for i, t in zip(batch.column("id").to_pylist(), todo)]
+            batch = batch.drop_columns([TODO_COLUMN]).filter(pa.array(keep, pa.bool_()))
         stats = ShardStats.count(batch, batches=batches)
         if batch.num_rows == 0:
             return stats.to_table()

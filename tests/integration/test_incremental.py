@@ -74,3 +74,4 @@ def test_add_three_change_one_processes_exactly_four(s3_server, ray_local, tiny_
     with run_lock("s3://bucket/nightly/out/"):
         overlapping = CliRunner().invoke(app, ["run", str(path)])
     assert overlapping.exit_code == 2 and "another run holds" in overlapping.output
+    assert fs.glob("bucket/nightly/out/_state/*/*.parquet") and not fs.exists("bucket/nightly/out/_INCREMENTAL.json")

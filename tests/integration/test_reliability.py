@@ -217,8 +217,11 @@ def test_s3_throttling_is_retried_and_wrong_credentials_fail_fast(s3_server, tin
                              env=env, timeout=600)
         assert run.returncode == 0, run.stdout + run.stderr
         assert proxy.counts["failed"] >= 5, proxy.counts  # the faults really happened
-    ids = read_output("bucket/flaky/out", fs, columns=["id"]).column("id").to_pylist()
+    out = read_output("bucket/flaky/out", fs, columns=["id", "status", "error_type"])
+    ids = out.column("id").to_pylist()
     assert len(ids) == 6 and len(set(ids)) == 6
+    # every image was really read through the throttled store (an empty read would be a decode_error row)
+    assert out.column("status").to_pylist() == ["ok"] * 6, out.column("error_type").to_pylist()
 
     env = {**clean_env(), **s3_server.env(), "AWS_SECRET_ACCESS_KEY": "wrong-secret"}
     started = time.monotonic()

@@ -130,19 +130,28 @@ def test_vllm_replica_is_one_actor_holding_its_tp_gpus(tp):
 
 
 def test_replica_usage_counts_overlapping_batches_once_and_gives_rates():
-    from pipeline.run.summary import busy_seconds, replica_usage
+    from pipeline.run.summary import RunTally
+    from pipeline.stages.model_stage import BusyClock
 
-    assert busy_seconds([(0, 2), (1, 3), (5, 6), (5.5, 5.7)]) == 4
-    batches = [{"replica": "a", "ready": 0.0, "start": 1.0, "end": 3.0, "samples": 8, "tokens": 800},
-               {"replica": "a", "ready": 0.0, "start": 2.0, "end": 5.0, "samples": 8, "tokens": 400},  # in flight together
-               {"replica": "b", "ready": 0.0, "start": 1.0, "end": 2.0, "samples": 2, "tokens": 0}]
-    busy, usage = replica_usage(batches)
+    clock = BusyClock()  # two batches in flight together (the async stage), then one alone
+    clock.begin(), clock.begin()
+    assert clock.end() >= 0 and clock.in_flight == 1
+    first = clock.end()
+    clock.begin()
+    assert clock.end() >= first and clock.in_flight == 0
+    # `busy` is the replica's cumulative busy seconds at each batch's end
+    batches = [{"replica": "a", "ready": 0.0, "start": 1.0, "end": 3.0, "samples": 8, "tokens": 800, "busy": 2.0},
+               {"replica": "a", "ready": 0.0, "start": 2.0, "end": 5.0, "samples": 8, "tokens": 400, "busy": 4.0},
+               {"replica": "b", "ready": 0.0, "start": 1.0, "end": 2.0, "samples": 2, "tokens": 0, "busy": 1.0}]
+    tally = RunTally()
+    tally.add(0, 0, 0, batches[1:2])
+    tally.add(0, 0, 0, [batches[0], batches[2]])  # shards arrive in any order
+    busy, usage = tally.replica_usage()
     assert usage["a"] == {"batches": 2, "busy_s": 4.0, "span_s": 5.0, "samples": 16, "generated_tokens": 1200,
                           "images_per_s": 4.0, "tokens_per_s": 300.0}
     assert usage["b"]["images_per_s"] == 2.0 and busy == round(5 / 7, 4)
 
 
-@pytest.mark.parametrize("overrides", [["compute.tp=2"], ["compute.replicas=2"], ["compute.tp=2", "compute.replicas=2"]])
 def test_tp_and_replicas_on_a_two_cpu_machine_share_the_cpus(overrides):
     """tp on CPU is for trying tp before a GPU cluster: on 2 CPUs the ranks (or replicas) share what one
     preprocessing task leaves, and the plan says so in one line."""
@@ -171,3 +180,84 @@ def test_short_gpus_and_a_one_cpu_machine_are_still_refused():
         plan_resources(parse_job(BASE, overrides=["compute.tp=2"]), cluster_cpus=2, cluster_gpus=2, node_gpus=1)
     with pytest.raises(RunError, match="leave none"):
         plan_resources(parse_job(BASE), cluster_cpus=1, cluster_gpus=0)
+
+
+def test_input_rows_copy_each_block_from_a_contiguous_slice():
+    """Regression (issue 16): `take` on the whole listing rebuilt every multi-chunk column once per read task, so
+    building the read tasks cost rows x blocks. Counted as bytes allocated, not timed: each block's rows are
+    copied once, so the work is a small multiple of the table, however many blocks."""
+    import pyarrow as pa
+
+    chunks = [pa.table({"id": [f"{i:06d}" for i in range(s, s + 1000)], "uri": [f"s3://b/{i}.jpg" for i in range(s, s + 1000)],
+                        "questions": [["q1", "q2"]] * 1000}) for s in range(0, 20_000, 1000)]
+    rows = pa.concat_tables(chunks)  # 20 chunks per column, as a manifest read in parts has
+    assert rows.column("id").num_chunks == 20
+    pool = pa.default_memory_pool()
+    before = pool.total_bytes_allocated()
+    tasks = input_rows(rows, per_block=16).get_read_tasks(parallelism=1)
+    allocated = pool.total_bytes_allocated() - before
+    assert len(tasks) == 1250
+    # a copy per block (small buffers, padded): a few times the table; the old `take`: ~1250 times the table (1.1 GB)
+    assert allocated < 20 * rows.nbytes, allocated
+    assert pa.concat_tables([b for t in tasks for b in t()]).equals(rows)
+
+
+def test_id_indicators_count_done_missing_and_duplicated_rows():
+    import pyarrow as pa
+
+    from pipeline.run.ids import indicators
+
+    grouped = pa.table({"id": ["a", "b", "c", "d", "e"], "e": [1, 1, 2, 0, 1], "d": [1, 0, 1, 1, 2],
+                        "first": [1, 1, 1, 0, 1], "sample_id": ["a", "b", "c", None, "e"]})
+    sums = {k: sum(v) for k, v in indicators(grouped).to_pydict().items()}
+    assert sums == {"rows_expected": 4, "dup_expected": 1, "rows_done": 3, "rows_any": 5, "dup_done": 1, "missing": 1,
+                    "unexpected": 1, "samples": 4, "rows_out": 5}
+
+
+def test_block_totals_sum_to_the_output_counts():
+    import pyarrow as pa
+
+    from pipeline.run.finish import block_totals
+
+    batch = pa.table({"id": ["a", "b", "c"], "status": ["ok", "error", "error"], "error_type": [None, "not_found", None],
+                      "num_tiles": [3, None, 1], "num_input_tokens": [10, 0, 5], "num_generated_tokens": [2, 0, 1],
+                      "score": [0.05, None, 0.99], "passed": [True, None, False]})
+    row = block_totals(batch, [("score", "score")], True).to_pylist()[0]
+    assert (row["rows"], row["ok"], row["tiles"], row["passed"]) == (3, 1, 4, 1)
+    assert row["error:not_found"] == 1 and row["error:unknown"] == 1
+    assert [row[f"hist:score:{k}"] for k in (0, 9)] == [1, 1]
+
+
+def test_writer_keeps_only_the_rows_a_resumed_sample_is_missing(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.io.schema import TODO_COLUMN
+    from pipeline.stages.write import WriteShards
+    from tests.outputs import done_rows
+
+    rows = done_rows(["s#0", "s#1", "t"], ["/x/s.jpg", "/x/s.jpg", "/x/t.jpg"], sample_ids=["s", "s", "t"])
+    rows = rows.append_column(TODO_COLUMN, pa.array([["s#1"], ["s#1"], None], pa.list_(pa.string())))
+    job = parse_job({**BASE, "output": str(tmp_path)})
+    stats = WriteShards(job, ["id", "uri", TODO_COLUMN])(rows).to_pylist()[0]
+    written = pq.read_table(tmp_path / stats["file"])
+    assert stats["rows"] == 2 and written.column("id").to_pylist() == ["s#1", "t"]
+    assert TODO_COLUMN not in written.column_names
+
+
+def test_run_tally_folds_shards_into_totals_and_one_record_per_replica():
+    """The driver sums each shard's stats as it arrives (a 100M-row run writes 100k shards of ~125 model batches
+    each): totals and per-replica usage, never a list of shards or batches."""
+    from pipeline.run.summary import RunTally
+
+    tally = RunTally()
+    for s in range(1000):  # 1000 shards, 3 batches each, alternating replicas
+        batches = [{"replica": f"r{k % 2}", "ready": 0.0, "start": 10.0 * (3 * s + k), "end": 10.0 * (3 * s + k) + 5}
+                   for k in range(3)]
+        tally.add(8, 2, 3, batches + batches[:1])  # a batch's timing counted once even if repeated
+    busy, replicas = tally.replica_usage()
+    assert (tally.shards, tally.rows, tally.tiles, tally.generated_tokens) == (1000, 8000, 2000, 3000)
+    assert len(tally.per_replica) == 2 and replicas["r0"]["batches"] + replicas["r1"]["batches"] == 3000
+    assert replicas["r0"]["busy_s"] == 5.0 * replicas["r0"]["batches"]
+    assert 0 < busy < 1
+    assert RunTally().replica_usage() == (None, {})

@@ -1,0 +1,97 @@
+"""What a run would cost, before it runs: tiles, visual tokens and GPU-hours, from a few samples' image headers and
+the model catalogue's sizing. An estimate (a rule of thumb), printed by `plan` and at the start of every run.
+"""
+
+from __future__ import annotations
+
+import io
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from pipeline.config import JobConfig
+from pipeline.io.storage import extension, get_filesystem
+from pipeline.media.budget import TOKENS_PER_TILE, tile_count
+from pipeline.media.video import VIDEO_EXTENSIONS
+from pipeline.model.catalog import MODELS, ModelInfo
+
+SAMPLED = 32  # samples whose image headers are read
+HEADER_BYTES = 64 * 1024  # enough for the size of a JPEG, PNG or WebP (not its pixels)
+GPU_TFLOPS, MFU = 989.0, 0.4  # H100 dense bf16, at the utilisation bench/h100_estimate.py assumes
+VIT_TOKENS = 1025  # a 448 px tile through InternViT: 32 x 32 patches + class token
+PROMPT_TOKENS = 40  # chat template and question, besides the image tokens
+
+
+def image_size(url: str, options: Any) -> tuple[int, int] | None:
+    """Width and height from the first bytes of an image, or None (no such object, not an image, header too long)."""
+    from PIL import Image
+
+    try:
+        fs, path = get_filesystem(url, options)
+        head = fs.cat_file(path, start=0, end=HEADER_BYTES)
+        with Image.open(io.BytesIO(head)) as im:
+            return im.size
+    except Exception:  # noqa: BLE001 - an estimate: an unreadable header is left out
+        return None
+
+
+def sample_tiles(job: JobConfig, row: dict[str, Any], options: Any) -> int | None:
+    """Tiles the model would see for one sample (videos: frames x tiles per frame), None if not known."""
+    uris = row.get("uris") or [row["uri"]]
+    if any(extension(u) in VIDEO_EXTENSIONS for u in uris):
+        return job.video.num_frames * job.video.tiles_per_frame
+    t = job.tiling
+    per_image = max(t.min_tiles, t.max_tiles // len(uris))
+    sizes = [image_size(u, options) for u in uris]
+    if any(s is None for s in sizes):
+        return None
+    return sum(tile_count(w, h, min_tiles=t.min_tiles, max_tiles=per_image, thumbnail=t.thumbnail) for w, h in sizes)
+
+
+def find_model(name: str) -> ModelInfo | None:
+    """The catalogue entry a model path or hub id names (its last path element, `-hf` or not), if any."""
+    base = name.rstrip("/").rsplit("/", 1)[-1].removesuffix("-hf").lower()
+    return next((m for m in MODELS if m.name.lower() == base), None)
+
+
+def gpu_hours(model: ModelInfo, *, samples: int, rows: int, tiles_per_sample: float, new_tokens: int) -> float:
+    """FLOPs of the vision tower once per sample, the prompt's prefill and the answer per row, at MFU of an H100."""
+    vision = 2 * model.vision_params_b * 1e9 * VIT_TOKENS * tiles_per_sample * samples
+    lm = 2 * (model.params_b - model.vision_params_b) * 1e9
+    text = lm * rows * (tiles_per_sample * TOKENS_PER_TILE + PROMPT_TOKENS + new_tokens)
+    return (vision + text) / (GPU_TFLOPS * 1e12 * MFU) / 3600
+
+
+def estimate_plan(job: JobConfig, plan: Any) -> dict[str, Any]:
+    """Tiles, visual tokens and GPU-hours of the rows left to do, from up to SAMPLED samples' headers."""
+    rows = plan.inputs.samples.limit(SAMPLED).take_all() if plan.samples_todo else []
+    with ThreadPoolExecutor(8) as pool:
+        known = [t for t in pool.map(lambda r: sample_tiles(job, r, job.storage), rows) if t is not None]
+    mean = sum(known) / len(known) if known else None
+    out: dict[str, Any] = {"sampled": len(known), "tiles_per_sample": round(mean, 2) if mean is not None else None,
+                           "tiles": None, "visual_tokens": None, "gpu_hours": None, "model": None}
+    if not plan.samples_todo:
+        return {**out, "tiles": 0, "visual_tokens": 0, "gpu_hours": 0.0}
+    if mean is None:
+        return out
+    out["tiles"] = round(mean * plan.samples_todo)
+    out["visual_tokens"] = round(mean * TOKENS_PER_TILE * plan.rows_todo)
+    model = find_model(job.model)
+    if model is not None:
+        new_tokens = 1 if job.task == "score" else job.generation.max_new_tokens
+        out["model"] = model.name
+        out["gpu_hours"] = round(gpu_hours(model, samples=plan.samples_todo, rows=plan.rows_todo, tiles_per_sample=mean,
+                                           new_tokens=new_tokens), 3)
+    return out
+
+
+def describe_estimate(estimate: dict[str, Any]) -> str:
+    """The estimate as one line."""
+    if estimate.get("tiles") == 0:
+        return "estimate: nothing left to do"
+    if estimate.get("tiles") is None:
+        return "estimate: no image header could be read from the samples left to do"
+    line = (f"estimate: ~{estimate['tiles']} tiles ({estimate['tiles_per_sample']} a sample, from {estimate['sampled']} "
+            f"headers), ~{estimate['visual_tokens']} visual tokens")
+    if estimate.get("gpu_hours") is not None:
+        line += f", ~{estimate['gpu_hours']} H100 GPU-hours for {estimate['model']} (at {MFU:.0%} of {GPU_TFLOPS:g} TFLOP/s)"
+    return line

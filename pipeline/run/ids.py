@@ -1,0 +1,132 @@
+"""Ids as Ray Data work: the expected output rows and the rows already written, grouped by id in one distributed
+aggregation. It answers, as counts, what the plan and the end-of-run check need (duplicate inputs, rows done, rows
+missing, rows written twice), and gives the rows still to write; the samples they belong to are found by a join.
+Nothing here collects ids on the driver.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.config import JobConfig
+from pipeline.io.schema import TODO_COLUMN
+
+ID_SCHEMA = pa.schema([("id", pa.string()), ("sample_id", pa.string()), ("e", pa.int64()), ("d", pa.int64()),
+                       ("first", pa.int64())])
+# Per id after grouping: e (times expected), d (times in the output), first (1 for a sample's first row), sample_id.
+INDICATORS = {
+    "rows_expected": lambda e, d: pc.greater_equal(e, 1),
+    "dup_expected": lambda e, d: pc.greater(e, 1),
+    "rows_done": lambda e, d: pc.and_(pc.greater_equal(e, 1), pc.greater_equal(d, 1)),
+    "rows_any": lambda e, d: pc.or_(pc.greater_equal(e, 1), pc.greater_equal(d, 1)),
+    "dup_done": lambda e, d: pc.greater(d, 1),
+    "missing": lambda e, d: pc.and_(pc.greater_equal(e, 1), pc.equal(d, 0)),
+    "unexpected": lambda e, d: pc.and_(pc.equal(e, 0), pc.greater_equal(d, 1)),
+}
+
+
+def partitions_for(job: JobConfig) -> int:
+    """Hash partitions of the id shuffles: two per CPU of the cluster, 2 to 128."""
+    import ray
+
+    return max(2, min(128, 2 * int(ray.cluster_resources().get("CPU", 1))))
+
+
+def read_ids(files: list[str], options: Any) -> Any:
+    """The `id` column of output shards (column pruned) as a dataset."""
+    from pipeline.run.sources import read_shards
+
+    return read_shards(files, options, ["id"])
+
+
+def tag_expected(batch: pa.Table) -> pa.Table:
+    """Expected rows (id, sample_id, first: 1 on each sample's first row) tagged e=1."""
+    n = batch.num_rows
+    return pa.table([batch.column("id"), batch.column("sample_id"), pa.array([1] * n, pa.int64()),
+                     pa.array([0] * n, pa.int64()), batch.column("first").cast(pa.int64())], schema=ID_SCHEMA)
+
+
+def tag_done(batch: pa.Table) -> pa.Table:
+    """Ids found in the output tagged d=1."""
+    n = batch.num_rows
+    zeros = pa.array([0] * n, pa.int64())
+    return pa.table([batch.column("id").cast(pa.string()), pa.nulls(n, pa.string()), zeros, pa.array([1] * n, pa.int64()),
+                     zeros], schema=ID_SCHEMA)
+
+
+def indicators(batch: pa.Table) -> pa.Table:
+    """Per grouped id, 0/1 for each count of INDICATORS, plus `samples` and `rows_out` to sum."""
+    e, d = batch.column("e"), batch.column("d")
+    cols = {name: rule(e, d).cast(pa.int64()) for name, rule in INDICATORS.items()}
+    return pa.table({**cols, "samples": batch.column("first"), "rows_out": d})
+
+
+@dataclass
+class IdCounts:
+    """Totals over every id of a job and its output."""
+
+    rows_expected: int = 0
+    dup_expected: int = 0  # ids expected more than once (duplicate input ids)
+    rows_done: int = 0  # expected and in the output
+    rows_any: int = 0  # expected or in the output
+    dup_done: int = 0  # ids the output holds more than once
+    missing: int = 0  # expected, not in the output
+    unexpected: int = 0  # in the output, not expected (earlier incremental runs' rows)
+    samples: int = 0
+    rows_out: int = 0  # rows in the output
+    table: Any = None  # the grouped ids (a dataset: id, sample_id, e, d, first)
+
+
+def count_ids(expected: Any, done: Any | None, partitions: int, *, keep: bool = False) -> IdCounts:
+    """Group expected rows and output ids by id (one hash shuffle) and sum the INDICATORS; `keep`: materialize
+    the grouped ids for a second pass (the rows left to write)."""
+    from ray.data.aggregate import Max, Sum
+
+    tagged = expected.map_batches(tag_expected, batch_format="pyarrow", batch_size=None)
+    if done is not None:
+        tagged = tagged.union(done.map_batches(tag_done, batch_format="pyarrow", batch_size=None))
+    grouped = tagged.groupby("id", num_partitions=partitions).aggregate(
+        Sum("e", alias_name="e"), Sum("d", alias_name="d"), Sum("first", alias_name="first"),
+        Max("sample_id", alias_name="sample_id"))
+    if keep:
+        grouped = grouped.materialize()
+    names = [*INDICATORS, "samples", "rows_out"]
+    totals = grouped.map_batches(indicators, batch_format="pyarrow", batch_size=None).aggregate(
+        *[Sum(n, alias_name=n) for n in names]) or {}
+    return IdCounts(**{n: int(totals.get(n) or 0) for n in names}, table=grouped)
+
+
+def first_where(grouped: Any, rule: str, column: str = "id") -> str | None:
+    """One id (or its sample_id) for which an INDICATORS rule holds: to name it in an error."""
+    def keep(batch: pa.Table) -> pa.Table:
+        return batch.filter(INDICATORS[rule](batch.column("e"), batch.column("d")))
+
+    rows = grouped.map_batches(keep, batch_format="pyarrow", batch_size=None).select_columns([column]).take(1)
+    return rows[0][column] if rows else None
+
+
+def first_duplicate_sample(grouped: Any) -> str | None:
+    return first_where(grouped, "dup_expected", "sample_id")
+
+
+def _missing_rows(batch: pa.Table) -> pa.Table:
+    return batch.filter(INDICATORS["missing"](batch.column("e"), batch.column("d"))).select(["id", "sample_id"])
+
+
+def todo_samples(samples: Any, grouped: Any, missing: int, partitions: int, *, multi_row: bool) -> tuple[Any, int]:
+    """The samples with rows still to write (a join with the rows missing from the output), and how many.
+
+    A sample of several rows carries the ids of its missing rows in TODO_COLUMN, so the writer skips the rest."""
+    from ray.data.aggregate import AsList
+
+    rows = grouped.map_batches(_missing_rows, batch_format="pyarrow", batch_size=None)
+    if not multi_row:  # one row a sample: the missing rows are the samples to do
+        left = rows.select_columns(["sample_id"])
+        return samples.join(left, join_type="left_semi", num_partitions=partitions, on=("id",), right_on=("sample_id",)), missing
+    per_sample = rows.groupby("sample_id", num_partitions=partitions).aggregate(AsList("id", alias_name=TODO_COLUMN)).materialize()
+    todo = samples.join(per_sample, join_type="inner", num_partitions=partitions, on=("id",), right_on=("sample_id",))
+    return todo.drop_columns(["sample_id"]) if "sample_id" in todo.schema().names else todo, per_sample.count()

@@ -1,0 +1,166 @@
+"""The job's inputs as Ray Data datasets: manifests read by Ray Data's readers, prefixes and globs listed in
+parallel by sub-prefix, S3 Inventory reports read as listings; incremental runs keep only objects absent from the
+state (an anti-join). Rows reach the driver only as counts; ids are derived in the workers (`pipeline/io/inputs`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+
+from pipeline.config import JobConfig
+from pipeline.io.incremental import legacy_state, state_deltas
+from pipeline.io.inputs import (
+    LISTING_SCHEMA, MANIFEST_TEXT_TYPES, add_counts, check_manifest_columns, input_kind,
+    manifest_base, manifest_rows, media_rows, skipped_counts,
+)
+from pipeline.io.listing import inventory_listing, inventory_spec, list_level, list_tree, manifest_files
+from pipeline.io.storage import extension, get_filesystem
+
+LIST_CPUS = 0.25  # listing a prefix waits on the object store, not the CPU
+SAMPLE_KEYS = ("id", "uri", "uris", "question", "questions")  # what ids and expected rows are derived from
+
+
+@dataclass
+class Inputs:
+    """The samples of a run as a dataset, and what its listing counted."""
+
+    samples: Any  # ray.data.Dataset of input rows: id, uri (or uris), question(s), passthrough columns
+    kind: str  # files | manifest | inventory
+    skipped: dict[str, int] = field(default_factory=dict)  # listed files that are not media, by extension
+    objects_listed: int | None = None  # incremental: media objects in the listing
+    keys: Any = None  # the samples with only the columns ids come from (a manifest's read pruned to them)
+
+
+def arrow_fs(url: str, options: Any) -> tuple[Any, str]:
+    """A pyarrow filesystem over the job's fsspec filesystem (Ray Data's readers take these), and the path."""
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, path = get_filesystem(url, options)
+    return PyFileSystem(FSSpecHandler(fs)), path
+
+
+def read_files(files: list[str], options: Any, *, columns: list[str] | None = None, csv_names: list[str] | None = None,
+               csv_types: dict[str, Any] | None = None) -> Any:
+    """Parquet / JSONL / CSV(.gz) files as one dataset, read in parallel by Ray Data (Parquet columns pruned)."""
+    import ray
+
+    fs, _ = arrow_fs(files[0], options)
+    paths = [get_filesystem(f, options)[1] for f in files]
+    ext = extension(files[0].removesuffix(".gz"))
+    if ext == ".parquet":
+        return ray.data.read_parquet(paths, filesystem=fs, columns=columns)
+    if ext == ".jsonl":
+        ds = ray.data.read_json(paths, filesystem=fs)  # Arrow's JSON reader reads JSON Lines
+    else:
+        ds = ray.data.read_csv(paths, filesystem=fs, read_options=pacsv.ReadOptions(column_names=csv_names),
+                               convert_options=pacsv.ConvertOptions(column_types=csv_types or MANIFEST_TEXT_TYPES))
+    return ds.select_columns(columns) if columns else ds
+
+
+def _read_shards(batch: dict[str, Any], options: Any, columns: list[str]) -> pa.Table:
+    import pyarrow.parquet as pq
+
+    tables = []
+    for url in batch["path"]:
+        fs, path = get_filesystem(str(url), options)
+        tables.append(pq.read_table(path, columns=columns, filesystem=fs))
+    return pa.concat_tables(tables)
+
+
+def read_shards(files: list[str], options: Any, columns: list[str]) -> Any:
+    """Output shards read one task per file with fsspec: every file is read or the read fails (Ray Data's own listing
+    silently skips a file an object store reports as empty, which an accounting must never do)."""
+    import ray
+
+    items = ray.data.from_items([{"path": f} for f in files], override_num_blocks=min(len(files), 1024))
+    return items.map_batches(_read_shards, fn_kwargs={"options": options, "columns": columns}, batch_size=1,
+                             batch_format="numpy", num_cpus=LIST_CPUS)
+
+
+def read_manifest(job: JobConfig) -> Inputs:
+    """A manifest (one file, a folder or a glob of them): rows validated and ids derived in the workers."""
+    files = manifest_files(job.input, job.storage)
+    rows = {"fn_kwargs": {"url": job.input, "base": manifest_base(job.input)}, "batch_format": "pyarrow", "batch_size": None}
+    samples = read_files(files, job.storage)
+    names = samples.schema().names
+    check_manifest_columns(job.input, names)
+    keys = read_files(files, job.storage, columns=[c for c in SAMPLE_KEYS if c in names])
+    return Inputs(samples=samples.map_batches(manifest_rows, **rows), keys=keys.map_batches(manifest_rows, **rows),
+                  kind="manifest")
+
+
+def _list_prefixes(batch: dict[str, Any], options: Any, pattern: str) -> pa.Table:
+    tables = [list_tree(p, options, pattern) for p in batch["prefix"]]
+    return pa.concat_tables(tables) if tables else LISTING_SCHEMA.empty_table()
+
+
+def list_objects(job: JobConfig) -> Any:
+    """A prefix or glob listed in parallel: the top level in one task, then one task per sub-prefix; the listing
+    (uri, version) stays in the object store (materialized: the plan and the run both read it). The driver gets
+    the sub-prefix names only: the top level's files (all of a flat prefix) stay an object-store block."""
+    import ray
+
+    top, names = ray.remote(num_cpus=LIST_CPUS, num_returns=2)(list_level).remote(job.input, job.storage)
+    prefixes = ray.get(names)
+    listing = ray.data.from_arrow_refs([top])
+    if prefixes:  # sub-prefix names only: the objects under them are listed by the tasks
+        sub = ray.data.from_items([{"prefix": p} for p in prefixes], override_num_blocks=min(len(prefixes), 256))
+        pattern = job.input if any(ch in job.input for ch in "*?[") else None
+        listing = listing.union(sub.map_batches(_list_prefixes, fn_kwargs={"options": job.storage, "pattern": pattern},
+                                                batch_size=1, batch_format="numpy", num_cpus=LIST_CPUS))
+    return listing.materialize()
+
+
+def read_inventory(job: JobConfig) -> Any:
+    """An S3 Inventory report's data files (CSV.gz or Parquet) read as a listing of current objects."""
+    spec = inventory_spec(job.input, job.storage)
+    text = {c: pa.string() for c in spec.columns}
+    rows = read_files(spec.files, job.storage, csv_names=spec.columns if spec.file_format == "CSV" else None, csv_types=text)
+    protocol = job.input.split("://", 1)[0] if "://" in job.input else "s3"
+    return rows.map_batches(inventory_listing, fn_kwargs={"protocol": protocol, "url_encoded": spec.file_format == "CSV"},
+                            batch_format="pyarrow", batch_size=None).materialize()
+
+
+def new_objects(job: JobConfig, listing: Any, partitions: int) -> Any:
+    """Incremental: listing rows whose (uri, version) no successful run has taken (anti-join with the state)."""
+    import ray
+
+    deltas = [f for files in state_deltas(job.output, job.storage).values() for f in files]
+    legacy = legacy_state(job.output, job.storage)
+    if not deltas and legacy is None:
+        return listing
+    state = read_files(deltas, job.storage) if deltas else ray.data.from_arrow(legacy)
+    if deltas and legacy is not None:
+        state = state.union(ray.data.from_arrow(legacy))
+    return listing.join(state, join_type="left_anti", num_partitions=partitions, on=("uri", "version"))
+
+
+def count_skipped(listing: Any) -> dict[str, int]:
+    """Listed non-media files by extension: one small table per block, summed here."""
+    parts = listing.map_batches(skipped_counts, batch_format="pyarrow", batch_size=None).to_arrow_refs()
+    import ray
+
+    tables = [t for t in ray.get(parts) if t.num_rows]
+    return add_counts({}, pa.concat_tables(tables)) if tables else {}
+
+
+def read_inputs(job: JobConfig, partitions: int) -> Inputs:
+    """The job's samples as a dataset (incremental: only new or changed objects, materialized)."""
+    kind = input_kind(job.input, job.input_format)
+    if kind == "manifest":
+        return read_manifest(job)
+    listing = list_objects(job) if kind == "files" else read_inventory(job)
+    skipped = count_skipped(listing)
+    media = {"batch_format": "pyarrow", "batch_size": None}
+    if not job.incremental:
+        samples = listing.map_batches(media_rows, **media)
+        return Inputs(samples=samples, keys=samples, kind=kind, skipped=skipped)
+    listed = listing.map_batches(media_rows, **media).count()
+    samples = new_objects(job, listing, partitions).map_batches(media_rows, fn_kwargs={"versioned": True}, **media)
+    samples = samples.materialize()
+    return Inputs(samples=samples, keys=samples, kind=kind, skipped=skipped, objects_listed=listed)
+
