@@ -152,6 +152,7 @@ def test_replica_usage_counts_overlapping_batches_once_and_gives_rates():
     assert usage["b"]["images_per_s"] == 2.0 and busy == round(5 / 7, 4)
 
 
+@pytest.mark.parametrize("overrides", [["compute.tp=2"], ["compute.replicas=2"], ["compute.tp=2", "compute.replicas=2"]])
 def test_tp_and_replicas_on_a_two_cpu_machine_share_the_cpus(overrides):
     """tp on CPU is for trying tp before a GPU cluster: on 2 CPUs the ranks (or replicas) share what one
     preprocessing task leaves, and the plan says so in one line."""
