@@ -29,16 +29,22 @@ def _names(files: list[str]) -> set[str]:
     return {f.rsplit("/", 1)[-1] for f in files}
 
 
-def remove_orphans(output: str, output_passed: str, options: Mapping[str, Any] | None = None) -> int:
-    """Delete passed shards whose output shard is missing (a run died between the two writes); how many."""
+def orphans(output: str, output_passed: str, options: Mapping[str, Any] | None = None) -> list[str]:
+    """Passed shards whose output shard is missing (a run died between the two writes)."""
     shards = _names(shard_files(output, options))
     fs, path = get_filesystem(output_passed, options)
-    fs.invalidate_cache(path)
-    orphans = [f for f in shard_files(output_passed, options)
-               if f.endswith(SUFFIX) and f.rsplit("/", 1)[-1].removesuffix(SUFFIX) + ".parquet" not in shards]
-    for f in orphans:
+    fs.invalidate_cache(path)  # shards written since this process last listed the folder
+    return [f for f in shard_files(output_passed, options)
+            if f.endswith(SUFFIX) and f.rsplit("/", 1)[-1].removesuffix(SUFFIX) + ".parquet" not in shards]
+
+
+def remove_orphans(output: str, output_passed: str, options: Mapping[str, Any] | None = None) -> int:
+    """Delete the orphan passed shards before a resumed run writes their rows again; how many."""
+    found = orphans(output, output_passed, options)
+    fs, _ = get_filesystem(output_passed, options)
+    for f in found:
         fs.rm(f)
-    return len(orphans)
+    return len(found)
 
 
 def passed_rows(output_passed: str, options: Mapping[str, Any] | None = None) -> int:
@@ -51,11 +57,9 @@ def passed_rows(output_passed: str, options: Mapping[str, Any] | None = None) ->
 def check_passed(output: str, output_passed: str, expected: int, options: Mapping[str, Any] | None = None) -> str | None:
     """What is wrong with the passed subset, if anything: an orphan shard, or a row count other than `expected`
     (the output's passed rows)."""
-    shards = _names(shard_files(output, options))
-    stray = sorted(n for n in _names(shard_files(output_passed, options))
-                   if n.endswith(SUFFIX) and n.removesuffix(SUFFIX) + ".parquet" not in shards)
+    stray = orphans(output, output_passed, options)
     if stray:
-        return f"{len(stray)} passed shard(s) with no output shard (e.g. {stray[0]})"
+        return f"{len(stray)} passed shard(s) with no output shard (e.g. {stray[0].rsplit('/', 1)[-1]})"
     found = passed_rows(output_passed, options)
     if found != expected:
         return f"{found} rows in {output_passed}, but {expected} passed rows in the output"

@@ -36,9 +36,13 @@ def answer_logprob(steps: Sequence[Any], label: Sequence[int], end_ids: Sequence
     if len(steps) != len(label) + 1:
         raise ValueError(f"{len(steps)} steps for a label of {len(label)} tokens (needs one more, for the end)")
     logprob = sum(float(steps[t][token]) for t, token in enumerate(label))
-    ends = [float(steps[-1][e]) for e in end_ids]
-    top = max(ends)
-    return logprob + top + math.log(sum(math.exp(e - top) for e in ends))
+    return logprob + logsumexp([float(steps[-1][e]) for e in end_ids])
+
+
+def logsumexp(logprobs: Sequence[float]) -> float:
+    """log of the summed probabilities (e.g. of ending the answer with any of several end tokens)."""
+    top = max(logprobs)
+    return top + math.log(sum(math.exp(lp - top) for lp in logprobs))
 
 
 def normalize(logprobs: Sequence[float]) -> list[float]:

@@ -33,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import math
 import uuid
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -50,6 +49,7 @@ from pipeline.model.engine import (Generation, InternVLEngine, Prompter, context
                                    require_chat_template)
 from pipeline.model.processor_files import has_processor
 from pipeline.model.sampling import TRANSFORMERS_TOP_K
+from pipeline.model.scoring import logsumexp
 from pipeline.model.vllm_support import LoopThread, check_plugin, engine_args, load_vision
 
 
@@ -321,7 +321,5 @@ class VLLMEngine(Prompter):
                     if len(seq) > depth:
                         result[i][j] += logprobs[(i, tuple(seq[:depth]))][seq[depth]]
                     elif len(seq) == depth:
-                        ends = [logprobs[(i, tuple(seq))][e] for e in end]
-                        top = max(ends)
-                        result[i][j] += top + math.log(sum(math.exp(e - top) for e in ends))
+                        result[i][j] += logsumexp([logprobs[(i, tuple(seq))][e] for e in end])
         return result

@@ -15,6 +15,7 @@ import pytest
 
 from pipeline.errors import LockedError
 from pipeline.io.lock import LOCK_FILE, TAKEOVER_DIR, lease, run_lock
+from pipeline.io.markers import write_marker
 from tests.conftest import REPO
 
 HOLD = """
@@ -76,14 +77,18 @@ def _killed_holder(output: str, ttl: float) -> None:
         holder.wait()
 
 
+def _output(where: str, tmp_path, request) -> str:
+    """An output folder on disk, or a fresh prefix on the SeaweedFS server."""
+    if where == "s3":
+        request.getfixturevalue("s3_server")
+        return f"s3://bucket/lock-{time.time_ns()}/out"
+    return str(tmp_path / "out")
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("where", ["disk", "s3"])
 def test_a_killed_runs_lock_refuses_until_it_expires_then_is_taken_over(where, tmp_path, request):
-    if where == "s3":
-        request.getfixturevalue("s3_server")
-        output = f"s3://bucket/lock-{time.time_ns()}/out"
-    else:
-        output = str(tmp_path / "out")
+    output = _output(where, tmp_path, request)
     _killed_holder(output, ttl=4.0)
     with pytest.raises(LockedError, match=r"another run holds .*_LOCK \(host .*, pid \d+, .*its lease expires"):
         with run_lock(output):
@@ -98,15 +103,8 @@ def test_a_killed_runs_lock_refuses_until_it_expires_then_is_taken_over(where, t
 @pytest.mark.integration
 @pytest.mark.parametrize("where", ["disk", "s3"])
 def test_runs_racing_for_an_expired_lock_exactly_one_wins(where, tmp_path, request):
-    if where == "s3":
-        request.getfixturevalue("s3_server")
-        output = f"s3://bucket/race-{time.time_ns()}/out"
-        from pipeline.io.markers import write_marker
-        write_marker(output, LOCK_FILE, lease(1.0, now=time.time() - 10))
-    else:
-        output = str(tmp_path / "out")
-        os.makedirs(output)
-        (tmp_path / "out" / LOCK_FILE).write_text(json.dumps(lease(1.0, now=time.time() - 10)))
+    output = _output(where, tmp_path, request)
+    write_marker(output, LOCK_FILE, lease(1.0, now=time.time() - 10))  # a dead run's lease, expired 9 s ago
     start = str(time.time() + 3.0)
     racers = [_python(RACE, output, start, env={**os.environ, "PYTHONPATH": str(REPO)}) for _ in range(4)]
     outcomes = [r.communicate(timeout=120)[0].strip() for r in racers]
