@@ -16,6 +16,8 @@ from pipeline.run.summary import RunSummary
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Batch InternVL captioning and VQA on Ray Data.")
 err_console = Console(stderr=True, soft_wrap=True)
+RETRY_HELP = ("Try the output's error rows again (types: the job's retry.errors, else the default list), also those "
+              "that have been through the whole retry ladder; each id stays once in the output.")
 VERBOSE_HELP = "Also show the libraries' progress bars and Ray Data's info lines on stderr."
 console = Console(soft_wrap=True)
 
@@ -30,6 +32,9 @@ def summary_table(summary: RunSummary) -> Table:
     table.add_row("errors", str(summary.rows_error))
     for kind, count in sorted(summary.errors_by_type.items()):
         table.add_row(f"  {kind}", str(count))
+    if summary.rows_retried or len(summary.rows_by_attempt) > 1:
+        table.add_row("retried", f"{summary.rows_retried} rows; by attempt "
+                      + ", ".join(f"{a}: {n}" for a, n in sorted(summary.rows_by_attempt.items(), key=lambda x: int(x[0]))))
     table.add_row("tiles", str(summary.tiles))
     table.add_row("generated tokens", str(summary.generated_tokens))
     table.add_row("wall time", f"{summary.wall_s:.1f} s")
@@ -51,6 +56,7 @@ def run(
     job_file: Annotated[Path, typer.Argument(help="Job YAML file.")],
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key: --set compute.batch_size=16")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help=VERBOSE_HELP)] = False,
+    retry_errors: Annotated[bool, typer.Option("--retry-errors", help=RETRY_HELP)] = False,
 ) -> None:
     """Run a job file."""
     from pipeline.errors import RunError
@@ -64,7 +70,7 @@ def run(
         raise typer.Exit(2) from None
     try:
         with quiet_run(verbose):
-            summary = run_job(job, echo=console.print)
+            summary = run_job(job, echo=console.print, retry_errors=retry_errors)
     except JobError as err:
         err_console.print(f"[red]error:[/red] {err}", highlight=False)
         raise typer.Exit(2) from None
@@ -108,11 +114,12 @@ def submit(
     address: Annotated[str, typer.Option(help="Ray dashboard address, e.g. http://HEAD:8265.", envvar="RAY_ADDRESS")],
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key: --set compute.replicas=4")] = None,
     follow: Annotated[bool, typer.Option("--follow/--no-follow", help="Follow the job's logs until it ends.")] = True,
+    retry_errors: Annotated[bool, typer.Option("--retry-errors", help=RETRY_HELP)] = False,
 ) -> None:
     """Submit a job to a Ray cluster (deterministic submission id, no secrets in the runtime env) and follow it."""
     from pipeline.run.submit import submit_job
 
-    raise typer.Exit(submit_job(job_file, address=address, overrides=set_ or [], follow=follow,
+    raise typer.Exit(submit_job(job_file, address=address, overrides=set_ or [], follow=follow, retry_errors=retry_errors,
                                 echo=lambda line: console.print(line, markup=False, highlight=False)))
 
 

@@ -213,6 +213,55 @@ class DecodeConfig(_Section):
     attempts: int = Field(2, ge=1, le=10, description="Tries of a sample whose decoder crashes before it becomes a crashed error row.")
 
 
+# Job keys a retry rung may lower: how much of a sample is read and how long its answer may be (never what is asked
+# or which model answers).
+RUNG_KEYS = {
+    "tiling": ("max_tiles", "min_tiles", "thumbnail", "max_tokens_per_sample", "mode", "max_image_pixels"),
+    "video": ("num_frames", "tiles_per_frame", "start_s", "end_s", "max_duration_s", "max_frames", "max_pixels"),
+    "generation": ("max_new_tokens",),
+    "decode": ("timeout_s", "attempts", "isolate"),
+    "compute": ("batch_size", "max_batch_tokens"),
+}
+DEFAULT_RETRY_ERRORS = ("read_error", "too_large", "timeout", "crashed", "model_error", "too_long")
+
+
+class RetryConfig(_Section):
+    """Samples that fail with one of `errors` are tried again in the same run with each rung of `ladder` in turn.
+    Not part of the fingerprint: a rung's settings are recorded per row (`attempt`, `degraded`)."""
+
+    errors: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_RETRY_ERRORS),
+        description="Error types worth retrying (see the error table); default: "
+                    f"{', '.join(DEFAULT_RETRY_ERRORS)}.")
+    ladder: list[dict[str, Any]] = Field(
+        default_factory=list, max_length=8,
+        description="Partial overrides tried in order, e.g. {tiling.max_tiles: 6, video.num_frames: 8}; `{}` retries "
+                    "once with the job's own settings. Keys: "
+                    + "; ".join(f"{s}.{{{','.join(k)}}}" for s, k in RUNG_KEYS.items()) + ".")
+
+    @field_validator("errors")
+    @classmethod
+    def _types(cls, value: list[str]) -> list[str]:
+        from pipeline.errors import ErrorType
+
+        known = [e.value for e in ErrorType]
+        bad = [v for v in value if v not in known]
+        if bad:
+            raise ValueError(f"unknown error type(s) {bad}; known: {', '.join(known)}")
+        return value
+
+    @field_validator("ladder")
+    @classmethod
+    def _rungs(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for k, rung in enumerate(value):
+            for key in rung:
+                section, _, name = str(key).partition(".")
+                if name not in RUNG_KEYS.get(section, ()):
+                    allowed = ", ".join(f"{s}.{n}" for s, names in RUNG_KEYS.items() for n in names)
+                    raise ValueError(f"ladder[{k}]: {key!r} cannot be changed by a retry; allowed: {allowed}")
+        return value
+
+
 class JobConfig(_Section):
     task: Literal["caption", "vqa", "score"] = Field(
         description="caption: one prompt for every sample; vqa: a question per row; score: label probabilities of a yes/no or rating question.")
@@ -253,6 +302,7 @@ class JobConfig(_Section):
     overwrite: bool = Field(False, description="Replace results already in `output` (otherwise such a run is refused).")
     storage: dict[str, Any] = Field(default_factory=dict, description="Extra fsspec/s3fs options, e.g. endpoint_url. No credentials.")
     model_cache: str | None = Field(None, description="Local folder where s3:// checkpoints are copied (default ~/.cache/internvl-batch/models).")
+    retry: RetryConfig | None = Field(None, description="Retry failed samples with lighter settings (a ladder of partial overrides); not part of the fingerprint.")
     _criteria: list[Criterion] = PrivateAttr(default_factory=list)
     _schema: dict[str, Any] | None = PrivateAttr(None)  # `schema`, loaded and checked
     _question_schemas: list[dict[str, Any] | None] = PrivateAttr(default_factory=list)  # each job question's own
@@ -325,6 +375,20 @@ class JobConfig(_Section):
             raise ValueError(f"schema: the questions' schemas cannot share one answer column: {err}") from None
         return self
 
+    @model_validator(mode="after")
+    def _rungs_valid(self, info: ValidationInfo) -> JobConfig:
+        """Every rung of the retry ladder gives a valid job (checked now, not when a sample first fails)."""
+        if self.retry is None or (info.context or {}).get("rung"):
+            return self
+        for k, rung in enumerate(self.retry.ladder):
+            try:
+                _with_overrides(self, rung)
+            except ValidationError as err:
+                problem = err.errors()[0]
+                where = ".".join(str(p) for p in problem["loc"])
+                raise ValueError(f"retry.ladder[{k}]: {where}: {problem['msg'].removeprefix('Value error, ')}") from None
+        return self
+
     def _normalized_criteria(self) -> list[Criterion]:
         """The criteria a score job evaluates; a job without `criteria` is one criterion named '' (plain columns)."""
         if self.criteria is not None:
@@ -390,6 +454,45 @@ class JobConfig(_Section):
         if self.answer_schemas():  # only then, so the fingerprints of jobs without one stay as they were
             relevant["schema"] = {"job": self._schema, "questions": self._question_schemas}
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def rung_overrides(job: JobConfig, attempt: int) -> dict[str, Any]:
+    """The overrides attempt `attempt` runs with: none for the first, then each rung of the ladder in turn (an
+    attempt past the ladder, from `--retry-errors`, keeps its last rung)."""
+    ladder = job.retry.ladder if job.retry else []
+    if attempt <= 1 or not ladder:
+        return {}
+    return dict(ladder[min(attempt - 1, len(ladder)) - 1])
+
+
+def max_attempt(job: JobConfig) -> int:
+    """The last attempt a run makes at a sample on its own: its first try and one per rung."""
+    return 1 + len(job.retry.ladder if job.retry else [])
+
+
+def rung_job(job: JobConfig, attempt: int) -> JobConfig:
+    """The job as attempt `attempt` runs it: its rung's overrides applied (each key validated as usual)."""
+    overrides = rung_overrides(job, attempt)
+    if not overrides:
+        return job
+    try:
+        return _with_overrides(job, overrides)
+    except ValidationError as err:
+        raise JobError(format_validation_error(err, f"retry rung {attempt - 1} ({json.dumps(overrides)})")) from None
+
+
+def _with_overrides(job: JobConfig, overrides: dict[str, Any]) -> JobConfig:
+    """The job with dotted-key overrides, validated again (its schemas passed as the mappings already loaded)."""
+    data = job.model_dump(exclude_none=True)
+    if job.answer_schema is not None:
+        data["schema"] = job.answer_schema
+    for q, (_, schema) in zip(data.get("questions") or [], job.questions_asked()):
+        if schema is not None and "schema" in q:
+            q["schema"] = schema
+    for key, value in overrides.items():
+        section, name = key.split(".", 1)
+        data.setdefault(section, {})[name] = value
+    return JobConfig.model_validate(data, context={"base": None, "rung": True})
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -461,7 +564,9 @@ def format_validation_error(err: ValidationError, source: str) -> str:
         elif e["type"] == "missing":
             lines.append(f"  {loc}: required key is missing")
         else:
-            lines.append(f"  {loc}: {e['msg'].removeprefix('Value error, ')}")
+            msg = e["msg"].removeprefix("Value error, ")
+            # a whole-job check that names its own key (retry.ladder[k]...) needs no "(top level)"
+            lines.append(f"  {msg}" if not e["loc"] and re.match(r"[a-z_]+[.\[]", msg) else f"  {loc}: {msg}")
     return "\n".join(lines)
 
 

@@ -49,6 +49,9 @@ OUTPUT_SCHEMA = pa.schema([
     ("infer_ms", pa.float64()),
 ])
 
+# What the write stage adds to every row: which try wrote it (1 = the first) and the retry rung's overrides (JSON).
+RETRY_FIELDS = [pa.field("attempt", pa.int32()), pa.field("degraded", pa.string())]
+
 # What the CPU stage adds to each input row.
 PREPROCESS_SCHEMA = pa.schema([
     ("pixels", pa.large_binary()),  # uint8 tiles (num_tiles, 448, 448, 3), C order
@@ -90,7 +93,8 @@ TODO_COLUMN = "__todo"
 # Columns a manifest row brings and the output keeps under the same name.
 INPUT_COLUMNS = frozenset({"id", "uri", "uris", "question", "questions"})
 # Columns every job writes; a score job also writes its score columns (see `reserved_columns`).
-RESERVED_COLUMNS = (frozenset(OUTPUT_SCHEMA.names) | frozenset(PREPROCESS_SCHEMA.names)) - INPUT_COLUMNS
+RESERVED_COLUMNS = (frozenset(OUTPUT_SCHEMA.names) | frozenset(PREPROCESS_SCHEMA.names)
+                    | frozenset(f.name for f in RETRY_FIELDS)) - INPUT_COLUMNS
 
 
 def column(base: str, criterion: Any) -> str:

@@ -47,7 +47,7 @@ def existing_results(output: str, options: Mapping[str, Any] | None = None) -> l
     fs, path = get_filesystem(output, options)
     if not fs.exists(path):
         return []
-    own = lambda p: p.endswith((".parquet", SUCCESS_FILE, JOB_FILE, "_INCREMENTAL.json")) or "/_runs/" in p or "/_state/" in p  # noqa: E731
+    own = lambda p: p.endswith((".parquet", SUCCESS_FILE, JOB_FILE, "_INCREMENTAL.json")) or "/_runs/" in p or "/_state/" in p or "/_retry/" in p  # noqa: E731
     return sorted(p for p in fs.find(path) if own(p))
 
 

@@ -100,9 +100,9 @@ def in_calls(call: EngineCall, requests: Sequence[PromptRequest], samples: Seque
 
 
 def with_memory_fallback(call: EngineCall, requests: list[PromptRequest], samples: list[np.ndarray]) -> list[Any]:
-    """call() for the whole batch. If the device runs out of memory: again one sample (with all its requests) at a
-    time, and a sample that still does not fit becomes a Failure. If the call raises anything else: the batch is
-    split in halves, and halves of those, until the sample(s) it fails on are found; each becomes a Failure naming
+    """call() for the whole batch. If memory runs out (the device's, or the host's: the CPU allocator): again one
+    sample (with all its requests) at a time, and a sample that still does not fit becomes a Failure. If the call
+    raises anything else: the batch is split in halves, and halves of those, until the sample(s) it fails on are found; each becomes a Failure naming
     the cause (`failed`: the exception), the others get their results, equal to running them alone. Whether the
     model itself is broken (failing on every sample) is the caller's to decide (stages/model_stage.PoisonGuard)."""
     import torch
@@ -111,24 +111,33 @@ def with_memory_fallback(call: EngineCall, requests: list[PromptRequest], sample
         return []
     try:
         return call(requests, samples)
-    except torch.OutOfMemoryError:
-        if len(samples) == 1:
-            failure = Failure(ErrorType.MODEL_ERROR, f"out of device memory for one sample ({len(samples[0])} tiles)")
-            return [failure] * len(requests)
-        parts = [[s] for s in range(len(samples))]
-    except Exception as err:  # noqa: BLE001 - a poison sample: find it
-        if len(samples) == 1:
+    except Exception as err:  # noqa: BLE001 - out of memory, or a poison sample: find it
+        if is_out_of_memory(err):
+            if len(samples) == 1:
+                where = "device" if isinstance(err, torch.OutOfMemoryError) else "host"
+                failure = Failure(ErrorType.MODEL_ERROR, f"out of {where} memory for one sample ({len(samples[0])} tiles)")
+                return [failure] * len(requests)
+            parts = [[s] for s in range(len(samples))]
+        elif len(samples) == 1:
             failure = Failure(ErrorType.MODEL_ERROR, f"the model failed on this sample: {type(err).__name__}: {err}",
                               failed=err)
             return [failure] * len(requests)
-        half = len(samples) // 2
-        parts = [list(range(half)), list(range(half, len(samples)))]
+        else:
+            half = len(samples) // 2
+            parts = [list(range(half)), list(range(half, len(samples)))]
     results: list[Any] = [None] * len(requests)
     for part in parts:
         mine = [i for i, r in enumerate(requests) if r.sample in part]
         for i, r in zip(mine, with_memory_fallback(call, *subset(requests, samples, part, mine))):
             results[i] = r
     return results
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """A device (CUDA) or host (the CPU allocator) out-of-memory error."""
+    import torch
+
+    return isinstance(err, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(err)
 
 
 def subset(requests: Sequence[PromptRequest], samples: Sequence[np.ndarray], keep: list[int],

@@ -103,11 +103,14 @@ def todo_rows(plan: RunPlan) -> Any:
     return pa.concat_tables(tables, promote_options="default") if tables else plan.todo
 
 
-def execute(job: JobConfig, plan: RunPlan, echo: Callable[[str], None], *, started: float) -> RunTally:
-    """Run the Ray Data plan over the samples left to do; the written shards' stats, summed as they arrive."""
+def execute(job: JobConfig, plan: RunPlan, echo: Callable[[str], None], *, started: float, attempt: int = 1,
+            tally: RunTally | None = None) -> RunTally:
+    """Run the Ray Data plan over the samples left to do; the written shards' stats, summed as they arrive.
+    `attempt` > 1: a retry pass, `job` with its rung applied (the output was marked by the first pass)."""
     import ray
 
-    mark_output(job)
+    if attempt == 1:
+        mark_output(job)
     resources = cluster_resources(job)
     budget = object_store_budget(job, resources, ray.cluster_resources().get("object_store_memory"))
     configure_data_context(budget)
@@ -118,16 +121,19 @@ def execute(job: JobConfig, plan: RunPlan, echo: Callable[[str], None], *, start
          f"{budget / 1024**2:.0f} MiB object store for queued tiles")
     if resources.note:
         echo(resources.note)
-    tally = RunTally()
+    tally = tally if tally is not None else RunTally()
     written = 0
     try:
-        for row in build_dataset(job, todo_rows(plan), resources, input_columns=plan.input_columns).iter_rows():  # one row per shard
+        dataset = build_dataset(job, todo_rows(plan), resources, input_columns=plan.input_columns, attempt=attempt)
+        for row in dataset.iter_rows():  # one row per shard
             shard = ShardStats.from_row(row)
-            tally.add(shard.rows, shard.tiles, shard.generated_tokens, shard.batches, shard=bool(shard.file))
+            tally.add(shard.rows, shard.tiles, shard.generated_tokens, shard.batches, shard=bool(shard.file),
+                      deferred=shard.deferred)
             written += shard.rows
-            if shard.file:
-                echo(f"[{written}/{plan.rows_todo}] {shard.file}: {shard.rows} rows, {shard.rows - shard.ok} errors "
-                     f"({written / (time.perf_counter() - started):.2f} rows/s)")
+            if shard.file or shard.deferred:
+                aside = f", {shard.deferred} set aside to retry" if shard.deferred else ""
+                echo(f"[{written}/{plan.rows_todo}] {shard.file or '(retry only)'}: {shard.rows} rows, "
+                     f"{shard.rows - shard.ok} errors{aside} ({written / (time.perf_counter() - started):.2f} rows/s)")
     except Exception as err:  # noqa: BLE001 - Ray wraps the cause; report it, keep what was written
         from ray.exceptions import RayActorError
 

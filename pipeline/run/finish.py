@@ -20,6 +20,7 @@ from pipeline.errors import ErrorType, RunError
 from pipeline.io.incremental import COMPACT_AFTER, delta_url, record_run, remove_deltas, state_deltas
 from pipeline.io.markers import SUCCESS_FILE
 from pipeline.io.passed import check_passed
+from pipeline.io.retry import attempts_of
 from pipeline.io.schema import Totals, column
 from pipeline.io.shards import shard_urls
 from pipeline.io.storage import get_filesystem
@@ -30,6 +31,7 @@ from pipeline.run.sources import arrow_fs, read_files, read_shards
 from pipeline.run.summary import RunSummary, RunTally
 
 ERROR_KINDS = [e.value for e in ErrorType] + ["unknown"]
+MAX_COUNTED_ATTEMPT = 10  # the summary counts rows by attempt up to here (a ladder has at most 8 rungs)
 
 
 @dataclass
@@ -39,12 +41,14 @@ class OutputCounts(Totals):
     files: int = 0  # shards
     score_histograms: dict[str, list[int]] = field(default_factory=dict)
     rows_passed: int | None = None
+    by_attempt: dict[str, int] = field(default_factory=dict)
 
     def summary_fields(self) -> dict[str, Any]:
         """The RunSummary fields these counts fill."""
         return dict(rows_out=self.rows, rows_ok=self.ok, rows_error=self.rows - self.ok, errors_by_type=self.errors,
                     tiles=self.tiles, input_tokens=self.input_tokens, generated_tokens=self.generated_tokens,
-                    files=self.files, score_histograms=self.score_histograms, rows_passed=self.rows_passed)
+                    files=self.files, score_histograms=self.score_histograms, rows_passed=self.rows_passed,
+                    rows_by_attempt=self.by_attempt)
 
 
 def block_totals(batch: pa.Table, score_columns: Sequence[tuple[str, str]], with_passed: bool) -> pa.Table:
@@ -54,6 +58,9 @@ def block_totals(batch: pa.Table, score_columns: Sequence[tuple[str, str]], with
                            "generated_tokens": total.generated_tokens}
     for kind in ERROR_KINDS:
         row[f"error:{kind}"] = total.errors.get(kind, 0)
+    attempts = attempts_of(batch)
+    for a in range(1, MAX_COUNTED_ATTEMPT + 1):
+        row[f"attempt:{a}"] = int(pc.sum(pc.equal(attempts, a).cast(pa.int64())).as_py() or 0)
     for name, col in score_columns:
         for k, n in enumerate(histogram(batch.column(col).to_pylist())):
             row[f"hist:{name}:{k}"] = n
@@ -71,7 +78,7 @@ def summarize_output(output: str, options: Mapping[str, Any] | None = None, *, c
     if not files:
         return OutputCounts(rows_passed=0 if with_passed else None)
     score_columns = [((c.name or "score"), column("score", c)) for c in criteria]
-    cols = ["id", "status", "error_type", "num_tiles", "num_input_tokens", "num_generated_tokens",
+    cols = ["id", "status", "error_type", "attempt", "num_tiles", "num_input_tokens", "num_generated_tokens",
             *[col for _, col in score_columns], *(["passed"] if with_passed else [])]
     parts = read_shards(files, options, cols).map_batches(
         block_totals, fn_kwargs={"score_columns": score_columns, "with_passed": with_passed},
@@ -85,6 +92,7 @@ def summarize_output(output: str, options: Mapping[str, Any] | None = None, *, c
         errors={k: sums[f"error:{k}"] for k in ERROR_KINDS if sums.get(f"error:{k}")},
         score_histograms={name: [sums.get(f"hist:{name}:{k}", 0) for k in range(HISTOGRAM_BINS)] for name, _ in score_columns},
         rows_passed=sums.get("passed", 0) if with_passed else None,
+        by_attempt={str(a): sums[f"attempt:{a}"] for a in range(1, MAX_COUNTED_ATTEMPT + 1) if sums.get(f"attempt:{a}")},
     )
 
 
@@ -146,7 +154,7 @@ def finish(job: JobConfig, plan: RunPlan, tally: RunTally, *, started: float) ->
         fingerprint=job.fingerprint(), task=job.task, model=job.model, output=job.output,
         skipped_inputs=plan.skipped, rows_this_run=tally.rows,
         tiles_this_run=tally.tiles, tokens_this_run=tally.generated_tokens,
-        model_busy_fraction=busy, replicas=replicas,
+        model_busy_fraction=busy, replicas=replicas, rows_retried=tally.deferred,
     )
     check_ids(job, plan, counts.rows)
     problem = check_passed(job.output, job.output_passed, counts.rows_passed or 0, job.storage) if job.output_passed else None

@@ -23,6 +23,7 @@ from pipeline.io.inputs import duplicate_id_error, input_kind
 from pipeline.io.listing import inventory_spec, is_glob, glob_root, manifest_files
 from pipeline.io.markers import JOB_FILE, read_marker
 from pipeline.io.passed import remove_orphans
+from pipeline.io.retry import pending_files
 from pipeline.io.schema import reserved_columns
 from pipeline.io.shards import clear_results, existing_results, shard_files, shard_urls
 from pipeline.io.storage import get_filesystem
@@ -161,10 +162,12 @@ def expected_rows(batch: pa.Table, job: JobConfig) -> pa.Table:
 
 
 def done_ids(job: JobConfig, *, dry_run: bool = False) -> Any:
-    """The ids already in the output as a dataset, or None (no shards yet; a dry run of an overwrite)."""
+    """The ids already in the output or set aside for a retry, as a dataset, or None (no shards yet; a dry run of
+    an overwrite)."""
     if dry_run and job.overwrite:
         return None
-    files = shard_urls(job.output, job.storage)
+    files = shard_urls(job.output, job.storage)  # and the rows waiting for a retry pass: done for this pass
+    files += [f for attempt in pending_files(job.output, job.storage).values() for f in attempt]
     return ids.read_ids(files, job.storage) if files else None
 
 

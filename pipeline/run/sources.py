@@ -18,9 +18,11 @@ from pipeline.io.inputs import (
     manifest_base, manifest_rows, media_rows, skipped_counts,
 )
 from pipeline.io.listing import inventory_listing, inventory_spec, list_level, list_tree, manifest_files
+from pipeline.io.schema import RETRY_FIELDS
 from pipeline.io.storage import extension, get_filesystem
 
 LIST_CPUS = 0.25  # listing a prefix waits on the object store, not the CPU
+RETRY_TYPES = {f.name: f.type for f in RETRY_FIELDS}
 SAMPLE_KEYS = ("id", "uri", "uris", "question", "questions")  # what ids and expected rows are derived from
 
 
@@ -67,7 +69,12 @@ def _read_shards(batch: dict[str, Any], options: Any, columns: list[str]) -> pa.
     tables = []
     for url in batch["path"]:
         fs, path = get_filesystem(str(url), options)
-        tables.append(pq.read_table(path, columns=columns, filesystem=fs))
+        names = pq.read_schema(path, filesystem=fs).names
+        table = pq.read_table(path, columns=[c for c in columns if c in names], filesystem=fs)
+        for c in columns:  # a column later versions added (`attempt`): null in shards written before
+            if c not in names:
+                table = table.append_column(c, pa.nulls(table.num_rows, RETRY_TYPES.get(c, pa.string())))
+        tables.append(table.select(columns))
     return pa.concat_tables(tables)
 
 

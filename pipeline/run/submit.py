@@ -57,10 +57,11 @@ def project_root(job_file: Path) -> Path:
     return job_file.parent
 
 
-def submission_id(job: JobConfig, job_file: Path, overrides: list[str]) -> str:
-    """A deterministic id: the config fingerprint plus a digest of the job file's bytes and the overrides, in order."""
+def submission_id(job: JobConfig, job_file: Path, overrides: list[str], flags: list[str] | None = None) -> str:
+    """A deterministic id: the config fingerprint plus a digest of the job file's bytes, the overrides, in order,
+    and the run's flags (`--retry-errors`)."""
     digest = hashlib.sha256(Path(job_file).read_bytes())
-    for item in overrides:
+    for item in [*overrides, *(flags or [])]:
         digest.update(b"\0" + item.encode())
     return f"internvl-batch-{job.fingerprint()}-{digest.hexdigest()[:8]}"
 
@@ -70,12 +71,12 @@ def relative_job_file(job_file: Path, root: Path) -> str:
     return Path(job_file).resolve().relative_to(root.resolve()).as_posix()
 
 
-def build_entrypoint(job_file: Path, root: Path, overrides: list[str]) -> str:
-    """`internvl-batch run <job file relative to working_dir> [--set k=v ...]`, shell-quoted."""
+def build_entrypoint(job_file: Path, root: Path, overrides: list[str], flags: list[str] | None = None) -> str:
+    """`internvl-batch run <job file relative to working_dir> [--set k=v ...] [flags]`, shell-quoted."""
     parts = ["internvl-batch", "run", relative_job_file(job_file, root)]
     for item in overrides:
         parts += ["--set", item]
-    return shlex.join(parts)
+    return shlex.join(parts + list(flags or []))
 
 
 def build_runtime_env(root: Path) -> dict[str, Any]:
@@ -151,7 +152,8 @@ def _relative_path_warnings(job: JobConfig) -> list[str]:
 
 
 def submit_job(job_file: Path, *, address: str, overrides: list[str], follow: bool = True,
-               echo: Callable[[str], Any] = print, client: JobClient | None = None, poll_s: float = 2.0) -> int:
+               echo: Callable[[str], Any] = print, client: JobClient | None = None, poll_s: float = 2.0,
+               retry_errors: bool = False) -> int:
     """Validate a job file here, submit it to the cluster at `address` once, and follow it.
 
     Returns the exit code: 0 when the job succeeded (now or before), or was submitted without following;
@@ -170,9 +172,10 @@ def submit_job(job_file: Path, *, address: str, overrides: list[str], follow: bo
     if excluded:
         echo(f"error: {job_file}: the job file lies in {excluded[0]}, which is not uploaded; move it elsewhere")
         return 2
-    entrypoint = build_entrypoint(job_file, root, overrides)
+    flags = ["--retry-errors"] if retry_errors else []
+    entrypoint = build_entrypoint(job_file, root, overrides, flags)
     runtime_env = build_runtime_env(root)
-    base_id = submission_id(job, job_file, overrides)
+    base_id = submission_id(job, job_file, overrides, flags)
     metadata = {"job_name": "internvl-batch", "job_file": relative, "task": job.task,
                 "fingerprint": job.fingerprint(), "output": job.output}
     try:

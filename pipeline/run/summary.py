@@ -21,11 +21,14 @@ class RunTally:
     rows: int = 0
     tiles: int = 0
     generated_tokens: int = 0
+    deferred: int = 0  # error rows set aside for a retry pass
     per_replica: dict[str, dict[str, float]] = field(default_factory=dict)
 
-    def add(self, rows: int, tiles: int, generated_tokens: int, batches: list[dict[str, Any]], *, shard: bool = True) -> None:
+    def add(self, rows: int, tiles: int, generated_tokens: int, batches: list[dict[str, Any]], *, shard: bool = True,
+            deferred: int = 0) -> None:
         self.shards += int(shard)
         self.rows += rows
+        self.deferred += deferred
         self.tiles += tiles
         self.generated_tokens += generated_tokens
         for b in {(b["replica"], b["start"]): b for b in batches}.values():  # a batch's timing once
@@ -84,6 +87,10 @@ class RunSummary:
     # generated_tokens and the rates while busy, images_per_s and tokens_per_s (compare engines on your data).
     model_busy_fraction: float | None = None
     replicas: dict[str, dict[str, float]] = field(default_factory=dict)
+    # Retries: rows this run set aside to try again (each is counted again by the pass that retried it), and the
+    # output's rows by the attempt that wrote them ("1": first tries).
+    rows_retried: int = 0
+    rows_by_attempt: dict[str, int] = field(default_factory=dict)
     finished_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
     @property

@@ -5,19 +5,25 @@ A resumed sample whose rows are partly written carries, in its input row, the id
 
 A score job with `output_passed` also writes the passing rows, with only their input columns, as a shard of the
 same name there: a manifest ready for the next stage.
+
+Every row records which try wrote it (`attempt`, 1 = the first) and the retry rung's overrides (`degraded`, JSON;
+null on a first try). With a `retry` section, an error row of a retryable type that has a rung left goes to the
+output's `_retry/` folder instead (`pipeline/io/retry.py`), to be tried again by the run's next pass.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.config import JobConfig
+from pipeline.config import JobConfig, max_attempt, rung_overrides
 from pipeline.io.passed import passed_name
-from pipeline.io.schema import OUTPUT_SCHEMA, TODO_COLUMN, Totals
+from pipeline.io.retry import retryable, write_pending
+from pipeline.io.schema import OUTPUT_SCHEMA, RETRY_FIELDS, TODO_COLUMN, Totals
 from pipeline.io.shards import shard_name, write_shard
 from pipeline.stages.base import require_columns
 from pipeline.stages.model_stage import BATCH_COLUMN, BATCH_TYPE
@@ -28,6 +34,7 @@ class ShardStats(Totals):
     """What one write did: the shard's name (empty if nothing was left to write), its totals, the model batches."""
 
     file: str = ""
+    deferred: int = 0  # error rows put aside for the next retry pass (in `rows`, not in the output yet)
     batches: list[dict[str, Any]] = field(default_factory=list)  # replica, ready, start, end
 
     def to_table(self) -> pa.Table:
@@ -37,7 +44,7 @@ class ShardStats(Totals):
     def from_row(cls, row: Any) -> ShardStats:
         """From a row of the stats table as Ray Data yields it (a map column may arrive as pairs)."""
         errors = row["errors"]
-        return cls(file=row["file"], rows=int(row["rows"]), ok=int(row["ok"]),
+        return cls(file=row["file"], rows=int(row["rows"]), deferred=int(row["deferred"] or 0), ok=int(row["ok"]),
                    errors={str(k): int(v) for k, v in (errors.items() if isinstance(errors, dict) else errors or [])},
                    tiles=int(row["tiles"]), input_tokens=int(row["input_tokens"]),
                    generated_tokens=int(row["generated_tokens"]), batches=[dict(b) for b in row["batches"] or []])
@@ -46,16 +53,21 @@ class ShardStats(Totals):
 SHARD_STATS_SCHEMA = pa.schema([
     ("file", pa.string()), ("rows", pa.int64()), ("ok", pa.int64()), ("errors", pa.map_(pa.string(), pa.int64())),
     ("tiles", pa.int64()), ("input_tokens", pa.int64()), ("generated_tokens", pa.int64()),
-    ("batches", pa.list_(BATCH_TYPE)),
+    ("batches", pa.list_(BATCH_TYPE)), ("deferred", pa.int64()),
 ])
 
 
 class WriteShards:
     """Reads the output columns; writes them, skipping rows a resumed run finds already written."""
 
-    def __init__(self, job: JobConfig, input_columns: list[str] | None = None) -> None:
+    def __init__(self, job: JobConfig, input_columns: list[str] | None = None, *, attempt: int = 1) -> None:
         self.job = job
         self.input_columns = [c for c in input_columns or ["id", "uri"] if c != TODO_COLUMN]
+        self.attempt = attempt
+        overrides = rung_overrides(job, attempt)
+        self.degraded = json.dumps(overrides, sort_keys=True) if overrides else None
+        # error types put aside for another try: only while the ladder has a rung left
+        self.retry_errors = job.retry.errors if job.retry and attempt < max_attempt(job) else []
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         require_columns(batch.column_names, "write", OUTPUT_SCHEMA.names)
@@ -67,9 +79,21 @@ class WriteShards:
             todo = batch.column(TODO_COLUMN).to_pylist()
             keep = [t is None or i in t for i, t in zip(batch.column("id").to_pylist(), todo)]
             batch = batch.drop_columns([TODO_COLUMN]).filter(pa.array(keep, pa.bool_()))
+        n = batch.num_rows
+        batch = batch.append_column(RETRY_FIELDS[0], pa.array([self.attempt] * n, pa.int32()))
+        batch = batch.append_column(RETRY_FIELDS[1], pa.array([self.degraded] * n, pa.string()))
         stats = ShardStats.count(batch, batches=batches)
         if batch.num_rows == 0:
             return stats.to_table()
+        if self.retry_errors:
+            again = retryable(batch, self.retry_errors)
+            if pc.any(again).as_py():
+                aside = batch.filter(again)
+                write_pending(aside, self.job.output, self.attempt + 1, self.job.storage)
+                stats.deferred = aside.num_rows
+                batch = batch.filter(pc.invert(again))
+                if batch.num_rows == 0:
+                    return stats.to_table()
         name = shard_name(batch.column("id").to_pylist())
         if self.job.output_passed:  # first: a passed shard without its output shard is removed on resume (io/passed)
             kept = batch.filter(pc.fill_null(batch.column("passed"), False))

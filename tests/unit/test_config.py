@@ -211,3 +211,35 @@ def test_yaml_boolean_labels_are_the_words_typed(tmp_path):
     parsed = parse_job({**BASE, "task": "score", "prompt": "q", "labels": [True, False]})  # already parsed: yes/no
     assert parsed.labels == ["yes", "no"]
     assert load_job(REPO / "jobs" / "filter_images.yaml").criteria[0].labels == ["no", "yes"]
+
+
+RETRY = {"errors": ["too_large", "timeout", "model_error"],
+         "ladder": [{"tiling.max_tiles": 6, "video.num_frames": 8},
+                    {"tiling.max_tiles": 2, "video.num_frames": 4, "generation.max_new_tokens": 64}]}
+
+
+def test_retry_rungs_apply_in_turn_and_are_not_fingerprinted():
+    from pipeline.config import max_attempt, rung_job, rung_overrides
+
+    job = parse_job({**BASE, "retry": RETRY})
+    assert job.fingerprint() == parse_job(BASE).fingerprint()
+    assert max_attempt(job) == 3 and rung_job(job, 1) is job and rung_overrides(job, 1) == {}
+    second, third = rung_job(job, 2), rung_job(job, 3)
+    assert (second.tiling.max_tiles, second.video.num_frames, second.generation.max_new_tokens) == (6, 8, 128)
+    assert (third.tiling.max_tiles, third.video.num_frames, third.generation.max_new_tokens) == (2, 4, 64)
+    assert rung_overrides(job, 9) == RETRY["ladder"][-1]  # past the ladder (--retry-errors): its last rung
+    assert parse_job({**BASE, "retry": {}}).retry.errors == ["read_error", "too_large", "timeout", "crashed",
+                                                            "model_error", "too_long"]
+
+
+@pytest.mark.parametrize("retry, named", [
+    ({"ladder": [{"model": "other"}]}, "retry.ladder: ladder[0]: 'model' cannot be changed by a retry; allowed: tiling.max_tiles"),
+    ({"ladder": [{}, {"tiling.max_tiles": 0}]}, "retry.ladder[1]: tiling.max_tiles: Input should be greater than or equal to 1"),
+    ({"ladder": [{"tiling.min_tiles": 20}]}, "retry.ladder[0]: tiling: min_tiles (20) must not exceed max_tiles (12)"),
+    ({"errors": ["oom"]}, "retry.errors: unknown error type(s) ['oom']"),
+    ({"ladders": []}, "retry.ladders: unknown key; valid keys here: errors, ladder"),
+])
+def test_a_bad_retry_section_fails_fast_naming_the_key(retry, named):
+    with pytest.raises(JobError) as err:
+        parse_job({**BASE, "retry": retry})
+    assert named in str(err.value), str(err.value)

@@ -178,11 +178,13 @@ def test_missing_model_folder(tmp_path):
 
 
 class _OomOnBatches:
-    """An engine stand-in whose device 'runs out of memory' for batches of more than one sample, or for 13 tiles."""
+    """An engine stand-in whose device 'runs out of memory' for batches of more than one sample, or for 13 tiles;
+    on the host the allocation is real: a tensor no machine can hold, refused by the CPU allocator."""
 
-    def __init__(self, real):
+    def __init__(self, real, where="device"):
         self.real = real
         self.calls = []
+        self.where = where
 
     def prompt_ids(self, text, tiles, **kw):
         return self.real.prompt_ids(text, tiles, **kw)
@@ -190,18 +192,21 @@ class _OomOnBatches:
     def generate(self, prompts, samples, owners, **kw):
         self.calls.append(len(samples))
         if len(samples) > 1 or len(samples[0]) == 13:
+            if self.where == "host":
+                torch.empty(2**60, dtype=torch.uint8)  # raises: DefaultCPUAllocator: can't allocate memory
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return self.real.generate(prompts, samples, owners, **kw)
 
 
-def test_out_of_memory_falls_back_to_single_samples(engine, tmp_path):
+@pytest.mark.parametrize("where", ["device", "host"])
+def test_out_of_memory_falls_back_to_single_samples(engine, tmp_path, where):
     job = parse_job({"task": "caption", "input": "x", "output": "y", "model": "m", "generation": {"max_new_tokens": 3}})
     batch = preprocessed(job, tmp_path, {f"{n}.png": pattern_image(w, h) for w, h, n in SIZES})
-    fake = _OomOnBatches(engine)
+    fake = _OomOnBatches(engine, where)
     rows = Generate(job, engine=fake)(batch).to_pylist()
-    assert fake.calls == [3, 1, 1, 1]
+    assert fake.calls == [3, 1, 1, 1]  # one at a time at once (no bisection: memory is not a poison sample)
     assert [r["status"] for r in rows] == ["ok", "ok", "error"]
-    assert rows[2]["error_type"] == "model_error" and "out of device memory" in rows[2]["error_message"]
+    assert rows[2]["error_type"] == "model_error" and f"out of {where} memory" in rows[2]["error_message"]
 
 
 def reference_generate_text(model_dir, user_text: str, pixels: np.ndarray, tiles_per_image: list[int], labels: str):

@@ -11,7 +11,7 @@ from pipeline.stages.generate import Generate
 from pipeline.stages.model_stage import PoisonGuard
 from pipeline.stages.score import Score
 from tests.conftest import pattern_image
-from tests.helpers import job_dict, numpy_batch, preprocessed
+from tests.helpers import job_dict, preprocessed
 
 SIZES = [(448, 448), (1344, 896), (896, 448), (640, 480)]
 
