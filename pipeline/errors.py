@@ -40,7 +40,7 @@ _DESCRIPTIONS = {
     ErrorType.CRASHED: "the decoder crashed `decode.attempts` times on this file",
     ErrorType.BAD_INPUT: "e.g. a vqa row without a question",
     ErrorType.UNSUPPORTED: "e.g. a video where no decoder is installed",
-    ErrorType.MODEL_ERROR: "one sample does not fit in device memory even alone, or the model raised on it alone "
+    ErrorType.MODEL_ERROR: "one sample does not fit in device (or host) memory even alone, or the model raised on it alone "
                            "(the message names the exception; the batch's other samples complete)",
     ErrorType.TOO_LONG: "the prompt (image tokens and text) is longer than the model's context; found before the "
                         "model is called",
