@@ -105,7 +105,9 @@ def plan(
         print(json.dumps(figures, sort_keys=True))
         return
     console.print(f"plan: {figures['samples_todo']} of {figures['samples']} samples and {figures['rows_todo']} of "
-                  f"{figures['rows']} output rows to process ({figures['rows_done']} already done); nothing was written")
+                  f"{figures['rows']} output rows to process ({figures['rows_done']} already done"
+                  + (f", {figures['rows_waiting']} of them waiting for a retry" if figures["rows_waiting"] else "")
+                  + "); nothing was written")
 
 
 @app.command()

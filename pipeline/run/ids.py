@@ -16,8 +16,10 @@ from pipeline.config import JobConfig
 from pipeline.io.schema import TODO_COLUMN
 
 ID_SCHEMA = pa.schema([("id", pa.string()), ("sample_id", pa.string()), ("e", pa.int64()), ("d", pa.int64()),
-                       ("first", pa.int64())])
-# Per id after grouping: e (times expected), d (times in the output), first (1 for a sample's first row), sample_id.
+                       ("first", pa.int64()), ("w", pa.int64())])
+# Per id after grouping: e (times expected), d (times in the output), first (1 for a sample's first row), sample_id,
+# w (1 if a row waits for a retry pass in `_retry/`: done for the pass at hand, not in the output). The rules below
+# take d as "done": the output's count, or 1 for a row that only waits (never a duplicate).
 INDICATORS = {
     "rows_expected": lambda e, d: pc.greater_equal(e, 1),
     "dup_expected": lambda e, d: pc.greater(e, 1),
@@ -46,23 +48,31 @@ def read_ids(files: list[str], options: Any) -> Any:
 def tag_expected(batch: pa.Table) -> pa.Table:
     """Expected rows (id, sample_id, first: 1 on each sample's first row) tagged e=1."""
     n = batch.num_rows
-    return pa.table([batch.column("id"), batch.column("sample_id"), pa.array([1] * n, pa.int64()),
-                     pa.array([0] * n, pa.int64()), batch.column("first").cast(pa.int64())], schema=ID_SCHEMA)
-
-
-def tag_done(batch: pa.Table) -> pa.Table:
-    """Ids found in the output tagged d=1."""
-    n = batch.num_rows
     zeros = pa.array([0] * n, pa.int64())
-    return pa.table([batch.column("id").cast(pa.string()), pa.nulls(n, pa.string()), zeros, pa.array([1] * n, pa.int64()),
-                     zeros], schema=ID_SCHEMA)
+    return pa.table([batch.column("id"), batch.column("sample_id"), pa.array([1] * n, pa.int64()), zeros,
+                     batch.column("first").cast(pa.int64()), zeros], schema=ID_SCHEMA)
+
+
+def tag_done(batch: pa.Table, waiting: bool = False) -> pa.Table:
+    """Ids found in the output tagged d=1 (`waiting`: ids set aside for a retry, tagged w=1)."""
+    n = batch.num_rows
+    zeros, ones = pa.array([0] * n, pa.int64()), pa.array([1] * n, pa.int64())
+    return pa.table([batch.column("id").cast(pa.string()), pa.nulls(n, pa.string()), zeros,
+                     zeros if waiting else ones, zeros, ones if waiting else zeros], schema=ID_SCHEMA)
+
+
+def done_count(batch: pa.Table) -> pa.Array:
+    """The `d` the rules take: the output's count, or 1 for a row that only waits for a retry."""
+    return pc.max_element_wise(batch.column("d"), batch.column("w"))
 
 
 def indicators(batch: pa.Table) -> pa.Table:
     """Per grouped id, 0/1 for each count of INDICATORS, plus `samples` and `rows_out` to sum."""
-    e, d = batch.column("e"), batch.column("d")
+    e, d = batch.column("e"), done_count(batch)
     cols = {name: rule(e, d).cast(pa.int64()) for name, rule in INDICATORS.items()}
-    return pa.table({**cols, "samples": batch.column("first"), "rows_out": d})
+    only_waiting = pc.and_(pc.and_(pc.greater_equal(e, 1), pc.equal(batch.column("d"), 0)), pc.greater_equal(batch.column("w"), 1))
+    return pa.table({**cols, "rows_waiting": only_waiting.cast(pa.int64()), "samples": batch.column("first"),
+                     "rows_out": batch.column("d")})
 
 
 @dataclass
@@ -76,25 +86,31 @@ class IdCounts:
     dup_done: int = 0  # ids the output holds more than once
     missing: int = 0  # expected, not in the output
     unexpected: int = 0  # in the output, not expected (earlier incremental runs' rows)
+    rows_waiting: int = 0  # expected, not in the output, set aside for a retry pass
     samples: int = 0
     rows_out: int = 0  # rows in the output
     table: Any = None  # the grouped ids (a dataset: id, sample_id, e, d, first)
 
 
-def count_ids(expected: Any, done: Any | None, partitions: int, *, keep: bool = False) -> IdCounts:
+def count_ids(expected: Any, done: Any | None, partitions: int, *, keep: bool = False,
+              waiting: Any | None = None) -> IdCounts:
     """Group expected rows and output ids by id (one hash shuffle) and sum the INDICATORS; `keep`: materialize
-    the grouped ids for a second pass (the rows left to write)."""
+    the grouped ids for a second pass (the rows left to write). `waiting`: ids set aside for a retry pass, done
+    for this one but not in the output."""
     from ray.data.aggregate import Max, Sum
 
     tagged = expected.map_batches(tag_expected, batch_format="pyarrow", batch_size=None)
     if done is not None:
         tagged = tagged.union(done.map_batches(tag_done, batch_format="pyarrow", batch_size=None))
+    if waiting is not None:
+        tagged = tagged.union(waiting.map_batches(tag_done, fn_kwargs={"waiting": True}, batch_format="pyarrow",
+                                                  batch_size=None))
     grouped = tagged.groupby("id", num_partitions=partitions).aggregate(
         Sum("e", alias_name="e"), Sum("d", alias_name="d"), Sum("first", alias_name="first"),
-        Max("sample_id", alias_name="sample_id"))
+        Max("sample_id", alias_name="sample_id"), Max("w", alias_name="w"))
     if keep:
         grouped = grouped.materialize()
-    names = [*INDICATORS, "samples", "rows_out"]
+    names = [*INDICATORS, "rows_waiting", "samples", "rows_out"]
     totals = grouped.map_batches(indicators, batch_format="pyarrow", batch_size=None).aggregate(
         *[Sum(n, alias_name=n) for n in names]) or {}
     return IdCounts(**{n: int(totals.get(n) or 0) for n in names}, table=grouped)
@@ -103,7 +119,7 @@ def count_ids(expected: Any, done: Any | None, partitions: int, *, keep: bool = 
 def first_where(grouped: Any, rule: str, column: str = "id") -> str | None:
     """One id (or its sample_id) for which an INDICATORS rule holds: to name it in an error."""
     def keep(batch: pa.Table) -> pa.Table:
-        return batch.filter(INDICATORS[rule](batch.column("e"), batch.column("d")))
+        return batch.filter(INDICATORS[rule](batch.column("e"), done_count(batch)))
 
     rows = grouped.map_batches(keep, batch_format="pyarrow", batch_size=None).select_columns([column]).take(1)
     return rows[0][column] if rows else None
@@ -114,7 +130,7 @@ def first_duplicate_sample(grouped: Any) -> str | None:
 
 
 def _missing_rows(batch: pa.Table) -> pa.Table:
-    return batch.filter(INDICATORS["missing"](batch.column("e"), batch.column("d"))).select(["id", "sample_id"])
+    return batch.filter(INDICATORS["missing"](batch.column("e"), done_count(batch))).select(["id", "sample_id"])
 
 
 def todo_samples(samples: Any, grouped: Any, missing: int, partitions: int, *, multi_row: bool) -> tuple[Any, int]:

@@ -47,6 +47,7 @@ class RunPlan:
     todo: Any = None  # ray.data.Dataset of those samples (TODO_COLUMN: the rows left of a partly written sample)
     input_columns: list[str] = field(default_factory=list)
     rows_duplicated: int = 0  # ids the output already holds more than once (the run then fails its accounting)
+    rows_waiting: int = 0  # of rows_done, those set aside for a retry pass (in `_retry/`, not in the output yet)
     stamp: str = ""  # incremental: this run's name in the state
     estimate: dict[str, Any] = field(default_factory=dict)
 
@@ -62,6 +63,7 @@ class RunPlan:
         """What `internvl-batch plan --json` prints, and every run starts with."""
         return {"samples": self.samples, "rows": self.rows_expected, "rows_done": self.rows_done,
                 "rows_todo": self.rows_todo, "samples_todo": self.samples_todo, "rows_in": self.rows_in,
+                "rows_waiting": self.rows_waiting,
                 "skipped": self.skipped, "objects_listed": self.inputs.objects_listed, "estimate": self.estimate}
 
 
@@ -161,14 +163,14 @@ def expected_rows(batch: pa.Table, job: JobConfig) -> pa.Table:
                      "first": pa.array([int(k == 0) for rows in per_sample for k in range(len(rows))], pa.int64())})
 
 
-def done_ids(job: JobConfig, *, dry_run: bool = False) -> Any:
-    """The ids already in the output or set aside for a retry, as a dataset, or None (no shards yet; a dry run of
-    an overwrite)."""
+def done_ids(job: JobConfig, *, dry_run: bool = False) -> tuple[Any, Any]:
+    """The ids already in the output, and those set aside for a retry pass (done for the first pass), as datasets,
+    or None (none there; a dry run of an overwrite)."""
     if dry_run and job.overwrite:
-        return None
-    files = shard_urls(job.output, job.storage)  # and the rows waiting for a retry pass: done for this pass
-    files += [f for attempt in pending_files(job.output, job.storage).values() for f in attempt]
-    return ids.read_ids(files, job.storage) if files else None
+        return None, None
+    files = shard_urls(job.output, job.storage)
+    waiting = [f for attempt in pending_files(job.output, job.storage).values() for f in attempt]
+    return (ids.read_ids(files, job.storage) if files else None), (ids.read_ids(waiting, job.storage) if waiting else None)
 
 
 def plan_run(job: JobConfig, echo: Echo, *, dry_run: bool = False) -> RunPlan:
@@ -184,8 +186,8 @@ def plan_run(job: JobConfig, echo: Echo, *, dry_run: bool = False) -> RunPlan:
     if clash:
         raise JobError(f"input {job.input!r} has columns this {job.task} job writes itself: {', '.join(clash)}; rename them")
     expected = inputs.keys.map_batches(expected_rows, fn_kwargs={"job": job}, batch_format="pyarrow", batch_size=None)
-    done = done_ids(job, dry_run=dry_run)
-    counts = ids.count_ids(expected, done, partitions, keep=done is not None)
+    done, waiting = done_ids(job, dry_run=dry_run)
+    counts = ids.count_ids(expected, done, partitions, keep=done is not None or waiting is not None, waiting=waiting)
     if counts.dup_expected:
         raise JobError(f"input: {duplicate_id_error(job.input, ids.first_duplicate_sample(counts.table))}")
     samples = counts.samples
@@ -204,12 +206,30 @@ def plan_run(job: JobConfig, echo: Echo, *, dry_run: bool = False) -> RunPlan:
         echo(f"incremental: {samples} of {inputs.objects_listed} objects are new or changed since the last successful run")
     echo(f"{samples} samples ({rows_in} output rows) from {job.input}"
          + (f"; skipped non-media files {inputs.skipped}" if inputs.skipped else ""))
+    plan.rows_waiting = counts.rows_waiting
     if plan.rows_done:
-        echo(f"resuming: {plan.rows_done} of {plan.rows_expected} rows are already in {job.output}; "
-             f"{samples_todo} samples to process")
+        echo(f"resuming: {plan.rows_done - plan.rows_waiting} of {plan.rows_expected} rows are already in {job.output}"
+             + (f", {plan.rows_waiting} wait for a retry" if plan.rows_waiting else "")
+             + f"; {samples_todo} samples to process")
+    waiting = waiting_rows(job) if plan.rows_waiting else {}
+    if waiting:
+        echo("retry: " + ", ".join(f"{n} row(s) wait for attempt {a}" for a, n in waiting.items())
+             + f" (in {job.output.rstrip('/')}/_retry)")
     if plan.rows_duplicated:
         echo(f"warning: {plan.rows_duplicated} ids appear more than once in {job.output}; the run's accounting will fail")
     return plan
+
+
+def waiting_rows(job: JobConfig) -> dict[int, int]:
+    """Rows set aside for a retry pass, by attempt (from the files' footers)."""
+    import pyarrow.parquet as pq
+
+    counts = {}
+    for attempt, files in pending_files(job.output, job.storage).items():
+        fs, _ = get_filesystem(files[0], job.storage)
+        counts[attempt] = sum(pq.ParquetFile(get_filesystem(f, job.storage)[1], filesystem=fs).metadata.num_rows
+                              for f in files)
+    return counts
 
 
 def multi_row(job: JobConfig, columns: list[str]) -> bool:

@@ -145,9 +145,10 @@ def retry_plan(job: JobConfig, plan: RunPlan, attempt: int, pending: dict[int, l
     partitions = ids.partitions_for(job)
     expected = read_shards(pending[attempt], job.storage, ["id", "sample_id"]).map_batches(
         _expected, batch_format="pyarrow", batch_size=None)
-    done_files = shard_urls(job.output, job.storage) + [f for a, fs in pending.items() if a > attempt for f in fs]
-    done = ids.read_ids(done_files, job.storage) if done_files else None
-    counts = ids.count_ids(expected, done, partitions, keep=True)
+    files = shard_urls(job.output, job.storage)
+    later = [f for a, fs in pending.items() if a > attempt for f in fs]  # a crashed pass put them there already
+    counts = ids.count_ids(expected, ids.read_ids(files, job.storage) if files else None, partitions, keep=True,
+                           waiting=ids.read_ids(later, job.storage) if later else None)
     todo, samples_todo = None, 0
     if counts.missing:
         todo, samples_todo = ids.todo_samples(plan.inputs.samples, counts.table, counts.missing, partitions,

@@ -209,3 +209,23 @@ def test_driver_sigkilled_between_the_two_writes_of_a_retry_then_rerun_each_id_o
         assert (rows[f"wide{i}"]["status"], rows[f"wide{i}"]["attempt"]) == ("ok", 3)
         assert rows[f"fits{i}"]["attempt"] == 1
     assert not (out / "_retry").exists()
+
+
+def test_a_vqa_sample_retries_only_the_question_that_failed(ray_local, short_model, tmp_path):
+    """A long question does not fit the context beside 3 tiles but does beside 1; the sample's short question
+    keeps its first answer (3 tiles), and only the long one's row is written again, at attempt 2."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    pattern_image(896, 448).save(folder / "a.png")
+    long_question = "Describe " + "every single detail " * 40 + "please."
+    out = tmp_path / "out"
+    job = {"task": "vqa", "input": str(folder), "output": str(out), "model": str(short_model),
+           "questions": ["What is this?", long_question], "generation": {"max_new_tokens": 4},
+           "retry": {"errors": ["too_long"], "ladder": [{"tiling.max_tiles": 1}]}}
+    result = run_cli(tmp_path, job)
+    assert result.exit_code == 0, result.output
+    assert "retry: attempt 2 (tiling.max_tiles=1): 1 row(s) of 1 sample(s)" in result.output
+    rows = {r["question_index"]: r for r in output_rows(out)}
+    assert len(rows) == 2 and len({r["id"] for r in rows.values()}) == 2
+    assert (rows[0]["status"], rows[0]["attempt"], rows[0]["num_tiles"]) == ("ok", 1, 3)
+    assert (rows[1]["status"], rows[1]["attempt"], rows[1]["num_tiles"]) == ("ok", 2, 1)
