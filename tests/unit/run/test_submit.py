@@ -128,6 +128,10 @@ def test_entrypoint_names_the_job_file_inside_the_working_dir(project):
         "internvl-batch run jobs/caption.yaml --set 'prompt=Say what you see.' --set compute.replicas=2")
     assert build_entrypoint(path, project, ["output=s3://b/$(date)/"]) == (
         "internvl-batch run jobs/caption.yaml --set 'output=s3://b/$(date)/'")  # no shell expansion on the cluster
+    assert build_entrypoint(path, project, ["compute.replicas=2"], ["--retry-errors"]) == (
+        "internvl-batch run jobs/caption.yaml --set compute.replicas=2 --retry-errors")
+    job = load_job(path)  # a retry of a finished job is another submission than the job itself
+    assert submission_id(job, path, [], ["--retry-errors"]) != submission_id(job, path, [])
 
 
 def test_project_root_without_pyproject_is_the_job_folder(tmp_path):
