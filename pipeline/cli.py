@@ -89,11 +89,13 @@ def submit(
 def make_tiny_model_cmd(
     out_dir: Annotated[Path, typer.Argument(help="Folder to write the checkpoint into.")],
     seed: Annotated[int, typer.Option(help="Seed for the random weights.")] = 0,
+    trained: Annotated[bool, typer.Option("--trained", help="The committed trained checkpoint: it sees the shapes of "
+                                                              "pipeline/embedded/world.py (see README).")] = False,
 ) -> None:
     """Write a tiny seeded native InternVL checkpoint (real 448 px tiles, 256 tokens per tile) for tests and demos."""
     from pipeline.embedded.tiny_model import make_tiny_model
 
-    path = make_tiny_model(out_dir, seed=seed)
+    path = make_tiny_model(out_dir, seed=seed, trained=trained)
     console.print(f"tiny InternVL checkpoint written to {path}")
 
 

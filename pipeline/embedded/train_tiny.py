@@ -1,0 +1,746 @@
+"""Train the tiny InternVL that sees the world of `world.py`: `python -m pipeline.embedded.train_tiny OUT --seed 0`.
+
+Writes OUT/ (config.json, generation_config.json, model.safetensors, tokenizer files with the chat template): a
+native `InternVLForConditionalGeneration` checkpoint that the pipeline loads like any other, whose answers mean
+something. Deterministic for a seed; ~15 minutes on 2 CPU cores.
+
+Architecture: the real one at small width. 448 px tiles, 14 px patches, a 3-layer InternViT-style encoder (256 wide,
+16 heads, RMSNorm), pixel shuffle 0.5 to 256 tokens per tile, the InternVL MLP projector, a 2-layer Qwen2 language model
+(128 wide, 4 heads of 32, 2 key/value heads), the InternVL special tokens and a chat template; a byte-level BPE
+tokenizer trained on the world's prompts, so every answer word is one token.
+
+Training, on the model's real inputs (tiles cut by pipeline.media, prompts built by pipeline.model.engine.Prompter):
+1. the encoder's first two layers are constructed (seeing.py: chroma mask, shape moments, colours); its layer-3 MLP,
+   the shape classifier, is trained on the moments of thumbnails / single tiles / video frames;
+2. the projector is set to pass each tile's global features (moments, colours, shape logits) and a marker;
+3. the language model's first layer starts with two constructed heads (one reads the last image block before the
+   text, i.e. the thumbnail, the second image of a pair or the last video frame; one averages all image blocks, so
+   the last frame minus the average is the motion) and is then trained with everything else of the language model
+   on the answers (loss on answer tokens and the closing <|im_end|>), features computed per tile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import re
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from pipeline.embedded import seeing as S
+from pipeline.embedded import world as W
+from pipeline.embedded.tiny_model import (
+    CHAT_TEMPLATE,
+    DEFAULT_SYSTEM_MESSAGE,
+    DOWNSAMPLE_RATIO,
+    IM_END,
+    IM_START,
+    IMAGE_SEQ_LENGTH,
+    IMAGE_SIZE,
+    IMG_CONTEXT,
+    IMG_END,
+    IMG_START,
+    PAD_TOKEN,
+    PATCH_SIZE,
+    SPECIAL_TOKENS,
+    VIDEO_TOKEN,
+)
+from pipeline.media.images import load_tiles
+from pipeline.media.tiling import tile_image
+from pipeline.media.video import sample_frame_indices
+
+IGNORE = -100
+NUM_FRAMES = 8
+TEXT_HIDDEN = 128
+TEXT_HEADS = 4
+TEXT_KV_HEADS = 2
+HEAD_DIM = 32
+MARKER = 100.0  # image tokens carry it in MARKER_DIM; text tokens never
+NUM_FEATURES = len(S.GLOBAL_CHANNELS)  # 14: centroid, colour, background, variances, A, B, shape logits
+MARKER_DIM = 23
+LAST_DIMS = range(32, 32 + NUM_FEATURES)  # layer 0, head 0: the last image block's features
+MEAN_DIMS = range(64, 64 + NUM_FEATURES)  # layer 0, head 1: the mean over all image blocks
+OFFSET = 20.0  # keeps the projector's GELU in its linear range
+# per-feature scale into the language model (seeing.GLOBAL_CHANNELS order)
+FEATURE_SCALE = torch.tensor([4.0, 4.0, 3.0, 3.0, 3.0, 3.0, 3.0, 10.0, 10.0, 3.0, 3.0, 0.5, 0.5, 0.5])
+RECENCY_FREQ = 9  # rotary pair whose frequency (1e6^(-9/16) ~ 4.2e-4) makes a recency slope over <= 3600 tokens
+CONST_FREQ = 15  # rotary pair of the lowest frequency: constant over the sequence
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer
+
+def world_texts() -> list[str]:
+    """Every prompt and answer of the world, plus the template's own words."""
+    texts = [DEFAULT_SYSTEM_MESSAGE, W.CAPTION, W.WHAT_SHAPE, W.WHAT_COLOR, W.WHAT_BACKGROUND, W.VIDEO_CAPTION,
+             W.WHICH_WAY, "system", "user", "assistant", "Image-1: ", "Image-2: "]
+    texts += [W.which_image(s) for s in W.SHAPES] + [W.is_there(s) for s in W.SHAPES] + [W.is_color(c) for c in W.COLORS]
+    texts += [f"Frame{i}: " for i in range(1, 10)]
+    for color in W.COLORS:
+        for shape in W.SHAPES:
+            texts += [f"a {color} {shape} on a {bg} background" for bg in W.BACKGROUNDS]
+            texts += [f"a {color} {shape} moving {d}" for d in W.DIRECTIONS]
+    texts += [*W.SHAPES, *W.COLORS, *W.BACKGROUNDS, *W.DIRECTIONS, "yes", "no", "Image-1", "Image-2"]
+    return texts
+
+
+def build_tokenizer():
+    """A Qwen2-style byte-level BPE tokenizer in which every answer word is one token (with and without its leading
+    space); the InternVL special tokens and the chat template of tiny_model."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    texts = world_texts()
+    words = sorted({w for t in texts for w in re.findall(r"[A-Za-z]+", t)})
+    corpus = texts * 20 + [" ".join(words)] * 20 + words * 20
+    bpe = Tokenizer(models.BPE())
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    trainer = trainers.BpeTrainer(vocab_size=640, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator(corpus, trainer)
+    model = json.loads(bpe.to_str())["model"]
+    tokenizer = Qwen2Tokenizer(
+        vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]], unk_token=None, bos_token=None,
+        eos_token=IM_END, pad_token=PAD_TOKEN,
+        extra_special_tokens=[IM_START, IM_END, IMG_START, IMG_END, IMG_CONTEXT, VIDEO_TOKEN],
+        start_image_token=IMG_START, end_image_token=IMG_END, context_image_token=IMG_CONTEXT, video_token=VIDEO_TOKEN,
+        model_max_length=32768,
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    for word in [*W.SHAPES, *W.COLORS, *W.BACKGROUNDS, *W.DIRECTIONS, "yes", "no"]:
+        for form in (word, " " + word):
+            if len(tokenizer(form, add_special_tokens=False)["input_ids"]) != 1:
+                raise AssertionError(f"{form!r} is not one token")
+    return tokenizer
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+def build_config(tokenizer):
+    from transformers import InternVLConfig, InternVLVisionConfig, Qwen2Config
+
+    vision = InternVLVisionConfig(**S.vision_config_kwargs())
+    text = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=TEXT_HIDDEN, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=TEXT_HEADS, num_key_value_heads=TEXT_KV_HEADS, head_dim=HEAD_DIM, hidden_act="silu",
+        max_position_embeddings=32768, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        rms_norm_eps=1e-6, tie_word_embeddings=False, initializer_range=0.02, bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    return InternVLConfig(
+        vision_config=vision, text_config=text, image_token_id=tokenizer.context_image_token_id,
+        image_seq_length=IMAGE_SEQ_LENGTH, downsample_ratio=DOWNSAMPLE_RATIO, projector_hidden_act="gelu",
+        vision_feature_layer=-1, vision_feature_select_strategy="default", tie_word_embeddings=False,
+        architectures=["InternVLForConditionalGeneration"],
+    )
+
+
+def new_model(config, *, seed: int):
+    from transformers import GenerationConfig, InternVLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(eos_token_id=config.text_config.eos_token_id,
+                                               pad_token_id=config.text_config.pad_token_id, bos_token_id=None)
+    S.set_vision(model.model.vision_tower)
+    set_projector(model)
+    set_reader_heads(model)
+    return model
+
+
+@torch.no_grad()
+def set_projector(model) -> None:
+    """Pixel-shuffled tokens (4 x 256 channels) -> LayerNorm -> linear -> GELU -> linear: pass each tile's global
+    channels (the same on every token) scaled by FEATURE_SCALE, plus MARKER in MARKER_DIM."""
+    proj = model.model.multi_modal_projector
+    width = proj.layer_norm.normalized_shape[0]
+    assert width == 4 * S.HIDDEN
+    # the LayerNorm's statistics are dominated by the four constant channels: its std is ~constant
+    x = torch.zeros(width)
+    x[[0, S.HIDDEN, 2 * S.HIDDEN, 3 * S.HIDDEN]] = S.BIG
+    sigma = float(x.std(unbiased=False))
+    zero_channel = S.HIDDEN - 1  # never written
+    for p in proj.parameters():
+        p.zero_()
+    proj.layer_norm.weight.fill_(1.0)
+    for i, ch in enumerate(S.GLOBAL_CHANNELS):
+        # (LN[ch] - LN[zero]) * sigma = the channel itself, whatever the LayerNorm's mean
+        proj.linear_1.weight[i, ch] = sigma
+        proj.linear_1.weight[i, zero_channel] = -sigma
+        proj.linear_1.bias[i] = OFFSET
+        proj.linear_2.weight[i, i] = FEATURE_SCALE[i]
+        proj.linear_2.bias[i] = -OFFSET * FEATURE_SCALE[i]
+    proj.linear_2.bias[MARKER_DIM] = MARKER
+
+
+def tile_embedding(features: torch.Tensor) -> torch.Tensor:
+    """(N, 14) per-tile global features -> (N, TEXT_HIDDEN) what the projector gives every token of the tile."""
+    out = torch.zeros(features.shape[0], TEXT_HIDDEN)
+    out[:, :NUM_FEATURES] = features * FEATURE_SCALE
+    out[:, MARKER_DIM] = MARKER
+    return out
+
+
+def _frozen_masks(model) -> dict[str, torch.Tensor]:
+    """Parameter-name -> mask of the entries the reader heads own (kept as constructed while training)."""
+    layer = model.model.language_model.layers[0]
+    att = layer.self_attn
+    masks = {}
+    q = torch.zeros_like(att.q_proj.weight, dtype=torch.bool)
+    q[: 2 * HEAD_DIM] = True
+    masks["model.language_model.layers.0.self_attn.q_proj.weight"] = q
+    qb = torch.zeros_like(att.q_proj.bias, dtype=torch.bool)
+    qb[: 2 * HEAD_DIM] = True
+    masks["model.language_model.layers.0.self_attn.q_proj.bias"] = qb
+    for name in ("k_proj", "v_proj"):
+        w = torch.zeros_like(getattr(att, name).weight, dtype=torch.bool)
+        w[:HEAD_DIM] = True
+        masks[f"model.language_model.layers.0.self_attn.{name}.weight"] = w
+        b = torch.zeros_like(getattr(att, name).bias, dtype=torch.bool)
+        b[:HEAD_DIM] = True
+        masks[f"model.language_model.layers.0.self_attn.{name}.bias"] = b
+    o = torch.zeros_like(att.o_proj.weight, dtype=torch.bool)
+    o[:, : 2 * HEAD_DIM] = True
+    masks["model.language_model.layers.0.self_attn.o_proj.weight"] = o
+    masks["model.language_model.layers.0.input_layernorm.weight"] = torch.ones_like(layer.input_layernorm.weight, dtype=torch.bool)
+    emb = torch.zeros_like(model.model.language_model.embed_tokens.weight, dtype=torch.bool)
+    emb[:, MARKER_DIM] = True
+    masks["model.language_model.embed_tokens.weight"] = emb
+    half = HEAD_DIM // 2
+    for li, layer in enumerate(model.model.language_model.layers):
+        att = layer.self_attn
+        pre = f"model.language_model.layers.{li}"
+        q = masks.setdefault(f"{pre}.self_attn.q_proj.weight", torch.zeros_like(att.q_proj.weight, dtype=torch.bool))
+        qb = masks.setdefault(f"{pre}.self_attn.q_proj.bias", torch.zeros_like(att.q_proj.bias, dtype=torch.bool))
+        k = masks.setdefault(f"{pre}.self_attn.k_proj.weight", torch.zeros_like(att.k_proj.weight, dtype=torch.bool))
+        kb = masks.setdefault(f"{pre}.self_attn.k_proj.bias", torch.zeros_like(att.k_proj.bias, dtype=torch.bool))
+        for head in range(TEXT_HEADS):
+            q[head * HEAD_DIM + CONST_FREQ] = q[head * HEAD_DIM + CONST_FREQ + half] = True
+            qb[head * HEAD_DIM + CONST_FREQ] = qb[head * HEAD_DIM + CONST_FREQ + half] = True
+        for kv in range(TEXT_KV_HEADS):
+            k[kv * HEAD_DIM + CONST_FREQ] = k[kv * HEAD_DIM + CONST_FREQ + half] = True
+            kb[kv * HEAD_DIM + CONST_FREQ] = kb[kv * HEAD_DIM + CONST_FREQ + half] = True
+        norm = masks.setdefault(f"{pre}.input_layernorm.weight", torch.zeros_like(layer.input_layernorm.weight, dtype=torch.bool))
+        norm[MARKER_DIM] = True
+    return masks
+
+
+@torch.no_grad()
+def set_reader_heads(model) -> None:
+    """Layer 0 heads 0 and 1 (sharing key/value head 0): keys and values only on image tokens (the marker), head 0
+    with a recency slope (rotary pair RECENCY_FREQ) so it reads the image block nearest before the text, head 1
+    uniform over all image blocks; values copy the tile features into LAST_DIMS / MEAN_DIMS."""
+    lm = model.model.language_model
+    layer = lm.layers[0]
+    att = layer.self_attn
+    layer.input_layernorm.weight.fill_(1.0)
+    lm.embed_tokens.weight[:, MARKER_DIM] = 0.0
+    # rms of an image token ~ sqrt(MARKER^2 / hidden): the marker after the norm is ~ sqrt(hidden)
+    m_hat = math.sqrt(TEXT_HIDDEN)
+    rms = MARKER / m_hat
+    half = HEAD_DIM // 2
+    for p in (att.q_proj.weight, att.k_proj.weight, att.v_proj.weight):
+        p[: 2 * HEAD_DIM if p is att.q_proj.weight else HEAD_DIM] = 0.0
+    att.q_proj.bias[: 2 * HEAD_DIM] = 0.0
+    att.k_proj.bias[:HEAD_DIM] = 0.0
+    att.v_proj.bias[:HEAD_DIM] = 0.0
+    omega = 1e6 ** (-2 * RECENCY_FREQ / HEAD_DIM)
+    scale = math.sqrt(HEAD_DIM)
+    slope, base = 0.03, 25.0  # score ~ base - (slope / omega) sin(omega d)
+    # keys: the constant pair and the recency pair's second component carry the marker (1 after scaling)
+    att.k_proj.weight[CONST_FREQ, MARKER_DIM] = 1.0 / m_hat
+    att.k_proj.weight[RECENCY_FREQ + half, MARKER_DIM] = 1.0 / m_hat
+    for head in (0, 1):
+        att.q_proj.bias[head * HEAD_DIM + CONST_FREQ] = base * scale
+    att.q_proj.bias[RECENCY_FREQ] = RECENCY_SIGN * (slope / omega) * scale
+    for i in range(NUM_FEATURES):
+        att.v_proj.weight[i, i] = rms
+        att.o_proj.weight[:, i] = 0.0
+        att.o_proj.weight[:, HEAD_DIM + i] = 0.0
+        att.o_proj.weight[LAST_DIMS[i], i] = 1.0
+        att.o_proj.weight[MEAN_DIMS[i], HEAD_DIM + i] = 1.0
+    for j in range(NUM_FEATURES, HEAD_DIM):
+        att.o_proj.weight[:, j] = 0.0
+        att.o_proj.weight[:, HEAD_DIM + j] = 0.0
+    # every other head of both layers: a fixed score of -REPEL on image tokens (the constant rotary pair), so only
+    # the reader heads see the image; training then needs no image tokens in those heads (train_tiny.text_logits)
+    for li, layer in enumerate(lm.layers):
+        att = layer.self_attn
+        layer.input_layernorm.weight[MARKER_DIM] = 1.0
+        for head in range(2 if li == 0 else 0, TEXT_HEADS):
+            for d in (CONST_FREQ, CONST_FREQ + half):
+                att.q_proj.weight[head * HEAD_DIM + d] = 0.0
+                att.q_proj.bias[head * HEAD_DIM + d] = 0.0
+            att.q_proj.bias[head * HEAD_DIM + CONST_FREQ] = REPEL * scale / 10.0
+        for kv in range(1 if li == 0 else 0, TEXT_KV_HEADS):
+            for d in (CONST_FREQ, CONST_FREQ + half):
+                att.k_proj.weight[kv * HEAD_DIM + d] = 0.0
+                att.k_proj.bias[kv * HEAD_DIM + d] = 0.0
+            att.k_proj.weight[kv * HEAD_DIM + CONST_FREQ, MARKER_DIM] = -10.0 / m_hat
+
+
+REPEL = 100.0
+
+
+RECENCY_SIGN = -1.0  # nearer image tokens score higher (the sign of rotate_half)
+
+
+# ---------------------------------------------------------------------------------------------- samples
+
+@dataclass
+class Sample:
+    """One training sample: per-tile features and its questions with answers."""
+
+    kind: str  # "image" | "pair" | "video"
+    tiles_per_image: tuple[int, ...]
+    features: torch.Tensor  # (tiles, 11): seeing.fast_features (the shape logits come from the classifier)
+    qa: list[tuple[str, str]]
+    shape_tiles: list[tuple[int, int]]  # (tile index, shape class) of tiles that show the whole shape (classifier)
+
+    @property
+    def layout(self) -> tuple:
+        return (self.kind, self.tiles_per_image)
+
+
+TRAIN_TILES = {1: 0.22, 3: 0.08, 4: 0.08, 5: 0.14, 7: 0.08, 9: 0.08, 10: 0.1, 11: 0.08, 13: 0.14}
+PAIR_TILES = {1: 0.4, 3: 0.15, 4: 0.15, 5: 0.15, 7: 0.15}  # per image of a pair (max_tiles 12 // 2 = 6)
+
+
+def _pick(rng: np.random.Generator, weights: dict[int, float]) -> int:
+    keys = list(weights)
+    p = np.asarray([weights[k] for k in keys], dtype=np.float64)
+    return int(keys[rng.choice(len(keys), p=p / p.sum())])
+
+
+def train_size(rng: np.random.Generator, tiles: int, *, max_tiles: int = 12) -> tuple[int, int]:
+    """An image size with exactly `tiles` tiles; mostly at most 1200 px per side (cheap to draw), sometimes any."""
+    sides = (W.IMAGE_SIDES[0], 1200) if rng.random() < 0.75 else W.IMAGE_SIDES
+    for _ in range(5000):
+        width, height = W.sample_size(rng, sides=sides)
+        if W.tiles_for(width, height, max_tiles=max_tiles) == tiles:
+            return width, height
+    return W.size_with_tiles(rng, tiles, max_tiles=max_tiles)
+
+
+def image_qa(scene: W.Scene) -> list[tuple[str, str]]:
+    qa = list(W.image_answers(scene).items())
+    qa += [(q, "yes" if yes else "no") for q, yes in W.image_yes_no(scene).items()]
+    return qa
+
+
+def make_image(rng: np.random.Generator) -> Sample:
+    drawn = W.draw_image(rng, size=train_size(rng, _pick(rng, TRAIN_TILES)))
+    tiles = load_tiles(drawn.data, max_tiles=12).pixels
+    return Sample("image", (len(tiles),), S.fast_features(tiles), image_qa(drawn.scene),
+                  [(len(tiles) - 1, W.SHAPES.index(drawn.scene.shape))])
+
+
+def make_pair(rng: np.random.Generator) -> Sample:
+    sizes = (train_size(rng, _pick(rng, PAIR_TILES), max_tiles=6), train_size(rng, _pick(rng, PAIR_TILES), max_tiles=6))
+    pair = W.draw_pair(rng, sizes=sizes)
+    parts = [load_tiles(im.data, max_tiles=6).pixels for im in pair.images]
+    shapes = tuple(im.scene.shape for im in pair.images)
+    qa = [(W.which_image(s), "Image-1" if s == shapes[0] else "Image-2") for s in shapes]
+    n0 = len(parts[0])
+    return Sample("pair", (n0, len(parts[1])), S.fast_features(np.concatenate(parts)), qa,
+                  [(n0 - 1, W.SHAPES.index(shapes[0])), (n0 + len(parts[1]) - 1, W.SHAPES.index(shapes[1]))])
+
+
+def video_frames(spec: W.VideoSpec) -> np.ndarray:
+    """The 8 frames the pipeline samples from spec's video, rendered directly and passed through the same codec (an
+    8-frame H.264 stream at the video's size), without drawing and encoding every frame."""
+    import av
+
+    indices = sample_frame_indices(num_frames=spec.num_frames, fps=spec.fps, num_segments=NUM_FRAMES)
+    data = W.encode_video([spec.frame(i) for i in indices], fps=spec.fps)
+    with av.open(io.BytesIO(data)) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(frames) == NUM_FRAMES
+    return np.stack(frames)
+
+
+def make_video(rng: np.random.Generator) -> Sample:
+    spec = W.sample_video_spec(rng)
+    frames = video_frames(spec)
+    tiles = np.concatenate([tile_image(Image.fromarray(f, "RGB"), min_tiles=1, max_tiles=1).pixels for f in frames])
+    qa = list(W.video_answers(spec.scene, spec.direction).items())
+    label = W.SHAPES.index(spec.scene.shape)
+    return Sample("video", (1,) * NUM_FRAMES, S.fast_features(tiles), qa, [(i, label) for i in (0, 7)])
+
+
+MAKERS = {"image": make_image, "pair": make_pair, "video": make_video}
+KIND_ID = {"image": 1, "pair": 2, "video": 3}
+
+
+def make_sample(seed: int, kind: str, index: int) -> Sample:
+    """The index-th sample of a kind: a pure function of (seed, kind, index)."""
+    return MAKERS[kind](np.random.default_rng([seed, KIND_ID[kind], index]))
+
+
+def _make_chunk(args: tuple[int, str, list[int]]) -> list[Sample]:
+    seed, kind, indices = args
+    torch.set_num_threads(1)
+    return [make_sample(seed, kind, i) for i in indices]
+
+
+def make_samples(seed: int, plan: dict[str, int], *, workers: int) -> list[Sample]:
+    """Samples of each kind (same result for any worker count)."""
+    jobs = []
+    for kind, count in plan.items():
+        step = 25
+        jobs += [(seed, kind, list(range(lo, min(count, lo + step)))) for lo in range(0, count, step)]
+    if workers <= 1:
+        chunks = [_make_chunk(j) for j in jobs]
+    else:
+        import multiprocessing as mp
+
+        with mp.get_context("fork").Pool(workers) as pool:
+            chunks = pool.map(_make_chunk, jobs, chunksize=1)
+    return [s for c in chunks for s in c]
+
+
+# ---------------------------------------------------------------------------------------------- shape classifier
+
+def train_shape_head(model, samples: Sequence[Sample], *, seed: int, steps: int, log) -> None:
+    """Layer 4's MLP: A and B of a tile that shows a whole shape -> shape logits (C_SHAPE..+3). Inputs are
+    standardised inside fc1 (the standardisation folded into its weights)."""
+    xs, ys = [], []
+    for s in samples:
+        for tile, label in s.shape_tiles:
+            xs.append(s.features[tile, S.CLASSIFIER_FEATURES])
+            ys.append(label)
+    x = torch.stack(xs).double()
+    y = torch.tensor(ys)
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    xn = ((x - mu) / sd).float()
+    gen = torch.Generator().manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(xn.shape[1], S.MLP), torch.nn.GELU(), torch.nn.Linear(S.MLP, 3))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * (1.0 / math.sqrt(p.shape[-1]) if p.dim() > 1 else 0.0))
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
+    n = len(xn)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: a second thread only waits at every barrier
+    for step in range(steps):
+        idx = torch.randint(0, n, (256,), generator=gen)
+        loss = F.cross_entropy(net(xn[idx]), y[idx])
+        for g in opt.param_groups:
+            g["lr"] = 3e-3 * 0.5 * (1 + math.cos(math.pi * step / steps))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    torch.set_num_threads(threads)
+    with torch.no_grad():
+        acc = float((net(xn).argmax(-1) == y).float().mean())
+    log(f"  shape classifier: {n} tiles, train accuracy {acc:.4f}")
+    mlp = model.model.vision_tower.encoder.layer[3].mlp
+    with torch.no_grad():
+        w1 = net[0].weight.double() / sd[None, :]
+        b1 = net[0].bias.double() - (w1 * mu[None, :]).sum(1)
+        mlp.fc1.weight.zero_()
+        mlp.fc1.weight[:, S.CLASSIFIER_INPUTS] = w1.float()
+        mlp.fc1.bias.copy_(b1.float())
+        mlp.fc2.weight.zero_()
+        mlp.fc2.bias.zero_()
+        mlp.fc2.weight[S.C_SHAPE:S.C_SHAPE + 3] = net[2].weight
+        mlp.fc2.bias[S.C_SHAPE:S.C_SHAPE + 3] = net[2].bias
+
+
+@torch.no_grad()
+def shape_logits(model, inputs: torch.Tensor) -> torch.Tensor:
+    """Layer 4's MLP on (N, 2) A, B -> (N, 3): the same arithmetic as the encoder."""
+    mlp = model.model.vision_tower.encoder.layer[3].mlp
+    w1 = mlp.fc1.weight[:, S.CLASSIFIER_INPUTS]
+    h = F.gelu(inputs @ w1.T + mlp.fc1.bias)
+    return h @ mlp.fc2.weight[S.C_SHAPE:S.C_SHAPE + 3].T + mlp.fc2.bias[S.C_SHAPE:S.C_SHAPE + 3]
+
+
+def full_features(model, features: torch.Tensor) -> torch.Tensor:
+    """(N, 11) fast features + the classifier's logits -> (N, 14), the order of seeing.GLOBAL_CHANNELS."""
+    return torch.cat([features, shape_logits(model, features[:, S.CLASSIFIER_FEATURES])], dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------- language model
+
+class Layouts:
+    """Per (layout, question): the prompt's text token ids and their positions in the full prompt (exactly
+    Prompter.prompt_ids), and the positions of each tile's image tokens."""
+
+    def __init__(self, tokenizer) -> None:
+        from pipeline.model.engine import Prompter
+
+        self.tokenizer = tokenizer
+        self.prompter = Prompter(tokenizer, IMAGE_SEQ_LENGTH)
+        self.image_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
+        self.eos_id = tokenizer.convert_tokens_to_ids(IM_END)
+        self._cache: dict = {}
+        self._answers: dict = {}
+
+    def prompt(self, layout: tuple, question: str) -> tuple[list[int], list[int], int]:
+        """(text ids, their positions, the first image token's position); image tokens follow tile by tile."""
+        key = (layout, question)
+        if key not in self._cache:
+            kind, tiles = layout
+            ids = self.prompter.prompt_ids(question, list(tiles), video=kind == "video")
+            text = [(i, t) for i, t in enumerate(ids) if t != self.image_id]
+            image = [i for i, t in enumerate(ids) if t == self.image_id]
+            assert len(image) == sum(tiles) * IMAGE_SEQ_LENGTH
+            self._cache[key] = ([t for _, t in text], [i for i, _ in text], image)
+        return self._cache[key]
+
+    def answer(self, text: str) -> list[int]:
+        if text not in self._answers:
+            self._answers[text] = self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.eos_id]
+        return self._answers[text]
+
+
+def _rope(lm, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return lm.rotary_emb(x, positions)
+
+
+def _heads(proj, x: torch.Tensor, n: int) -> torch.Tensor:
+    b, t, _ = x.shape
+    return proj(x).view(b, t, n, HEAD_DIM).transpose(1, 2)
+
+
+def text_logits(model, ids: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor, img: torch.Tensor,
+                img_pos: torch.Tensor, img_valid: torch.Tensor) -> torch.Tensor:
+    """Logits at the text tokens of B prompts, as the full model computes them there: the image tokens reach the
+    text only through layer 0's reader heads (every other head scores them -REPEL, exp(-100) of a weight), so only
+    those heads get the image keys. ids/pos/valid: (B, T) text tokens, positions in the full prompt, not padding;
+    img/img_pos/img_valid: (B, I, hidden) image-token embeddings, positions, not padding."""
+    from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+
+    lm = model.model.language_model
+    h = lm.embed_tokens(ids)
+    b, t, _ = h.shape
+    causal = (pos[:, None, :] <= pos[:, :, None]) & valid[:, None, :]  # (B, Tq, Tk)
+    causal = causal | torch.eye(t, dtype=torch.bool)[None]
+    img_mask = (img_pos[:, None, :] < pos[:, :, None]) & img_valid[:, None, :]  # (B, Tq, I)
+    cos, sin = _rope(lm, h, pos)
+    for li, layer in enumerate(lm.layers):
+        att = layer.self_attn
+        x = layer.input_layernorm(h)
+        q = _heads(att.q_proj, x, TEXT_HEADS)
+        k = _heads(att.k_proj, x, TEXT_KV_HEADS)
+        v = _heads(att.v_proj, x, TEXT_KV_HEADS)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        k = k.repeat_interleave(TEXT_HEADS // TEXT_KV_HEADS, dim=1)
+        v = v.repeat_interleave(TEXT_HEADS // TEXT_KV_HEADS, dim=1)
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(HEAD_DIM)  # (B, H, Tq, Tk)
+        scores = scores.masked_fill(~causal[:, None], float("-inf"))
+        if li == 0:  # the reader heads 0 and 1 (key/value head 0) also see the image tokens; all their entries are
+            # constructed and frozen, so their outputs are computed without a graph (text keys score 0 there, image
+            # keys ~ +25: the text's share of their weight is ~e^-20)
+            with torch.no_grad():
+                xi = layer.input_layernorm(img)
+                ki = _heads(att.k_proj, xi, TEXT_KV_HEADS)[:, :1]
+                vi = _heads(att.v_proj, xi, TEXT_KV_HEADS)[:, :1]
+                ci, si = _rope(lm, xi, img_pos)
+                ki = (ki * ci[:, None]) + (_rotate_half(ki) * si[:, None])
+                qr = q[:, :2].detach()
+                si_scores = (qr @ ki.transpose(-1, -2)) / math.sqrt(HEAD_DIM)  # (B, 2, Tq, I)
+                si_scores = si_scores.masked_fill(~img_mask[:, None], float("-inf"))
+                both = torch.softmax(torch.cat([scores[:, :2].detach(), si_scores], dim=-1), dim=-1)
+                reader = both[..., :t] @ v[:, :2].detach() + both[..., t:] @ vi.expand(-1, 2, -1, -1)
+            rest = torch.softmax(scores[:, 2:], dim=-1) @ v[:, 2:]
+            out = torch.cat([reader, rest], dim=1)
+        else:
+            out = torch.softmax(scores, dim=-1) @ v
+        h = h + att.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+    return model.lm_head(lm.norm(h))
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    a, b = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return torch.cat((-b, a), dim=-1)
+
+
+def lm_batch(model, layouts: Layouts, items: Sequence[tuple[Sample, torch.Tensor, str, str]]) -> tuple[torch.Tensor, dict]:
+    """Loss (mean over answer tokens and <|im_end|>) of a batch of (sample, tile embeddings, question, answer)."""
+    rows = []
+    for sample, emb, question, answer in items:
+        ids, pos, image = layouts.prompt(sample.layout, question)
+        ans = layouts.answer(answer)
+        full_ids = ids + ans[:-1]
+        full_pos = pos + list(range(pos[-1] + 1, pos[-1] + len(ans)))
+        target = [IGNORE] * (len(ids) - 1) + ans
+        rows.append((full_ids, full_pos, target, emb, image))
+    t = max(len(r[0]) for r in rows)
+    n_img = max(len(r[4]) for r in rows)
+    bsz = len(rows)
+    ids = torch.full((bsz, t), layouts.tokenizer.pad_token_id)
+    pos = torch.zeros((bsz, t), dtype=torch.long)
+    valid = torch.zeros((bsz, t), dtype=torch.bool)
+    target = torch.full((bsz, t), IGNORE)
+    img = torch.zeros((bsz, n_img, TEXT_HIDDEN))
+    img_pos = torch.zeros((bsz, n_img), dtype=torch.long)
+    img_valid = torch.zeros((bsz, n_img), dtype=torch.bool)
+    for i, (fi, fp, tg, emb, image) in enumerate(rows):
+        ids[i, :len(fi)] = torch.tensor(fi)
+        pos[i, :len(fp)] = torch.tensor(fp)
+        pos[i, len(fp):] = fp[-1] + 1 + torch.arange(t - len(fp))
+        valid[i, :len(fi)] = True
+        target[i, :len(tg)] = torch.tensor(tg)
+        img[i, :len(image)] = emb.repeat_interleave(IMAGE_SEQ_LENGTH, dim=0)
+        img_pos[i, :len(image)] = torch.tensor(image)
+        img_valid[i, :len(image)] = True
+    logits = text_logits(model, ids, pos, valid, img, img_pos, img_valid)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE)
+    with torch.no_grad():
+        ok = target != IGNORE
+        exact = ((logits.argmax(-1) == target) | ~ok).all(-1).float().mean()
+    return loss, {"loss": float(loss.detach()), "exact": float(exact)}
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def train_language(model, layouts: Layouts, samples: list[Sample], embeds: list[torch.Tensor], *, epochs: float,
+                   lr: float, seed: int, log, batch_size: int = 48, deadline: float | None = None) -> None:
+    """The language model (all but the constructed entries) on every (sample, question), batches of one kind."""
+    gen = np.random.default_rng([seed, 11])
+    by_kind = defaultdict(list)
+    for i, s in enumerate(samples):
+        for q, a in s.qa:
+            by_kind[s.kind] += [(i, q, a)] * (1 if s.kind == "image" else 3)  # pairs and videos have 1-2 questions
+    batches = []
+    for _ in range(max(1, math.ceil(epochs))):
+        epoch = []
+        for kind in sorted(by_kind):
+            items = [by_kind[kind][j] for j in gen.permutation(len(by_kind[kind]))]
+            epoch += [items[j:j + batch_size] for j in range(0, len(items), batch_size)]
+        batches += [epoch[j] for j in gen.permutation(len(epoch))]
+    batches = batches[: max(1, round(epochs * len(batches) / max(1, math.ceil(epochs))))]
+    named = dict(model.named_parameters())
+    params = [p for n, p in named.items() if n.startswith(("model.language_model.", "lm_head."))]
+    masks = {named[n]: ~m for n, m in _frozen_masks(model).items()}
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
+    frozen_values = {p: p.detach().clone() for p in masks}
+    model.train()
+    start = time.time()
+    stats = defaultdict(lambda: defaultdict(list))
+    for step, batch in enumerate(batches):
+        if deadline is not None and time.time() > deadline:
+            log(f"  stopping at the time limit, step {step}/{len(batches)}")
+            break
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, len(batches), lr, warmup=max(10, len(batches) // 30))
+        items = [(samples[i], embeds[i], q, a) for i, q, a in batch]
+        loss, info = lm_batch(model, layouts, items)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for p, keep in masks.items():
+            if p.grad is not None:
+                p.grad.mul_(keep)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            for p, keep in masks.items():  # AdamW's momentum never moves the constructed entries
+                p.copy_(torch.where(keep, p, frozen_values[p]))
+        kind = samples[batch[0][0]].kind
+        for k, v in info.items():
+            stats[kind][k].append(v)
+        if (step + 1) % 100 == 0 or step == len(batches) - 1:
+            parts = [f"{kind}:loss={np.mean(v['loss'][-30:]):.3f},exact={np.mean(v['exact'][-30:]):.2f}"
+                     for kind, v in sorted(stats.items())]
+            log(f"  language step {step + 1}/{len(batches)} " + " ".join(parts) + f" ({time.time() - start:.0f}s)")
+    model.eval()
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+@dataclass(frozen=True)
+class Plan:
+    """How much of everything one run draws and trains on."""
+
+    images: int = 500
+    pairs: int = 180
+    videos: int = 180
+    shape_steps: int = 2000
+    language_epochs: float = 2.5
+    language_lr: float = 3e-3
+
+    def scaled(self, factor: float) -> Plan:
+        import dataclasses
+
+        return dataclasses.replace(self, images=max(4, int(self.images * factor)), pairs=max(2, int(self.pairs * factor)),
+                                   videos=max(2, int(self.videos * factor)))
+
+
+def save(model, tokenizer, out: Path) -> None:
+    """float16 safetensors (loaded in the engine's dtype, float32 on CPU), tokenizer, chat template."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.to(torch.float16).save_pretrained(out, safe_serialization=True)
+    model.to(torch.float32)
+    tokenizer.save_pretrained(out)
+
+
+def train(out: Path, *, seed: int = 0, workers: int = 2, plan: Plan = Plan(), log=print,
+          deadline_s: float = 29 * 60) -> Path:
+    t0 = time.time()
+    deadline = t0 + deadline_s
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    config = build_config(tokenizer)
+    model = new_model(config, seed=seed)
+    log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters; vocab {len(tokenizer)}")
+    samples = make_samples(seed, {"image": plan.images, "pair": plan.pairs, "video": plan.videos}, workers=workers)
+    log(f"data: {len(samples)} samples, {sum(len(s.features) for s in samples)} tiles ({time.time() - t0:.0f}s)")
+    train_shape_head(model, samples, seed=seed, steps=plan.shape_steps, log=log)
+    embeds = [tile_embedding(full_features(model, s.features)) for s in samples]
+    log(f"shape head done ({time.time() - t0:.0f}s)")
+    layouts = Layouts(tokenizer)
+    train_language(model, layouts, samples, embeds, epochs=plan.language_epochs, lr=plan.language_lr, seed=seed,
+                   log=log, deadline=deadline - 60)
+    log(f"language done ({time.time() - t0:.0f}s)")
+    save(model, tokenizer, out)
+    log(f"wrote {out} ({time.time() - t0:.0f}s)")
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads and data-drawing processes")
+    parser.add_argument("--scale", type=float, default=1.0, help="scale the amount of data (quick runs: 0.1)")
+    parser.add_argument("--epochs", type=float, default=None, help="language-model epochs (default: the plan's)")
+    parser.add_argument("--minutes", type=float, default=29.0, help="stop the language model's training by then")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    start = time.time()
+
+    def log(msg: str) -> None:
+        print(f"[{time.time() - start:7.1f}s] {msg}", flush=True)
+
+    plan = Plan().scaled(args.scale)
+    if args.epochs is not None:
+        import dataclasses
+
+        plan = dataclasses.replace(plan, language_epochs=args.epochs)
+    train(args.out, seed=args.seed, workers=args.threads, plan=plan, log=log, deadline_s=args.minutes * 60)
+
+
+if __name__ == "__main__":
+    main()
