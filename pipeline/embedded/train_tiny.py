@@ -616,7 +616,8 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
 
 
 def train_language(model, layouts: Layouts, samples: list[Sample], embeds: list[torch.Tensor], *, epochs: float,
-                   lr: float, seed: int, log, batch_size: int = 48, deadline: float | None = None) -> None:
+                   lr: float, seed: int, log, batch_size: int = 48, deadline: float | None = None,
+                   max_steps: int | None = None) -> None:
     """The language model (all but the constructed entries) on every (sample, question), batches of one kind."""
     gen = np.random.default_rng([seed, 11])
     by_kind = defaultdict(list)
@@ -642,6 +643,9 @@ def train_language(model, layouts: Layouts, samples: list[Sample], embeds: list[
     for step, batch in enumerate(batches):
         if deadline is not None and time.time() > deadline:
             log(f"  stopping at the time limit, step {step}/{len(batches)}")
+            break
+        if max_steps is not None and step >= max_steps:
+            log(f"  stopping at --max-steps, step {step}/{len(batches)}")
             break
         for g in opt.param_groups:
             g["lr"] = lr_at(step, len(batches), lr, warmup=max(10, len(batches) // 30))
@@ -696,7 +700,7 @@ def save(model, tokenizer, out: Path) -> None:
 
 
 def train(out: Path, *, seed: int = 0, workers: int = 2, plan: Plan = Plan(), log=print,
-          deadline_s: float = 29 * 60) -> Path:
+          deadline_s: float = 29 * 60, max_steps: int | None = None) -> Path:
     t0 = time.time()
     deadline = t0 + deadline_s
     torch.manual_seed(seed)
@@ -711,7 +715,7 @@ def train(out: Path, *, seed: int = 0, workers: int = 2, plan: Plan = Plan(), lo
     log(f"shape head done ({time.time() - t0:.0f}s)")
     layouts = Layouts(tokenizer)
     train_language(model, layouts, samples, embeds, epochs=plan.language_epochs, lr=plan.language_lr, seed=seed,
-                   log=log, deadline=deadline - 60)
+                   log=log, deadline=deadline - 60, max_steps=max_steps)
     log(f"language done ({time.time() - t0:.0f}s)")
     save(model, tokenizer, out)
     log(f"wrote {out} ({time.time() - t0:.0f}s)")
@@ -726,6 +730,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="scale the amount of data (quick runs: 0.1)")
     parser.add_argument("--epochs", type=float, default=None, help="language-model epochs (default: the plan's)")
     parser.add_argument("--minutes", type=float, default=29.0, help="stop the language model's training by then")
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="stop the language model's training after this many steps (deterministic, unlike --minutes)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -739,7 +745,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         import dataclasses
 
         plan = dataclasses.replace(plan, language_epochs=args.epochs)
-    train(args.out, seed=args.seed, workers=args.threads, plan=plan, log=log, deadline_s=args.minutes * 60)
+    train(args.out, seed=args.seed, workers=args.threads, plan=plan, log=log, deadline_s=args.minutes * 60,
+          max_steps=args.max_steps)
 
 
 if __name__ == "__main__":
