@@ -692,10 +692,9 @@ class Plan:
 
 
 def save(model, tokenizer, out: Path) -> None:
-    """float16 safetensors (loaded in the engine's dtype, float32 on CPU), tokenizer, chat template."""
+    """float32 safetensors (the constructed steps have gains past float16's range), tokenizer, chat template."""
     out.mkdir(parents=True, exist_ok=True)
-    model.to(torch.float16).save_pretrained(out, safe_serialization=True)
-    model.to(torch.float32)
+    model.to(torch.float32).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
 
 
