@@ -188,9 +188,10 @@ def set_projector(model) -> None:
 
 
 def tile_embedding(features: torch.Tensor) -> torch.Tensor:
-    """(N, 14) per-tile global features -> (N, TEXT_HIDDEN) what the projector gives every token of the tile."""
+    """(N, 14) per-tile global features -> (N, TEXT_HIDDEN) what the projector gives every token of the tile: its
+    arithmetic (GELU(f + OFFSET) scaled, minus the offset; very negative shape logits are clipped there too)."""
     out = torch.zeros(features.shape[0], TEXT_HIDDEN)
-    out[:, :NUM_FEATURES] = features * FEATURE_SCALE
+    out[:, :NUM_FEATURES] = (F.gelu(features + OFFSET) - OFFSET) * FEATURE_SCALE
     out[:, MARKER_DIM] = MARKER
     return out
 
@@ -236,6 +237,18 @@ def _frozen_masks(model) -> dict[str, torch.Tensor]:
             kb[kv * HEAD_DIM + CONST_FREQ] = kb[kv * HEAD_DIM + CONST_FREQ + half] = True
         norm = masks.setdefault(f"{pre}.input_layernorm.weight", torch.zeros_like(layer.input_layernorm.weight, dtype=torch.bool))
         norm[MARKER_DIM] = True
+        # the marker stays what the projector wrote: nothing writes into MARKER_DIM, the MLPs' gates on it are fixed
+        o = masks.setdefault(f"{pre}.self_attn.o_proj.weight", torch.zeros_like(att.o_proj.weight, dtype=torch.bool))
+        o[MARKER_DIM] = True
+        down = torch.zeros_like(layer.mlp.down_proj.weight, dtype=torch.bool)
+        down[MARKER_DIM] = True
+        masks[f"{pre}.mlp.down_proj.weight"] = down
+        gate = torch.zeros_like(layer.mlp.gate_proj.weight, dtype=torch.bool)
+        gate[:, MARKER_DIM] = True
+        masks[f"{pre}.mlp.gate_proj.weight"] = gate
+        post = torch.zeros_like(layer.post_attention_layernorm.weight, dtype=torch.bool)
+        post[MARKER_DIM] = True
+        masks[f"{pre}.post_attention_layernorm.weight"] = post
     return masks
 
 
@@ -281,6 +294,13 @@ def set_reader_heads(model) -> None:
     for li, layer in enumerate(lm.layers):
         att = layer.self_attn
         layer.input_layernorm.weight[MARKER_DIM] = 1.0
+        # image tokens stay as the projector made them, so that layer 1's -REPEL on them holds whatever training
+        # does: no output writes MARKER_DIM, and every MLP unit's gate is -MLP_GATE on the marker (SiLU(-100) = 0
+        # on image tokens; text tokens have no marker, so it is inert there)
+        att.o_proj.weight[MARKER_DIM] = 0.0
+        layer.mlp.down_proj.weight[MARKER_DIM] = 0.0
+        layer.post_attention_layernorm.weight[MARKER_DIM] = 1.0
+        layer.mlp.gate_proj.weight[:, MARKER_DIM] = -MLP_GATE / m_hat
         for head in range(2 if li == 0 else 0, TEXT_HEADS):
             for d in (CONST_FREQ, CONST_FREQ + half):
                 att.q_proj.weight[head * HEAD_DIM + d] = 0.0
@@ -294,6 +314,7 @@ def set_reader_heads(model) -> None:
 
 
 REPEL = 100.0
+MLP_GATE = 100.0  # every MLP unit's gate on an image token: -MLP_GATE (the normalised marker is ~ m_hat)
 
 
 RECENCY_SIGN = -1.0  # nearer image tokens score higher (the sign of rotate_half)
@@ -518,12 +539,42 @@ def _heads(proj, x: torch.Tensor, n: int) -> torch.Tensor:
     return proj(x).view(b, t, n, HEAD_DIM).transpose(1, 2)
 
 
-def text_logits(model, ids: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor, img: torch.Tensor,
-                img_pos: torch.Tensor, img_valid: torch.Tensor) -> torch.Tensor:
-    """Logits at the text tokens of B prompts, as the full model computes them there: the image tokens reach the
-    text only through layer 0's reader heads (every other head scores them -REPEL, exp(-100) of a weight), so only
-    those heads get the image keys. ids/pos/valid: (B, T) text tokens, positions in the full prompt, not padding;
-    img/img_pos/img_valid: (B, I, hidden) image-token embeddings, positions, not padding."""
+@torch.no_grad()
+def image_part(model, pos: torch.Tensor, img: torch.Tensor, img_pos: torch.Tensor,
+               img_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What layer 0's reader heads (0 and 1, key/value head 0) get from the image tokens at each text position:
+    the log-sum-exp of their scores on the image keys (B, 2, T) and the image values' softmax-weighted mean
+    (B, 2, T, HEAD_DIM). All the entries involved are constructed and frozen and the reader queries are their bias
+    alone (q_proj rows zero), so this depends on the sample and the positions only: computed once per training
+    item, the language model's training never touches an image token again."""
+    lm = model.model.language_model
+    layer = lm.layers[0]
+    att = layer.self_attn
+    assert not att.q_proj.weight[: 2 * HEAD_DIM].any(), "reader queries must be bias-only"
+    b, t = pos.shape
+    q = att.q_proj.bias[: 2 * HEAD_DIM].view(1, 2, 1, HEAD_DIM).expand(b, 2, t, HEAD_DIM)
+    cos, sin = _rope(lm, img, pos)
+    q = q * cos[:, None] + _rotate_half(q) * sin[:, None]
+    xi = layer.input_layernorm(img)
+    ki = _heads(att.k_proj, xi, TEXT_KV_HEADS)[:, :1]
+    vi = _heads(att.v_proj, xi, TEXT_KV_HEADS)[:, :1]
+    ci, si = _rope(lm, xi, img_pos)
+    ki = ki * ci[:, None] + _rotate_half(ki) * si[:, None]
+    scores = (q @ ki.transpose(-1, -2)) / math.sqrt(HEAD_DIM)  # (B, 2, T, I)
+    mask = (img_pos[:, None, :] < pos[:, :, None]) & img_valid[:, None, :]  # (B, T, I)
+    scores = scores.masked_fill(~mask[:, None], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # -inf where no image token precedes
+    weights = torch.exp(scores - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
+    return lse, weights @ vi
+
+
+def text_logits(model, ids: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor, img_lse: torch.Tensor,
+                img_value: torch.Tensor) -> torch.Tensor:
+    """Logits at the text tokens of B prompts, as the full model computes them there (tests/unit/embedded checks
+    it against the transformers forward): the image tokens reach the text only through layer 0's reader heads
+    (every other head scores them -REPEL, exp(-100) of a weight), whose image side is image_part's (img_lse,
+    img_value), joined to their text side in one softmax. ids/pos/valid: (B, T) text tokens, their positions in the
+    full prompt, not padding."""
     from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
     lm = model.model.language_model
@@ -531,7 +582,6 @@ def text_logits(model, ids: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor
     b, t, _ = h.shape
     causal = (pos[:, None, :] <= pos[:, :, None]) & valid[:, None, :]  # (B, Tq, Tk)
     causal = causal | torch.eye(t, dtype=torch.bool)[None]
-    img_mask = (img_pos[:, None, :] < pos[:, :, None]) & img_valid[:, None, :]  # (B, Tq, I)
     cos, sin = _rope(lm, h, pos)
     for li, layer in enumerate(lm.layers):
         att = layer.self_attn
@@ -544,20 +594,9 @@ def text_logits(model, ids: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor
         v = v.repeat_interleave(TEXT_HEADS // TEXT_KV_HEADS, dim=1)
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(HEAD_DIM)  # (B, H, Tq, Tk)
         scores = scores.masked_fill(~causal[:, None], float("-inf"))
-        if li == 0:  # the reader heads 0 and 1 (key/value head 0) also see the image tokens; all their entries are
-            # constructed and frozen, so their outputs are computed without a graph (text keys score 0 there, image
-            # keys ~ +25: the text's share of their weight is ~e^-20)
-            with torch.no_grad():
-                xi = layer.input_layernorm(img)
-                ki = _heads(att.k_proj, xi, TEXT_KV_HEADS)[:, :1]
-                vi = _heads(att.v_proj, xi, TEXT_KV_HEADS)[:, :1]
-                ci, si = _rope(lm, xi, img_pos)
-                ki = (ki * ci[:, None]) + (_rotate_half(ki) * si[:, None])
-                qr = q[:, :2].detach()
-                si_scores = (qr @ ki.transpose(-1, -2)) / math.sqrt(HEAD_DIM)  # (B, 2, Tq, I)
-                si_scores = si_scores.masked_fill(~img_mask[:, None], float("-inf"))
-                both = torch.softmax(torch.cat([scores[:, :2].detach(), si_scores], dim=-1), dim=-1)
-                reader = both[..., :t] @ v[:, :2].detach() + both[..., t:] @ vi.expand(-1, 2, -1, -1)
+        if li == 0:
+            both = torch.softmax(torch.cat([scores[:, :2], img_lse[..., None]], dim=-1), dim=-1)
+            reader = both[..., :t] @ v[:, :2] + both[..., t:] * img_value
             rest = torch.softmax(scores[:, 2:], dim=-1) @ v[:, 2:]
             out = torch.cat([reader, rest], dim=1)
         else:
@@ -572,36 +611,62 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-b, a), dim=-1)
 
 
-def lm_batch(model, layouts: Layouts, items: Sequence[tuple[Sample, torch.Tensor, str, str]]) -> tuple[torch.Tensor, dict]:
-    """Loss (mean over answer tokens and <|im_end|>) of a batch of (sample, tile embeddings, question, answer)."""
-    rows = []
-    for sample, emb, question, answer in items:
-        ids, pos, image = layouts.prompt(sample.layout, question)
-        ans = layouts.answer(answer)
-        full_ids = ids + ans[:-1]
-        full_pos = pos + list(range(pos[-1] + 1, pos[-1] + len(ans)))
-        target = [IGNORE] * (len(ids) - 1) + ans
-        rows.append((full_ids, full_pos, target, emb, image))
-    t = max(len(r[0]) for r in rows)
-    n_img = max(len(r[4]) for r in rows)
-    bsz = len(rows)
-    ids = torch.full((bsz, t), layouts.tokenizer.pad_token_id)
+@dataclass
+class Item:
+    """One training sequence: prompt text + answer, its positions, targets and the reader heads' image side."""
+
+    kind: str
+    ids: torch.Tensor  # (T,)
+    pos: torch.Tensor
+    target: torch.Tensor
+    img_lse: torch.Tensor  # (2, T)
+    img_value: torch.Tensor  # (2, T, HEAD_DIM)
+
+
+def make_item(model, layouts: Layouts, sample: Sample, emb: torch.Tensor, question: str, answer: str) -> Item:
+    """emb: (tiles, hidden) what the projector gives every token of each tile."""
+    ids, pos, image = layouts.prompt(sample.layout, question)
+    ans = layouts.answer(answer)
+    full_ids = torch.tensor(ids + ans[:-1])
+    full_pos = torch.tensor(pos + list(range(pos[-1] + 1, pos[-1] + len(ans))))
+    target = torch.tensor([IGNORE] * (len(ids) - 1) + ans)
+    img = emb.repeat_interleave(IMAGE_SEQ_LENGTH, dim=0)[None]
+    lse, value = image_part(model, full_pos[None], img, torch.tensor(image)[None],
+                            torch.ones(1, len(image), dtype=torch.bool))
+    return Item(sample.kind, full_ids, full_pos, target, lse[0], value[0])
+
+
+def _collate(items: Sequence[Item], pad_id: int) -> tuple[torch.Tensor, ...]:
+    t = max(len(it.ids) for it in items)
+    bsz = len(items)
+    ids = torch.full((bsz, t), pad_id)
     pos = torch.zeros((bsz, t), dtype=torch.long)
     valid = torch.zeros((bsz, t), dtype=torch.bool)
     target = torch.full((bsz, t), IGNORE)
-    img = torch.zeros((bsz, n_img, TEXT_HIDDEN))
-    img_pos = torch.zeros((bsz, n_img), dtype=torch.long)
-    img_valid = torch.zeros((bsz, n_img), dtype=torch.bool)
-    for i, (fi, fp, tg, emb, image) in enumerate(rows):
-        ids[i, :len(fi)] = torch.tensor(fi)
-        pos[i, :len(fp)] = torch.tensor(fp)
-        pos[i, len(fp):] = fp[-1] + 1 + torch.arange(t - len(fp))
-        valid[i, :len(fi)] = True
-        target[i, :len(tg)] = torch.tensor(tg)
-        img[i, :len(image)] = emb.repeat_interleave(IMAGE_SEQ_LENGTH, dim=0)
-        img_pos[i, :len(image)] = torch.tensor(image)
-        img_valid[i, :len(image)] = True
-    logits = text_logits(model, ids, pos, valid, img, img_pos, img_valid)
+    lse = torch.full((bsz, 2, t), float("-inf"))
+    value = torch.zeros((bsz, 2, t, HEAD_DIM))
+    for i, it in enumerate(items):
+        n = len(it.ids)
+        ids[i, :n] = it.ids
+        pos[i, :n] = it.pos
+        pos[i, n:] = it.pos[-1] + 1 + torch.arange(t - n)
+        valid[i, :n] = True
+        target[i, :n] = it.target
+        lse[i, :, :n] = it.img_lse
+        value[i, :, :n] = it.img_value
+    return ids, pos, valid, target, lse, value
+
+
+def lm_batch_logits(model, items: Sequence[Item], pad_id: int) -> torch.Tensor:
+    """(B, T, vocab) logits at the items' text tokens (right-padded)."""
+    ids, pos, valid, _, lse, value = _collate(items, pad_id)
+    return text_logits(model, ids, pos, valid, lse, value)
+
+
+def lm_batch(model, items: Sequence[Item], pad_id: int) -> tuple[torch.Tensor, dict]:
+    """Loss (mean over answer tokens and <|im_end|>) of a batch of items."""
+    ids, pos, valid, target, lse, value = _collate(items, pad_id)
+    logits = text_logits(model, ids, pos, valid, lse, value)
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE)
     with torch.no_grad():
         ok = target != IGNORE
@@ -615,59 +680,62 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def train_language(model, layouts: Layouts, samples: list[Sample], embeds: list[torch.Tensor], *, epochs: float,
-                   lr: float, seed: int, log, batch_size: int = 48, deadline: float | None = None,
-                   max_steps: int | None = None) -> None:
-    """The language model (all but the constructed entries) on every (sample, question), batches of one kind."""
+def make_items(model, layouts: Layouts, samples: Sequence[Sample], embeds: Sequence[torch.Tensor]) -> list[Item]:
+    return [make_item(model, layouts, smp, emb, q, a) for smp, emb in zip(samples, embeds) for q, a in smp.qa]
+
+
+KIND_WEIGHTS = {"image": 0.6, "pair": 0.2, "video": 0.2}  # share of the batches of each kind
+
+
+def train_language(model, items: Sequence[Item], *, steps: int, lr: float, seed: int, log, pad_id: int,
+                   batch_size: int = 64, deadline: float | None = None) -> None:
+    """The language model (all but the constructed entries) on the items, batches of one kind drawn with
+    KIND_WEIGHTS, cosine learning rate."""
     gen = np.random.default_rng([seed, 11])
     by_kind = defaultdict(list)
-    for i, s in enumerate(samples):
-        for q, a in s.qa:
-            by_kind[s.kind] += [(i, q, a)] * (1 if s.kind == "image" else 3)  # pairs and videos have 1-2 questions
-    batches = []
-    for _ in range(max(1, math.ceil(epochs))):
-        epoch = []
-        for kind in sorted(by_kind):
-            items = [by_kind[kind][j] for j in gen.permutation(len(by_kind[kind]))]
-            epoch += [items[j:j + batch_size] for j in range(0, len(items), batch_size)]
-        batches += [epoch[j] for j in gen.permutation(len(epoch))]
-    batches = batches[: max(1, round(epochs * len(batches) / max(1, math.ceil(epochs))))]
+    for it in items:
+        by_kind[it.kind].append(it)
+    kinds = sorted(by_kind)
+    p = np.asarray([KIND_WEIGHTS[k] for k in kinds])
     named = dict(model.named_parameters())
-    params = [p for n, p in named.items() if n.startswith(("model.language_model.", "lm_head."))]
+    params = [p_ for n, p_ in named.items() if n.startswith(("model.language_model.", "lm_head."))]
     masks = {named[n]: ~m for n, m in _frozen_masks(model).items()}
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
-    frozen_values = {p: p.detach().clone() for p in masks}
+    frozen_values = {p_: p_.detach().clone() for p_ in masks}
     model.train()
     start = time.time()
     stats = defaultdict(lambda: defaultdict(list))
-    for step, batch in enumerate(batches):
+    order = {k: gen.permutation(len(v)) for k, v in by_kind.items()}
+    cursor = dict.fromkeys(kinds, 0)
+    for step in range(steps):
         if deadline is not None and time.time() > deadline:
-            log(f"  stopping at the time limit, step {step}/{len(batches)}")
+            log(f"  stopping at the time limit, step {step}/{steps}")
             break
-        if max_steps is not None and step >= max_steps:
-            log(f"  stopping at --max-steps, step {step}/{len(batches)}")
-            break
+        kind = kinds[int(gen.choice(len(kinds), p=p / p.sum()))]
+        pool = by_kind[kind]
+        if cursor[kind] + batch_size > len(pool):
+            order[kind], cursor[kind] = gen.permutation(len(pool)), 0
+        batch = [pool[j] for j in order[kind][cursor[kind]:cursor[kind] + batch_size]]
+        cursor[kind] += batch_size
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, len(batches), lr, warmup=max(10, len(batches) // 30))
-        items = [(samples[i], embeds[i], q, a) for i, q, a in batch]
-        loss, info = lm_batch(model, layouts, items)
+            g["lr"] = lr_at(step, steps, lr, warmup=max(10, steps // 30))
+        loss, info = lm_batch(model, batch, pad_id)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        for p, keep in masks.items():
-            if p.grad is not None:
-                p.grad.mul_(keep)
+        for p_, keep in masks.items():
+            if p_.grad is not None:
+                p_.grad.mul_(keep)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         with torch.no_grad():
-            for p, keep in masks.items():  # AdamW's momentum never moves the constructed entries
-                p.copy_(torch.where(keep, p, frozen_values[p]))
-        kind = samples[batch[0][0]].kind
+            for p_, keep in masks.items():  # AdamW's momentum never moves the constructed entries
+                p_.copy_(torch.where(keep, p_, frozen_values[p_]))
         for k, v in info.items():
             stats[kind][k].append(v)
-        if (step + 1) % 100 == 0 or step == len(batches) - 1:
+        if (step + 1) % 250 == 0 or step == steps - 1:
             parts = [f"{kind}:loss={np.mean(v['loss'][-30:]):.3f},exact={np.mean(v['exact'][-30:]):.2f}"
                      for kind, v in sorted(stats.items())]
-            log(f"  language step {step + 1}/{len(batches)} " + " ".join(parts) + f" ({time.time() - start:.0f}s)")
+            log(f"  language step {step + 1}/{steps} " + " ".join(parts) + f" ({time.time() - start:.0f}s)")
     model.eval()
 
 
@@ -681,7 +749,7 @@ class Plan:
     pairs: int = 180
     videos: int = 180
     shape_steps: int = 2000
-    language_epochs: float = 2.5
+    language_steps: int = 3000
     language_lr: float = 3e-3
 
     def scaled(self, factor: float) -> Plan:
@@ -699,7 +767,7 @@ def save(model, tokenizer, out: Path) -> None:
 
 
 def train(out: Path, *, seed: int = 0, workers: int = 2, plan: Plan = Plan(), log=print,
-          deadline_s: float = 29 * 60, max_steps: int | None = None) -> Path:
+          deadline_s: float = 29 * 60) -> Path:
     t0 = time.time()
     deadline = t0 + deadline_s
     torch.manual_seed(seed)
@@ -713,8 +781,10 @@ def train(out: Path, *, seed: int = 0, workers: int = 2, plan: Plan = Plan(), lo
     embeds = [tile_embedding(full_features(model, s.features)) for s in samples]
     log(f"shape head done ({time.time() - t0:.0f}s)")
     layouts = Layouts(tokenizer)
-    train_language(model, layouts, samples, embeds, epochs=plan.language_epochs, lr=plan.language_lr, seed=seed,
-                   log=log, deadline=deadline - 60, max_steps=max_steps)
+    items = make_items(model, layouts, samples, embeds)
+    log(f"{len(items)} training sequences, the reader heads' image side cached ({time.time() - t0:.0f}s)")
+    train_language(model, items, steps=plan.language_steps, lr=plan.language_lr, seed=seed, log=log,
+                   pad_id=tokenizer.pad_token_id, deadline=deadline - 60)
     log(f"language done ({time.time() - t0:.0f}s)")
     save(model, tokenizer, out)
     log(f"wrote {out} ({time.time() - t0:.0f}s)")
@@ -727,10 +797,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch threads and data-drawing processes")
     parser.add_argument("--scale", type=float, default=1.0, help="scale the amount of data (quick runs: 0.1)")
-    parser.add_argument("--epochs", type=float, default=None, help="language-model epochs (default: the plan's)")
+    parser.add_argument("--steps", type=int, default=None, help="language-model steps (default: the plan's)")
     parser.add_argument("--minutes", type=float, default=29.0, help="stop the language model's training by then")
-    parser.add_argument("--max-steps", type=int, default=None,
-                        help="stop the language model's training after this many steps (deterministic, unlike --minutes)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -740,12 +808,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"[{time.time() - start:7.1f}s] {msg}", flush=True)
 
     plan = Plan().scaled(args.scale)
-    if args.epochs is not None:
+    if args.steps is not None:
         import dataclasses
 
-        plan = dataclasses.replace(plan, language_epochs=args.epochs)
-    train(args.out, seed=args.seed, workers=args.threads, plan=plan, log=log, deadline_s=args.minutes * 60,
-          max_steps=args.max_steps)
+        plan = dataclasses.replace(plan, language_steps=args.steps)
+    train(args.out, seed=args.seed, workers=args.threads, plan=plan, log=log, deadline_s=args.minutes * 60)
 
 
 if __name__ == "__main__":
