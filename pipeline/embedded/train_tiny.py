@@ -70,6 +70,12 @@ NUM_FEATURES = len(S.GLOBAL_CHANNELS)  # 14: centroid, colour, background, varia
 MARKER_DIM = 23
 LAST_DIMS = range(32, 32 + NUM_FEATURES)  # layer 0, head 0: the last image block's features
 MEAN_DIMS = range(64, 64 + NUM_FEATURES)  # layer 0, head 1: the mean over all image blocks
+ASKABLE = (*W.SHAPES, *W.COLORS)  # the words a question asks about (one-hot in ASK_DIMS of their embeddings)
+ASK_FLAG_DIM = 24  # embedding flag of an askable word
+ASK_DIMS = range(25, 25 + len(ASKABLE))
+ASK_OUT = range(96, 96 + len(ASKABLE))  # layer 0, head 2: the askable words before a token (the question's)
+ASK_FREQ = 14  # rotary pair (nearly constant) that scores the flag
+ASK_SCORE = 6.0  # x the normalised flag (>~ 3): askable words score >= ~18, other text 0, image tokens -REPEL
 OFFSET = 20.0  # keeps the projector's GELU in its linear range
 # per-feature scale into the language model (seeing.GLOBAL_CHANNELS order)
 FEATURE_SCALE = torch.tensor([4.0, 4.0, 3.0, 3.0, 3.0, 3.0, 3.0, 10.0, 10.0, 3.0, 3.0, 0.5, 0.5, 0.5])
@@ -149,7 +155,7 @@ def build_config(tokenizer):
     )
 
 
-def new_model(config, *, seed: int):
+def new_model(config, tokenizer, *, seed: int):
     from transformers import GenerationConfig, InternVLForConditionalGeneration
 
     torch.manual_seed(seed)
@@ -159,6 +165,7 @@ def new_model(config, *, seed: int):
     S.set_vision(model.model.vision_tower)
     set_projector(model)
     set_reader_heads(model)
+    set_ask_head(model, tokenizer)
     return model
 
 
@@ -249,6 +256,8 @@ def _frozen_masks(model) -> dict[str, torch.Tensor]:
         post = torch.zeros_like(layer.post_attention_layernorm.weight, dtype=torch.bool)
         post[MARKER_DIM] = True
         masks[f"{pre}.post_attention_layernorm.weight"] = post
+    for name, m in _ask_masks(model).items():
+        masks[name] = masks[name] | m if name in masks else m
     return masks
 
 
@@ -311,6 +320,73 @@ def set_reader_heads(model) -> None:
                 att.k_proj.weight[kv * HEAD_DIM + d] = 0.0
                 att.k_proj.bias[kv * HEAD_DIM + d] = 0.0
             att.k_proj.weight[kv * HEAD_DIM + CONST_FREQ, MARKER_DIM] = -10.0 / m_hat
+
+
+def askable_ids(tokenizer) -> dict[int, int]:
+    """Token id -> index in ASKABLE, for each askable word with and without its leading space."""
+    out = {}
+    for i, word in enumerate(ASKABLE):
+        for form in (word, " " + word):
+            (tid,) = tokenizer(form, add_special_tokens=False)["input_ids"]
+            out[tid] = i
+    return out
+
+
+@torch.no_grad()
+def set_ask_head(model, tokenizer) -> None:
+    """Layer 0 head 2 (key/value head 1, shared with head 3): copies which shape / colour words came before a token
+    into ASK_OUT. Askable words carry a flag (ASK_FLAG_DIM) and their one-hot (ASK_DIMS) in their embeddings; the
+    head's query is a constant on rotary pair ASK_FREQ, its key the flag, its value the one-hot. So at an answer's
+    tokens the question's shape or colour sits next to what the reader heads saw, and the MLP only has to compare
+    them: learnt from scratch, "which image shows a circle?" is a saddle (each pair asks both its shapes, so neither
+    the image nor the question alone says anything about the answer) that training did not leave in 3000 steps."""
+    lm = model.model.language_model
+    att = lm.layers[0].self_attn
+    emb = lm.embed_tokens.weight
+    half = HEAD_DIM // 2
+    emb[:, ASK_FLAG_DIM] = 0.0
+    emb[:, list(ASK_DIMS)] = 0.0
+    for tid, i in askable_ids(tokenizer).items():
+        emb[tid, ASK_FLAG_DIM] = 1.0
+        emb[tid, ASK_DIMS[i]] = 1.0
+    q0, kv0 = 2 * HEAD_DIM, HEAD_DIM
+    keep_q = att.q_proj.bias[q0 + CONST_FREQ].clone()  # the -REPEL on image tokens (set_reader_heads)
+    keep_k = att.k_proj.weight[kv0 + CONST_FREQ].clone()
+    att.q_proj.weight[q0:q0 + HEAD_DIM] = 0.0
+    att.q_proj.bias[q0:q0 + HEAD_DIM] = 0.0
+    att.q_proj.bias[q0 + CONST_FREQ] = keep_q
+    att.q_proj.bias[q0 + ASK_FREQ] = ASK_SCORE * math.sqrt(HEAD_DIM)
+    for proj in (att.k_proj, att.v_proj):
+        proj.weight[kv0:kv0 + HEAD_DIM] = 0.0
+        proj.bias[kv0:kv0 + HEAD_DIM] = 0.0
+    att.k_proj.weight[kv0 + CONST_FREQ] = keep_k
+    att.k_proj.weight[kv0 + ASK_FREQ, ASK_FLAG_DIM] = 1.0
+    for j, d in enumerate(ASK_DIMS):
+        att.v_proj.weight[kv0 + j, d] = 1.0
+    att.o_proj.weight[:, q0:q0 + HEAD_DIM] = 0.0
+    for j, d in enumerate(ASK_OUT):
+        att.o_proj.weight[d, q0 + j] = 1.0
+
+
+def _ask_masks(model) -> dict[str, torch.Tensor]:
+    lm = model.model.language_model
+    att = lm.layers[0].self_attn
+    pre = "model.language_model.layers.0.self_attn"
+    q0, kv0 = 2 * HEAD_DIM, HEAD_DIM
+    out = {}
+    for name, rows in (("q_proj", slice(q0, q0 + HEAD_DIM)), ("k_proj", slice(kv0, kv0 + HEAD_DIM)),
+                       ("v_proj", slice(kv0, kv0 + HEAD_DIM))):
+        for kind in ("weight", "bias"):
+            m = torch.zeros_like(getattr(getattr(att, name), kind), dtype=torch.bool)
+            m[rows] = True
+            out[f"{pre}.{name}.{kind}"] = m
+    o = torch.zeros_like(att.o_proj.weight, dtype=torch.bool)
+    o[:, q0:q0 + HEAD_DIM] = True
+    out[f"{pre}.o_proj.weight"] = o
+    e = torch.zeros_like(lm.embed_tokens.weight, dtype=torch.bool)
+    e[:, [ASK_FLAG_DIM, *ASK_DIMS]] = True
+    out["model.language_model.embed_tokens.weight"] = e
+    return out
 
 
 REPEL = 100.0
@@ -555,10 +631,12 @@ def image_part(model, pos: torch.Tensor, img: torch.Tensor, img_pos: torch.Tenso
     q = att.q_proj.bias[: 2 * HEAD_DIM].view(1, 2, 1, HEAD_DIM).expand(b, 2, t, HEAD_DIM)
     cos, sin = _rope(lm, img, pos)
     q = q * cos[:, None] + _rotate_half(q) * sin[:, None]
-    xi = layer.input_layernorm(img)
+    shared = img.stride(0) == 0 and img_pos.stride(0) == 0  # one image for every row (make_sample_items)
+    one = slice(0, 1) if shared else slice(None)
+    xi = layer.input_layernorm(img[one])
     ki = _heads(att.k_proj, xi, TEXT_KV_HEADS)[:, :1]
     vi = _heads(att.v_proj, xi, TEXT_KV_HEADS)[:, :1]
-    ci, si = _rope(lm, xi, img_pos)
+    ci, si = _rope(lm, xi, img_pos[one])
     ki = ki * ci[:, None] + _rotate_half(ki) * si[:, None]
     scores = (q @ ki.transpose(-1, -2)) / math.sqrt(HEAD_DIM)  # (B, 2, T, I)
     mask = (img_pos[:, None, :] < pos[:, :, None]) & img_valid[:, None, :]  # (B, T, I)
@@ -625,15 +703,27 @@ class Item:
 
 def make_item(model, layouts: Layouts, sample: Sample, emb: torch.Tensor, question: str, answer: str) -> Item:
     """emb: (tiles, hidden) what the projector gives every token of each tile."""
-    ids, pos, image = layouts.prompt(sample.layout, question)
-    ans = layouts.answer(answer)
-    full_ids = torch.tensor(ids + ans[:-1])
-    full_pos = torch.tensor(pos + list(range(pos[-1] + 1, pos[-1] + len(ans))))
-    target = torch.tensor([IGNORE] * (len(ids) - 1) + ans)
-    img = emb.repeat_interleave(IMAGE_SEQ_LENGTH, dim=0)[None]
-    lse, value = image_part(model, full_pos[None], img, torch.tensor(image)[None],
-                            torch.ones(1, len(image), dtype=torch.bool))
-    return Item(sample.kind, full_ids, full_pos, target, lse[0], value[0])
+    return make_sample_items(model, layouts, sample, emb, [(question, answer)])[0]
+
+
+def make_sample_items(model, layouts: Layouts, sample: Sample, emb: torch.Tensor,
+                      qa: Sequence[tuple[str, str]]) -> list[Item]:
+    """One Item per (question, answer) of a sample; the image side computed for all its questions at once."""
+    rows = []
+    for question, answer in qa:
+        ids, pos, image = layouts.prompt(sample.layout, question)
+        ans = layouts.answer(answer)
+        full_pos = pos + list(range(pos[-1] + 1, pos[-1] + len(ans)))
+        rows.append((ids + ans[:-1], full_pos, [IGNORE] * (len(ids) - 1) + ans, image))
+    image = rows[0][3]
+    assert all(r[3] == image for r in rows)  # the questions follow the image tokens
+    t = max(len(r[0]) for r in rows)
+    pos = torch.stack([torch.tensor(r[1] + [r[1][-1] + 1 + j for j in range(t - len(r[1]))]) for r in rows])
+    img = emb.repeat_interleave(IMAGE_SEQ_LENGTH, dim=0)[None].expand(len(rows), -1, -1)
+    img_pos = torch.tensor(image)[None].expand(len(rows), -1)
+    lse, value = image_part(model, pos, img, img_pos, torch.ones(img_pos.shape, dtype=torch.bool))
+    return [Item(sample.kind, torch.tensor(ids), torch.tensor(p), torch.tensor(tg), lse[i, :, :len(ids)],
+                 value[i, :, :len(ids)]) for i, (ids, p, tg, _) in enumerate(rows)]
 
 
 def _collate(items: Sequence[Item], pad_id: int) -> tuple[torch.Tensor, ...]:
@@ -681,7 +771,7 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
 
 
 def make_items(model, layouts: Layouts, samples: Sequence[Sample], embeds: Sequence[torch.Tensor]) -> list[Item]:
-    return [make_item(model, layouts, smp, emb, q, a) for smp, emb in zip(samples, embeds) for q, a in smp.qa]
+    return [it for smp, emb in zip(samples, embeds) for it in make_sample_items(model, layouts, smp, emb, smp.qa)]
 
 
 KIND_WEIGHTS = {"image": 0.6, "pair": 0.2, "video": 0.2}  # share of the batches of each kind
@@ -773,7 +863,7 @@ def train(out: Path, *, seed: int = 0, workers: int = 2, plan: Plan = Plan(), lo
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
     config = build_config(tokenizer)
-    model = new_model(config, seed=seed)
+    model = new_model(config, tokenizer, seed=seed)
     log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters; vocab {len(tokenizer)}")
     samples = make_samples(seed, {"image": plan.images, "pair": plan.pairs, "video": plan.videos}, workers=workers)
     log(f"data: {len(samples)} samples, {sum(len(s.features) for s in samples)} tiles ({time.time() - t0:.0f}s)")

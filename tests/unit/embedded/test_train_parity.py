@@ -27,7 +27,7 @@ def engine(tmp_path_factory):
 
     torch.set_num_threads(2)
     tokenizer = T.build_tokenizer()
-    model = T.new_model(T.build_config(tokenizer), seed=0)
+    model = T.new_model(T.build_config(tokenizer), tokenizer, seed=0)
     gen = torch.Generator().manual_seed(1)
     named = dict(model.named_parameters())
     masks = T._frozen_masks(model)
