@@ -2,21 +2,28 @@
 
 Writes OUT/ (config.json, generation_config.json, model.safetensors, tokenizer files with the chat template): a
 native `InternVLForConditionalGeneration` checkpoint that the pipeline loads like any other, whose answers mean
-something. Deterministic for a seed; ~15 minutes on 2 CPU cores.
+something. Deterministic for a seed and thread count (README: the measured run and its time).
 
-Architecture: the real one at small width. 448 px tiles, 14 px patches, a 3-layer InternViT-style encoder (256 wide,
+Architecture: the real one at small width. 448 px tiles, 14 px patches, a 4-layer InternViT-style encoder (256 wide,
 16 heads, RMSNorm), pixel shuffle 0.5 to 256 tokens per tile, the InternVL MLP projector, a 2-layer Qwen2 language model
 (128 wide, 4 heads of 32, 2 key/value heads), the InternVL special tokens and a chat template; a byte-level BPE
 tokenizer trained on the world's prompts, so every answer word is one token.
 
-Training, on the model's real inputs (tiles cut by pipeline.media, prompts built by pipeline.model.engine.Prompter):
-1. the encoder's first two layers are constructed (seeing.py: chroma mask, shape moments, colours); its layer-3 MLP,
-   the shape classifier, is trained on the moments of thumbnails / single tiles / video frames;
-2. the projector is set to pass each tile's global features (moments, colours, shape logits) and a marker;
-3. the language model's first layer starts with two constructed heads (one reads the last image block before the
-   text, i.e. the thumbnail, the second image of a pair or the last video frame; one averages all image blocks, so
-   the last frame minus the average is the motion) and is then trained with everything else of the language model
-   on the answers (loss on answer tokens and the closing <|im_end|>), features computed per tile.
+A mixed model, part constructed by hand, part trained, on the model's real inputs (tiles cut by pipeline.media,
+prompts built by pipeline.model.engine.Prompter):
+1. constructed: the encoder's first three layers and layer 4's attention (seeing.py: chroma mask, shape moments,
+   colours, background); trained: layer 4's MLP, the shape classifier, on thumbnails / single tiles / video frames;
+2. constructed: the projector, which passes each tile's global features (moments, colours, shape logits) and a
+   marker;
+3. constructed: three heads of the language model's first layer: head 0 reads the image block nearest before the
+   text (the thumbnail, the second image of a pair, the last video frame), head 1 the mean of all image blocks (last
+   frame minus the mean: the motion), head 2 the shape / colour words of the question (set_ask_head); every other
+   head scores image tokens -REPEL, the MLPs are gated off on image tokens and nothing writes the marker, so the
+   image reaches the text through heads 0 and 1 only;
+4. trained: everything else of the language model, on the answers (loss on answer tokens and the closing
+   <|im_end|>), with `text_logits`, a forward over the text tokens alone that joins heads 0 and 1's image side
+   (image_part, cached once per sequence) into their softmax: equal to the transformers forward on the full prompt
+   (tests/unit/embedded/test_train_parity.py), at a few hundredths of its cost.
 """
 
 from __future__ import annotations
@@ -70,10 +77,13 @@ NUM_FEATURES = len(S.GLOBAL_CHANNELS)  # 14: centroid, colour, background, varia
 MARKER_DIM = 23
 LAST_DIMS = range(32, 32 + NUM_FEATURES)  # layer 0, head 0: the last image block's features
 MEAN_DIMS = range(64, 64 + NUM_FEATURES)  # layer 0, head 1: the mean over all image blocks
-ASKABLE = (*W.SHAPES, *W.COLORS)  # the words a question asks about (one-hot in ASK_DIMS of their embeddings)
+# the words a question asks about or for (one-hot in ASK_DIMS of their embeddings)
+ASKABLE = (*W.SHAPES, *W.COLORS, "shape", "color", "background")
 ASK_FLAG_DIM = 24  # embedding flag of an askable word
-ASK_DIMS = range(25, 25 + len(ASKABLE))
+ASK_DIMS = [*range(14, 23), 25]  # free embedding dims (0-13: features, 23: marker)
 ASK_OUT = range(96, 96 + len(ASKABLE))  # layer 0, head 2: the askable words before a token (the question's)
+MOTION_DIMS = (80, 81)  # layer 0, heads 0 - 1: the last image block's centroid minus the mean's (video motion)
+MOTION_GAIN = 4.0
 ASK_FREQ = 14  # rotary pair (nearly constant) that scores the flag
 ASK_SCORE = 6.0  # x the normalised flag (>~ 3): askable words score >= ~18, other text 0, image tokens -REPEL
 OFFSET = 20.0  # keeps the projector's GELU in its linear range
@@ -298,6 +308,9 @@ def set_reader_heads(model) -> None:
     for j in range(NUM_FEATURES, HEAD_DIM):
         att.o_proj.weight[:, j] = 0.0
         att.o_proj.weight[:, HEAD_DIM + j] = 0.0
+    for i, d in enumerate(MOTION_DIMS):  # centroid x, y: last minus mean
+        att.o_proj.weight[d, i] = MOTION_GAIN
+        att.o_proj.weight[d, HEAD_DIM + i] = -MOTION_GAIN
     # every other head of both layers: a fixed score of -REPEL on image tokens (the constant rotary pair), so only
     # the reader heads see the image; training then needs no image tokens in those heads (train_tiny.text_logits)
     for li, layer in enumerate(lm.layers):
@@ -836,10 +849,10 @@ class Plan:
     """How much of everything one run draws and trains on."""
 
     images: int = 500
-    pairs: int = 180
-    videos: int = 180
+    pairs: int = 400
+    videos: int = 400
     shape_steps: int = 2000
-    language_steps: int = 3000
+    language_steps: int = 1000
     language_lr: float = 3e-3
 
     def scaled(self, factor: float) -> Plan:
@@ -861,6 +874,7 @@ def train(out: Path, *, seed: int = 0, workers: int = 2, plan: Plan = Plan(), lo
     t0 = time.time()
     deadline = t0 + deadline_s
     torch.manual_seed(seed)
+    torch.set_flush_denormal(True)  # tiny values late in training would otherwise slow every step down
     tokenizer = build_tokenizer()
     config = build_config(tokenizer)
     model = new_model(config, tokenizer, seed=seed)
