@@ -131,12 +131,14 @@ def make_tiny_model_cmd(
     seed: Annotated[int, typer.Option(help="Seed for the random weights.")] = 0,
     text_head_dim: Annotated[int, typer.Option(help="Text attention head size: 32 (2 heads; vLLM serves it) or 16 "
                                                     "(4 heads, the earlier layout).")] = 32,
+    trained: Annotated[bool, typer.Option("--trained", help="The committed trained checkpoint: it sees the shapes of "
+                                                              "pipeline/embedded/world.py (see README).")] = False,
 ) -> None:
     """Write a tiny seeded native InternVL checkpoint (real 448 px tiles, 256 tokens per tile) for tests and demos."""
     from pipeline.embedded.tiny_model import make_tiny_model
 
     try:
-        path = make_tiny_model(out_dir, seed=seed, text_head_dim=text_head_dim)
+        path = make_tiny_model(out_dir, seed=seed, text_head_dim=text_head_dim, trained=trained)
     except ValueError as err:
         err_console.print(f"[red]error:[/red] {err}", highlight=False)
         raise typer.Exit(2) from None

@@ -1,4 +1,4 @@
-"""`internvl-batch demo`: the caption job end to end on generated images, a tiny model and local Ray."""
+"""`internvl-batch demo`: the trained tiny model on held-out samples of its world, through the pipeline on local Ray."""
 
 from __future__ import annotations
 
@@ -7,51 +7,17 @@ import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, ImageDraw
-
 from pipeline.config import parse_job
 from pipeline.embedded import DEMO_WORKDIR
 from pipeline.run.summary import RunSummary
 
-# (name, width, height): sizes that give 1, 3, 7 and 13 tiles with the default max_tiles=12
-DEMO_SIZES = [("square", 448, 448), ("wide", 1344, 448), ("photo", 1280, 720), ("tall", 600, 1800), ("large", 1920, 1440),
-              ("small", 320, 240)]
-
-
-def demo_image(seed: int, width: int, height: int) -> Image.Image:
-    """A colourful synthetic picture: a gradient background with a few random shapes."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width]
-    base = rng.integers(0, 256, size=3)
-    rgb = np.stack([(base[c] + (x * (c + 1) + y * (3 - c)) // 8) % 256 for c in range(3)], axis=-1).astype(np.uint8)
-    image = Image.fromarray(rgb, "RGB")
-    draw = ImageDraw.Draw(image)
-    for _ in range(6):
-        x0, y0 = int(rng.integers(0, width - 8)), int(rng.integers(0, height - 8))
-        x1, y1 = x0 + int(rng.integers(8, max(9, width // 3))), y0 + int(rng.integers(8, max(9, height // 3)))
-        draw.ellipse((x0, y0, x1, y1), fill=tuple(int(v) for v in rng.integers(0, 256, size=3)))
-    return image
-
-
-def write_demo_images(folder: Path) -> list[Path]:
-    """Write the demo images as JPEG and PNG files."""
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, (name, w, h) in enumerate(DEMO_SIZES):
-        path = folder / f"{i:02d}-{name}.{'png' if i % 2 else 'jpg'}"
-        demo_image(i, w, h).save(path)
-        paths.append(path)
-    return paths
-
 
 @contextlib.contextmanager
-def _storage(workdir: Path, use_s3: bool, echo: Callable[[str], None]) -> Iterator[tuple[str, str, dict]]:
-    """Yield (input, output, storage options): local folders, or an embedded S3 server with the images uploaded."""
-    images = workdir / "images"
-    write_demo_images(images)
+def _storage(workdir: Path, use_s3: bool, echo: Callable[[str], None]) -> Iterator[tuple[str, dict]]:
+    """Yield (base URL, storage options) holding samples/: local folders, or an embedded S3 server with the samples
+    uploaded (everything it wrote is copied back into workdir at the end)."""
     if not use_s3:
-        yield str(images), str(workdir / "results"), {}
+        yield str(workdir), {}
         return
     import s3fs
 
@@ -63,52 +29,58 @@ def _storage(workdir: Path, use_s3: bool, echo: Callable[[str], None]) -> Iterat
         os.environ.update(server.env())  # the AWS chain: the pipeline never sees credentials in its config
         try:
             fs = s3fs.S3FileSystem()
-            fs.put(str(images) + "/", "demo/images/", recursive=True)
-            yield "s3://demo/images/", "s3://demo/results/", {}
-            local = workdir / "results"
-            fs.get("demo/results/", str(local) + "/", recursive=True)
-            echo(f"copied s3://demo/results/ to {local}")
+            fs.put(str(workdir / "samples") + "/", "demo/samples/", recursive=True)
+            yield "s3://demo", {}
+            for name in ("results", "pairs", "scores", "passed"):
+                fs.get(f"demo/{name}/", str(workdir / name) + "/", recursive=True)
+            echo(f"copied s3://demo/ results to {workdir}")
         finally:
             for k, v in saved.items():
                 os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
+def _rows(folder: Path) -> list[dict]:
+    import pyarrow.dataset as pads
+
+    return pads.dataset(folder, format="parquet", ignore_prefixes=[".", "_"]).to_table().to_pylist()
+
+
 def run_demo(
     *, workdir: Path | None = None, use_s3: bool | None = None, echo: Callable[[str], None] = print
 ) -> tuple[RunSummary, str]:
-    """Build the tiny model (once), write sample images, caption them; returns the summary and the results path."""
+    """With the trained tiny model (written once): draw held-out samples of its world (world.py), caption and
+    question images and videos, ask which of two images shows a shape, score yes/no questions and keep the red
+    shapes; print rows next to the truth and the accuracy measured. Returns the first job's summary and results."""
+    from pipeline.embedded import meaning as M
     from pipeline.embedded.s3_server import find_weed
     from pipeline.embedded.tiny_model import make_tiny_model
     from pipeline.run.runner import run_job
 
     workdir = (workdir or Path(DEMO_WORKDIR)).resolve()
-    model = workdir / "tiny-internvl"
+    model = workdir / "tiny-internvl-trained"
     if not (model / "config.json").exists():
-        make_tiny_model(model)
-        echo(f"built a tiny InternVL checkpoint in {model}")
+        make_tiny_model(model, trained=True)
+        echo(f"wrote the trained tiny InternVL checkpoint to {model}")
+    truth = M.draw_eval_set(workdir / "samples", images=9, pairs=3, videos=4)
+    echo(f"drew {len(truth.rows)} held-out samples of the world in {workdir / 'samples'} (9 images of 1-13 tiles, "
+         "3 image pairs, 4 videos)")
     use_s3 = find_weed() is not None if use_s3 is None else use_s3
-    with _storage(workdir, use_s3, echo) as (input_url, output_url, options):
-        job = parse_job(
-            {
-                "task": "caption", "input": input_url, "output": output_url, "model": str(model),
-                "prompt": "Describe the image in detail.", "generation": {"max_new_tokens": 24},
-                "compute": {"replicas": 1, "batch_size": 4}, "storage": options, "overwrite": True,
-            },
-            source="demo",
-        )
-        summary = run_job(job, echo=echo)
-    results = workdir / "results"
-    _print_sample(results, echo)
-    return summary, str(results)
-
-
-def _print_sample(results: Path, echo: Callable[[str], None]) -> None:
-    """Show a few rows of the output."""
-    import pyarrow.dataset as pads
-
-    table = pads.dataset(results, format="parquet", ignore_prefixes=[".", "_"]).to_table(
-        columns=["uri", "num_tiles", "num_input_tokens", "status", "response"]
-    )
-    for row in table.sort_by("uri").to_pylist()[:6]:
-        echo(f"  {Path(row['uri']).name:<16} tiles={row['num_tiles']:<3} tokens_in={row['num_input_tokens']:<5} "
-             f"{row['status']}: {(row['response'] or '')[:60]!r}")
+    with _storage(workdir, use_s3, echo) as (base, options):
+        common = {"storage": options, "compute": {"replicas": 1, "batch_size": 4}}
+        summary = run_job(parse_job({**M.vqa_job(f"{base}/samples/singles.jsonl", f"{base}/results/", str(model)),
+                                     **common}, source="demo"), echo=echo)
+        run_job(parse_job({**M.vqa_job(f"{base}/samples/pairs.jsonl", f"{base}/pairs/", str(model)), **common},
+                          source="demo"), echo=echo)
+        run_job(parse_job({**M.score_job(f"{base}/samples/images.jsonl", f"{base}/scores/", str(model), keep="red",
+                                         output_passed=f"{base}/passed/"), **common}, source="demo"), echo=echo)
+    answers = _rows(workdir / "results") + _rows(workdir / "pairs")
+    echo("answers next to the truth:")
+    M.show_rows([r for r in answers if r["question"] in (M.W.CAPTION, M.W.VIDEO_CAPTION, M.W.WHICH_WAY)]
+                + [r for r in answers if r["media_type"] == "images"], truth, echo, limit=20)
+    echo("accuracy: " + M.format_metrics({k: v for k, v in M.answer_metrics(answers, truth).items()}))
+    scores = _rows(workdir / "scores")
+    passed = sorted(r["id"] for r in scores if r["passed"])
+    red = sorted(rid for rid, lab in truth.labels.items() if lab["is_red"])
+    echo(f"filter 'Is the shape red?' >= 0.5 kept {passed}; the red shapes are {red}")
+    echo("scores: " + M.format_metrics(M.score_metrics(scores, truth, keep="red")))
+    return summary, str(workdir / "results")

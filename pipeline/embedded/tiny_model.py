@@ -205,9 +205,30 @@ def build_model(config: InternVLConfig, tokenizer: Qwen2Tokenizer, seed: int = 0
     return model.eval()
 
 
-def make_tiny_model(out_dir: str | Path, *, seed: int = 0, text_head_dim: int = TEXT_HEAD_DIMS[0]) -> Path:
+TRAINED_DIR = Path(__file__).resolve().parent / "tiny_trained"
+
+
+def write_trained_tiny_model(out_dir: str | Path) -> Path:
+    """Copy the committed trained checkpoint (train_tiny.py, the world of world.py) to ``out_dir``, with its
+    processor settings."""
+    import shutil
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for src in sorted(TRAINED_DIR.iterdir()):
+        if src.is_file() and not src.name.startswith("."):
+            shutil.copyfile(src, out_dir / src.name)
+    write_processor(out_dir, image_seq_length=IMAGE_SEQ_LENGTH)
+    return out_dir
+
+
+def make_tiny_model(out_dir: str | Path, *, seed: int = 0, text_head_dim: int = TEXT_HEAD_DIMS[0],
+                    trained: bool = False) -> Path:
     """Write a deterministic tiny InternVL checkpoint, tokenizer, chat template and processor settings to
-    ``out_dir``."""
+    ``out_dir``: seeded random weights, or with ``trained`` the committed checkpoint that sees the world of
+    world.py."""
+    if trained:
+        return write_trained_tiny_model(out_dir)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -141,7 +142,9 @@ def test_demo_command_runs_on_a_fresh_workdir(tmp_path):
         capture_output=True, text=True, timeout=600, env=env,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "rows in / out" in proc.stdout and "6 / 6" in proc.stdout
+    counts = re.search(r"rows in / out\D+(\d+) / (\d+)", proc.stdout)
+    assert counts and counts.group(1) == counts.group(2) == "44", proc.stdout  # 9 images x 4 + 4 videos x 2 questions
+    assert "accuracy:" in proc.stdout and "truth" in proc.stdout  # the trained model's answers next to the truth
     assert (tmp_path / "demo" / "results" / "_SUCCESS.json").exists()
     noise = [line for line in proc.stderr.splitlines() if any(n in line for n in STDERR_NOISE)]
     assert noise == [], proc.stderr
