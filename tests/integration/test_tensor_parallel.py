@@ -168,12 +168,13 @@ def test_tp2_job_survives_a_killed_rank(ray_local, tiny_model_tp, twelve_images,
 def test_two_replicas_share_the_work_and_survive_a_killed_replica(ray_local, tiny_model, twelve_images, tmp_path):
     out = tmp_path / "out"
     job = {"task": "caption", "input": str(twelve_images), "output": str(out), "model": str(tiny_model),
-           "rows_per_shard": 2, "generation": {"max_new_tokens": 400},
+           "rows_per_shard": 2, "generation": {"max_new_tokens": 3000},
            "compute": {"replicas": 2, "batch_size": 1, "device": "cpu"}}
     # Both replicas load before the first batch is dispatched; otherwise, on a loaded machine, the first one can take
     # every batch while the second is still importing torch (and the work is not shared at all). Long answers make a
     # batch slower than preprocessing a sample, so batches queue and Ray Data hands them to both replicas: while one
-    # replica keeps up with the input alone, it gets them all, which is right, but shares nothing.
+    # replica keeps up with the input alone, it gets them all, which is right, but shares nothing. (The tiny model
+    # writes 400 tokens in 0.4 s, faster than a loaded machine tiles a sample: 3000 take a few seconds.)
     import ray
 
     ctx = ray.data.DataContext.get_current()
