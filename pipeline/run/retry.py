@@ -40,7 +40,7 @@ def crash_point(name: str) -> None:
 
 
 def describe(job: JobConfig, attempt: int) -> str:
-    overrides = rung_overrides(job, attempt)
+    overrides = rung_overrides(job.retry, attempt)
     return ", ".join(f"{k}={v}" for k, v in overrides.items()) or "the job's own settings"
 
 
@@ -50,7 +50,7 @@ def describe(job: JobConfig, attempt: int) -> str:
 def _set_aside(batch: dict[str, Any], job: JobConfig, errors: list[str], again: bool) -> pa.Table:
     """Ray task body: copy one output shard's retryable error rows to `_retry/attempt-<a+1>/from-<shard>`."""
     copied = 0
-    last = max_attempt(job)
+    last = max_attempt(job.retry)
     for url in batch["path"]:
         fs, path = get_filesystem(str(url), job.storage)
         names = pq.read_schema(path, filesystem=fs).names

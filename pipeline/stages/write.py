@@ -64,10 +64,10 @@ class WriteShards:
         self.job = job
         self.input_columns = [c for c in input_columns or ["id", "uri"] if c != TODO_COLUMN]
         self.attempt = attempt
-        overrides = rung_overrides(job, attempt)
+        overrides = rung_overrides(job.retry, attempt)
         self.degraded = json.dumps(overrides, sort_keys=True) if overrides else None
         # error types put aside for another try: only while the ladder has a rung left
-        self.retry_errors = job.retry.errors if job.retry and attempt < max_attempt(job) else []
+        self.retry_errors = job.retry.errors if job.retry and attempt < max_attempt(job.retry) else []
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         require_columns(batch.column_names, "write", OUTPUT_SCHEMA.names)

@@ -223,11 +223,11 @@ def test_retry_rungs_apply_in_turn_and_are_not_fingerprinted():
 
     job = parse_job({**BASE, "retry": RETRY})
     assert job.fingerprint() == parse_job(BASE).fingerprint()
-    assert max_attempt(job) == 3 and rung_job(job, 1) is job and rung_overrides(job, 1) == {}
+    assert max_attempt(job.retry) == 3 and rung_job(job, 1) is job and rung_overrides(job.retry, 1) == {}
     second, third = rung_job(job, 2), rung_job(job, 3)
     assert (second.tiling.max_tiles, second.video.num_frames, second.generation.max_new_tokens) == (6, 8, 128)
     assert (third.tiling.max_tiles, third.video.num_frames, third.generation.max_new_tokens) == (2, 4, 64)
-    assert rung_overrides(job, 9) == RETRY["ladder"][-1]  # past the ladder (--retry-errors): its last rung
+    assert rung_overrides(job.retry, 9) == RETRY["ladder"][-1]  # past the ladder (--retry-errors): its last rung
     assert parse_job({**BASE, "retry": {}}).retry.errors == ["read_error", "too_large", "timeout", "crashed",
                                                             "model_error", "too_long"]
 
