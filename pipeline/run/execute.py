@@ -12,8 +12,8 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline.config import JobConfig
-from pipeline.errors import JobError, RunError
-from pipeline.io.markers import JOB_FILE, SUCCESS_FILE, remove_marker, write_marker
+from pipeline.errors import JobError, LeaseLostError, RunError
+from pipeline.io.output import OutputFolder
 from pipeline.model.engines import vllm_installed
 from pipeline.run.dataset import build_dataset
 from pipeline.run.plan import RunPlan
@@ -46,12 +46,11 @@ def init_ray() -> None:
     ray.data.DataContext.get_current().enable_progress_bars = sys.stdout.isatty()
 
 
-def mark_output(job: JobConfig) -> None:
+def mark_output(job: JobConfig, folder: OutputFolder) -> None:
     """Record which configuration this output belongs to, and that it is being extended (no _SUCCESS.json)."""
     try:
-        write_marker(job.output, JOB_FILE, {"fingerprint": job.fingerprint(), "task": job.task, "model": job.model,
-                                            "model_revision": job.model_revision}, job.storage)
-        remove_marker(job.output, SUCCESS_FILE, job.storage)
+        folder.begin({"fingerprint": job.fingerprint(), "task": job.task, "model": job.model,
+                      "model_revision": job.model_revision})
     except PermissionError as err:
         raise JobError(f"output {job.output!r}: access denied ({err}); check the AWS credentials") from None
 
@@ -103,14 +102,14 @@ def todo_rows(plan: RunPlan) -> Any:
     return pa.concat_tables(tables, promote_options="default") if tables else plan.todo
 
 
-def execute(job: JobConfig, plan: RunPlan, echo: Callable[[str], None], *, started: float, attempt: int = 1,
-            tally: RunTally | None = None) -> RunTally:
+def execute(job: JobConfig, folder: OutputFolder, plan: RunPlan, echo: Callable[[str], None], *, started: float,
+            attempt: int = 1, tally: RunTally | None = None) -> RunTally:
     """Run the Ray Data plan over the samples left to do; the written shards' stats, summed as they arrive.
     `attempt` > 1: a retry pass, `job` with its rung applied (the output was marked by the first pass)."""
     import ray
 
     if attempt == 1:
-        mark_output(job)
+        mark_output(job, folder)
     resources = cluster_resources(job)
     budget = object_store_budget(job, resources, ray.cluster_resources().get("object_store_memory"))
     configure_data_context(budget)
@@ -124,7 +123,8 @@ def execute(job: JobConfig, plan: RunPlan, echo: Callable[[str], None], *, start
     tally = tally if tally is not None else RunTally()
     written = 0
     try:
-        dataset = build_dataset(job, todo_rows(plan), resources, input_columns=plan.input_columns, attempt=attempt)
+        dataset = build_dataset(job, folder, todo_rows(plan), resources, input_columns=plan.input_columns,
+                                attempt=attempt)
         for row in dataset.iter_rows():  # one row per shard
             shard = ShardStats.from_row(row)
             tally.add(shard.rows, shard.tiles, shard.generated_tokens, shard.batches, shard=bool(shard.file),
@@ -138,6 +138,9 @@ def execute(job: JobConfig, plan: RunPlan, echo: Callable[[str], None], *, start
         from ray.exceptions import RayActorError
 
         kept = f"The {written} rows written so far are kept"
+        lost = find_cause(err, LeaseLostError)
+        if lost is not None:
+            raise RunError(f"{lost} {kept}; the run that took the output over finishes it.") from err
         died = find_cause(err, RayActorError)
         if died is not None and died.actor_init_failed:  # a model stage actor's constructor: the replica's load
             # Ray keeps only the text of an actor's creation error: its last line names the exception raised there.

@@ -8,7 +8,8 @@ found by a join. The driver keeps counts only.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,14 +19,12 @@ import pyarrow.compute as pc
 from pipeline.config import JobConfig
 from pipeline.credentials import is_missing_credentials, missing_credentials_message
 from pipeline.errors import InputError, JobError, ModelLoadError
-from pipeline.io.incremental import run_stamp
 from pipeline.io.inputs import duplicate_id_error, input_kind
 from pipeline.io.listing import inventory_spec, is_glob, glob_root, manifest_files
-from pipeline.io.markers import JOB_FILE, read_marker
-from pipeline.io.passed import remove_orphans
-from pipeline.io.retry import pending_files
+from pipeline.io.output import OutputFolder
+from pipeline.io.output.layout import JOB_FILE, RETRY_DIR
+from pipeline.io.output.state import run_stamp
 from pipeline.io.schema import reserved_columns
-from pipeline.io.shards import clear_results, existing_results, shard_files, shard_urls
 from pipeline.io.storage import get_filesystem
 from pipeline.model.checkpoints import check_checkpoint
 from pipeline.run import ids
@@ -67,12 +66,26 @@ class RunPlan:
                 "skipped": self.skipped, "objects_listed": self.inputs.objects_listed, "estimate": self.estimate}
 
 
-def preflight(job: JobConfig, echo: Echo, *, dry_run: bool = False) -> None:
-    """Check the output's state and the model, and probe the input; every failure is a JobError naming its cause."""
-    try:
-        check_output_state(job, echo, dry_run=dry_run)
+def output_folder(job: JobConfig) -> OutputFolder:
+    """The job's output folder (and its passed subset), not yet fenced by a lease."""
+    return OutputFolder(job.output, job.storage, passed_url=job.output_passed)
+
+
+def preflight(job: JobConfig, echo: Echo, *, folder: OutputFolder | None = None, dry_run: bool = False) -> None:
+    """Check the model and probe the input, then (given the output `folder`) its state; every failure is a JobError
+    naming its cause. A run checks the output's state once it holds the output's lease."""
+    with job_errors(job):
         check_checkpoint(job.model, job.storage)
         probe_input(job)
+        if folder is not None:
+            check_output_state(job, folder, echo, dry_run=dry_run)
+
+
+@contextmanager
+def job_errors(job: JobConfig) -> Iterator[None]:
+    """Failures of the checks before a run (model, input, output, credentials) as JobErrors naming their cause."""
+    try:
+        yield
     except ModelLoadError as err:
         raise JobError(str(err)) from None
     except InputError as err:
@@ -102,24 +115,23 @@ def probe_input(job: JobConfig) -> None:
             raise InputError(f"input {job.input!r} does not exist (no such file, prefix or glob match)")
 
 
-def check_output_state(job: JobConfig, echo: Echo, *, dry_run: bool = False) -> None:
+def check_output_state(job: JobConfig, folder: OutputFolder, echo: Echo, *, dry_run: bool = False) -> None:
     """Overwrite clears (a dry run only says so); otherwise an output may only be resumed by the configuration that
     started it."""
-    targets = [job.output] + ([job.output_passed] if job.output_passed else [])
     if job.overwrite:
-        for target in targets:
+        for target in [job.output] + ([job.output_passed] if job.output_passed else []):
             if dry_run:
-                found = len(existing_results(target, job.storage))
+                found = len(folder.results(target))
                 if found:
                     echo(f"overwrite: would remove {found} earlier result files from {target}")
                 continue
-            removed = clear_results(target, job.storage)
+            removed = folder.clear(target)
             if removed:
                 echo(f"overwrite: removed {removed} earlier result files from {target}")
         return
-    marker = read_marker(job.output, JOB_FILE, job.storage)
+    marker = folder.job_record()
     if marker is None:
-        if shard_files(job.output, job.storage):
+        if folder.shards():
             raise JobError(f"output {job.output!r} holds Parquet files of an unknown run (no {JOB_FILE}); "
                            "choose another output or pass --set overwrite=true to replace them")
         return
@@ -130,8 +142,8 @@ def check_output_state(job: JobConfig, echo: Echo, *, dry_run: bool = False) -> 
             "prompt, questions, schema, tiling, video sampling and generation must match to resume; choose another output "
             "or pass --set overwrite=true to start a new run there"
         )
-    if job.output_passed:
-        orphans = remove_orphans(job.output, job.output_passed, job.storage)
+    if job.output_passed and not dry_run:
+        orphans = folder.remove_passed_orphans()
         if orphans:
             echo(f"resume: removed {orphans} passed shard(s) of rows an earlier run did not finish writing; "
                  "they are processed again")
@@ -163,21 +175,21 @@ def expected_rows(batch: pa.Table, job: JobConfig) -> pa.Table:
                      "first": pa.array([int(k == 0) for rows in per_sample for k in range(len(rows))], pa.int64())})
 
 
-def done_ids(job: JobConfig, *, dry_run: bool = False) -> tuple[Any, Any]:
+def done_ids(job: JobConfig, folder: OutputFolder, *, dry_run: bool = False) -> tuple[Any, Any]:
     """The ids already in the output, and those set aside for a retry pass (done for the first pass), as datasets,
     or None (none there; a dry run of an overwrite)."""
     if dry_run and job.overwrite:
         return None, None
-    files = shard_urls(job.output, job.storage)
-    waiting = [f for attempt in pending_files(job.output, job.storage).values() for f in attempt]
+    files = folder.shards()
+    waiting = [f for attempt in folder.pending.files().values() for f in attempt]
     return (ids.read_ids(files, job.storage) if files else None), (ids.read_ids(waiting, job.storage) if waiting else None)
 
 
-def plan_run(job: JobConfig, echo: Echo, *, dry_run: bool = False) -> RunPlan:
+def plan_run(job: JobConfig, folder: OutputFolder, echo: Echo, *, dry_run: bool = False) -> RunPlan:
     """Resume as Ray Data work: which samples still have rows to write, and which of their rows are already there."""
     partitions = ids.partitions_for(job)
     try:
-        inputs = read_inputs(job, partitions)
+        inputs = read_inputs(job, folder, partitions)
     except InputError as err:
         raise JobError(f"input: {err}") from None
     schema = inputs.samples.schema()  # None when nothing is new (an incremental run with no new object)
@@ -186,7 +198,7 @@ def plan_run(job: JobConfig, echo: Echo, *, dry_run: bool = False) -> RunPlan:
     if clash:
         raise JobError(f"input {job.input!r} has columns this {job.task} job writes itself: {', '.join(clash)}; rename them")
     expected = inputs.keys.map_batches(expected_rows, fn_kwargs={"job": job}, batch_format="pyarrow", batch_size=None)
-    done, waiting = done_ids(job, dry_run=dry_run)
+    done, waiting = done_ids(job, folder, dry_run=dry_run)
     counts = ids.count_ids(expected, done, partitions, keep=done is not None or waiting is not None, waiting=waiting)
     if counts.dup_expected:
         raise JobError(f"input: {duplicate_id_error(job.input, ids.first_duplicate_sample(counts.table))}")
@@ -211,23 +223,23 @@ def plan_run(job: JobConfig, echo: Echo, *, dry_run: bool = False) -> RunPlan:
         echo(f"resuming: {plan.rows_done - plan.rows_waiting} of {plan.rows_expected} rows are already in {job.output}"
              + (f", {plan.rows_waiting} wait for a retry" if plan.rows_waiting else "")
              + f"; {samples_todo} samples to process")
-    waiting = waiting_rows(job) if plan.rows_waiting else {}
+    waiting = waiting_rows(folder) if plan.rows_waiting else {}
     if waiting:
         echo("retry: " + ", ".join(f"{n} row(s) wait for attempt {a}" for a, n in waiting.items())
-             + f" (in {job.output.rstrip('/')}/_retry)")
+             + f" (in {folder.child(RETRY_DIR)})")
     if plan.rows_duplicated:
         echo(f"warning: {plan.rows_duplicated} ids appear more than once in {job.output}; the run's accounting will fail")
     return plan
 
 
-def waiting_rows(job: JobConfig) -> dict[int, int]:
+def waiting_rows(folder: OutputFolder) -> dict[int, int]:
     """Rows set aside for a retry pass, by attempt (from the files' footers)."""
     import pyarrow.parquet as pq
 
     counts = {}
-    for attempt, files in pending_files(job.output, job.storage).items():
-        fs, _ = get_filesystem(files[0], job.storage)
-        counts[attempt] = sum(pq.ParquetFile(get_filesystem(f, job.storage)[1], filesystem=fs).metadata.num_rows
+    for attempt, files in folder.pending.files().items():
+        fs, _ = get_filesystem(files[0], folder.storage)
+        counts[attempt] = sum(pq.ParquetFile(get_filesystem(f, folder.storage)[1], filesystem=fs).metadata.num_rows
                               for f in files)
     return counts
 

@@ -12,11 +12,11 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from pipeline.config import JobConfig
-from pipeline.io.incremental import legacy_state, state_deltas
 from pipeline.io.inputs import (
     LISTING_SCHEMA, MANIFEST_TEXT_TYPES, add_counts, check_manifest_columns, input_kind,
     manifest_base, manifest_rows, media_rows, skipped_counts,
 )
+from pipeline.io.output import OutputFolder
 from pipeline.io.listing import inventory_listing, inventory_spec, list_level, list_tree, manifest_files
 from pipeline.io.schema import RETRY_FIELDS
 from pipeline.io.storage import extension, get_filesystem
@@ -132,17 +132,15 @@ def read_inventory(job: JobConfig) -> Any:
                             batch_format="pyarrow", batch_size=None).materialize()
 
 
-def new_objects(job: JobConfig, listing: Any, partitions: int) -> Any:
+def new_objects(folder: OutputFolder, listing: Any, partitions: int) -> Any:
     """Incremental: listing rows whose (uri, version) no successful run has taken (anti-join with the state)."""
     import ray
 
-    deltas = [f for files in state_deltas(job.output, job.storage).values() for f in files]
-    legacy = legacy_state(job.output, job.storage)
+    deltas = folder.state.files()
+    legacy = None if deltas else folder.state.legacy()
     if not deltas and legacy is None:
         return listing
-    state = read_files(deltas, job.storage) if deltas else ray.data.from_arrow(legacy)
-    if deltas and legacy is not None:
-        state = state.union(ray.data.from_arrow(legacy))
+    state = read_files(deltas, folder.storage) if deltas else ray.data.from_arrow(legacy)
     return listing.join(state, join_type="left_anti", num_partitions=partitions, on=("uri", "version"))
 
 
@@ -155,7 +153,7 @@ def count_skipped(listing: Any) -> dict[str, int]:
     return add_counts({}, pa.concat_tables(tables)) if tables else {}
 
 
-def read_inputs(job: JobConfig, partitions: int) -> Inputs:
+def read_inputs(job: JobConfig, folder: OutputFolder, partitions: int) -> Inputs:
     """The job's samples as a dataset (incremental: only new or changed objects, materialized)."""
     kind = input_kind(job.input, job.input_format)
     if kind == "manifest":
@@ -167,7 +165,7 @@ def read_inputs(job: JobConfig, partitions: int) -> Inputs:
         samples = listing.map_batches(media_rows, **media)
         return Inputs(samples=samples, keys=samples, kind=kind, skipped=skipped)
     listed = listing.map_batches(media_rows, **media).count()
-    samples = new_objects(job, listing, partitions).map_batches(media_rows, fn_kwargs={"versioned": True}, **media)
+    samples = new_objects(folder, listing, partitions).map_batches(media_rows, fn_kwargs={"versioned": True}, **media)
     samples = samples.materialize()
     return Inputs(samples=samples, keys=samples, kind=kind, skipped=skipped, objects_listed=listed)
 

@@ -8,7 +8,7 @@ same name there: a manifest ready for the next stage.
 
 Every row records which try wrote it (`attempt`, 1 = the first) and the retry rung's overrides (`degraded`, JSON;
 null on a first try). With a `retry` section, an error row of a retryable type that has a rung left goes to the
-output's `_retry/` folder instead (`pipeline/io/retry.py`), to be tried again by the run's next pass.
+output's `_retry/` folder instead (`pipeline/io/output/pending.py`), to be tried again by the run's next pass.
 """
 
 from __future__ import annotations
@@ -21,10 +21,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import JobConfig, max_attempt, rung_overrides
-from pipeline.io.passed import passed_name
-from pipeline.io.retry import retryable, write_pending
+from pipeline.io.output import OutputFolder
+from pipeline.io.output.pending import retryable
 from pipeline.io.schema import OUTPUT_SCHEMA, RETRY_FIELDS, TODO_COLUMN, Totals
-from pipeline.io.shards import shard_name, write_shard
 from pipeline.stages.base import require_columns
 from pipeline.stages.model_stage import BATCH_COLUMN, BATCH_TYPE
 
@@ -60,8 +59,10 @@ SHARD_STATS_SCHEMA = pa.schema([
 class WriteShards:
     """Reads the output columns; writes them, skipping rows a resumed run finds already written."""
 
-    def __init__(self, job: JobConfig, input_columns: list[str] | None = None, *, attempt: int = 1) -> None:
+    def __init__(self, job: JobConfig, folder: OutputFolder, input_columns: list[str] | None = None, *,
+                 attempt: int = 1) -> None:
         self.job = job
+        self.folder = folder
         self.input_columns = [c for c in input_columns or ["id", "uri"] if c != TODO_COLUMN]
         self.attempt = attempt
         overrides = rung_overrides(job.retry, attempt)
@@ -89,16 +90,14 @@ class WriteShards:
             again = retryable(batch, self.retry_errors)
             if pc.any(again).as_py():
                 aside = batch.filter(again)
-                write_pending(aside, self.job.output, self.attempt + 1, self.job.storage)
+                self.folder.pending.write(aside, self.attempt + 1)
                 stats.deferred = aside.num_rows
                 batch = batch.filter(pc.invert(again))
                 if batch.num_rows == 0:
                     return stats.to_table()
-        name = shard_name(batch.column("id").to_pylist())
-        if self.job.output_passed:  # first: a passed shard without its output shard is removed on resume (io/passed)
-            kept = batch.filter(pc.fill_null(batch.column("passed"), False))
-            if kept.num_rows:
-                columns = [c for c in self.input_columns if c in kept.column_names]
-                write_shard(kept.select(columns), self.job.output_passed, self.job.storage, name=passed_name(name))
-        stats.file = write_shard(batch, self.job.output, self.job.storage, name=name)
+        passed = None
+        if self.job.output_passed:  # the passing rows, with their input columns: a manifest for the next stage
+            passed = batch.filter(pc.fill_null(batch.column("passed"), False))
+            passed = passed.select([c for c in self.input_columns if c in passed.column_names])
+        stats.file = self.folder.write_shard(batch, passed)
         return stats.to_table()
