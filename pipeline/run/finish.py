@@ -8,7 +8,7 @@ output's ids. The driver holds totals only, and names one missing and one duplic
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import Criterion, JobConfig
+from pipeline.config.fingerprint import Resolved, output_fingerprint
 from pipeline.errors import ErrorType, RunError
 from pipeline.io.output import OutputFolder
 from pipeline.io.output.pending import attempts_of
@@ -24,6 +25,8 @@ from pipeline.io.schema import Totals, column
 from pipeline.model.scoring import HISTOGRAM_BINS, histogram
 from pipeline.run import ids
 from pipeline.run.plan import RunPlan, expected_rows
+from pipeline.run.repair import repair_output
+from pipeline.run.update import Placed
 from pipeline.run.sources import read_files, read_shards
 from pipeline.run.summary import RunSummary, RunTally
 
@@ -93,13 +96,16 @@ def summarize_output(folder: OutputFolder, *, criteria: Sequence[Criterion] = ()
     )
 
 
-def check_ids(job: JobConfig, folder: OutputFolder, plan: RunPlan, rows_out: int) -> None:
-    """Every expected row is in the output exactly once, and the output holds rows_in rows; else RunError naming
-    one missing and one duplicated id."""
+def count_output_ids(job: JobConfig, folder: OutputFolder, plan: RunPlan) -> ids.IdCounts:
+    """The plan's expected rows and the output's ids, grouped by id."""
     expected = plan.inputs.keys.map_batches(expected_rows, fn_kwargs={"job": job}, batch_format="pyarrow", batch_size=None)
     files = folder.shards()
-    partitions = ids.partitions_for(job)
-    counts = ids.count_ids(expected, ids.read_ids(files, job.storage) if files else None, partitions)
+    return ids.count_ids(expected, ids.read_ids(files, job.storage) if files else None, ids.partitions_for(job))
+
+
+def check_ids(job: JobConfig, plan: RunPlan, counts: ids.IdCounts, rows_out: int) -> None:
+    """Every expected row is in the output exactly once, and the output holds rows_in rows; else RunError naming
+    one missing and one duplicated id."""
     unexpected = counts.unexpected if not job.incremental else 0  # earlier incremental runs' rows stay
     if rows_out == plan.rows_in and not counts.missing and not counts.dup_done and not unexpected:
         return
@@ -146,19 +152,26 @@ def record_state(folder: OutputFolder, plan: RunPlan) -> str:
     return folder.state.record_run(stamp, plan.samples)
 
 
-def finish(job: JobConfig, folder: OutputFolder, plan: RunPlan, tally: RunTally, *, started: float) -> RunSummary:
+def finish(job: JobConfig, folder: OutputFolder, plan: RunPlan, tally: RunTally, *, started: float,
+           resolved: Resolved, echo: Callable[[str], None] = print, placed: Placed | None = None) -> RunSummary:
     """Account for every row of the plan, then write _SUCCESS.json (incremental: record the objects taken)."""
     criteria = job.score_criteria() if job.task == "score" else []
+    id_counts = count_output_ids(job, folder, plan)
+    repaired = plan.rows_repaired
+    if id_counts.dup_done:  # written twice during the run (a writer that lost its lease, a copy): keep one row each
+        repaired += repair_output(folder, echo, partitions=ids.partitions_for(job)).removed
+        id_counts = count_output_ids(job, folder, plan)
     counts = summarize_output(folder, criteria=criteria, with_passed=job.has_filter)
     busy, replicas = tally.replica_usage()
     summary = RunSummary(
         rows_in=plan.rows_in, **counts.summary_fields(), wall_s=time.perf_counter() - started,
-        fingerprint=job.fingerprint(), task=job.task, model=job.model, output=job.output,
+        fingerprint=output_fingerprint(job, resolved), task=job.task, model=job.model, output=job.output,
         skipped_inputs=plan.skipped, rows_this_run=tally.rows,
         tiles_this_run=tally.tiles, tokens_this_run=tally.generated_tokens,
-        model_busy_fraction=busy, replicas=replicas, rows_retried=tally.deferred,
+        model_busy_fraction=busy, replicas=replicas, rows_retried=tally.deferred, rows_repaired=repaired,
+        rows_updated=placed.replaced if placed else 0, rows_update_failed=placed.kept if placed else 0,
     )
-    check_ids(job, folder, plan, counts.rows)
+    check_ids(job, plan, id_counts, counts.rows)
     problem = folder.check_passed(counts.rows_passed or 0) if job.output_passed else None
     if problem:
         raise RunError(f"accounting failed for output_passed: {problem}; _SUCCESS.json not written")

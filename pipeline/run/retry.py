@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.config.fingerprint import Resolved
 from pipeline.config import DEFAULT_RETRY_ERRORS, JobConfig, max_attempt, rung_job, rung_overrides
 from pipeline.errors import JobError, RunError
 from pipeline.io.output import OutputFolder
@@ -91,13 +92,14 @@ def complete_rewrites(folder: OutputFolder) -> int:
     return len(todo)
 
 
-def prepare_retries(job: JobConfig, folder: OutputFolder, echo: Echo, *, retry_errors: bool = False) -> None:
+def prepare_retries(job: JobConfig, folder: OutputFolder, echo: Echo, *, resolved: Resolved,
+                    retry_errors: bool = False) -> None:
     """Before a run plans: finish the shard rewrites a crashed run left; then, for a job with a `retry` section (or
     with `--retry-errors`), set the output's retryable error rows aside for this run's retry passes."""
     from pipeline.run.execute import mark_output
 
     if folder.pending.rewrites_left():
-        mark_output(job, folder)  # the output changes: no _SUCCESS.json until this run ends
+        mark_output(job, folder, resolved)  # the output changes: no _SUCCESS.json until this run ends
         echo(f"retry: completed {complete_rewrites(folder)} shard rewrite(s) an earlier run left unfinished")
     if not (retry_errors or job.retry):
         return
@@ -116,7 +118,7 @@ def prepare_retries(job: JobConfig, folder: OutputFolder, echo: Echo, *, retry_e
                                batch_size=1, batch_format="numpy", num_cpus=LIST_CPUS).sum("rows") if items else 0
     if not copied:
         return
-    mark_output(job, folder)
+    mark_output(job, folder, resolved)
     echo(f"retry: {copied} error row(s) of types {', '.join(errors)} set aside to try again")
     crash_point("retry-set-aside")
     complete_rewrites(folder)
@@ -162,7 +164,7 @@ def retry_plan(job: JobConfig, folder: OutputFolder, plan: RunPlan, attempt: int
 
 
 def retry_passes(job: JobConfig, folder: OutputFolder, plan: RunPlan, echo: Echo, *, started: float,
-                 tally: RunTally) -> None:
+                 resolved: Resolved, tally: RunTally) -> None:
     """One pass per attempt with rows waiting for it, lowest first; each pass's folder is deleted once it is done."""
     from pipeline.run.execute import execute
 
@@ -172,7 +174,8 @@ def retry_passes(job: JobConfig, folder: OutputFolder, plan: RunPlan, echo: Echo
         if step.rows_todo:
             echo(f"retry: attempt {attempt} ({describe(job, attempt)}): {step.rows_todo} row(s) of {step.samples_todo} "
                  "sample(s)")
-            execute(rung_job(job, attempt), folder, step, echo, started=started, attempt=attempt, tally=tally)
+            execute(rung_job(job, attempt), folder, step, echo, started=started, resolved=resolved, attempt=attempt,
+                    tally=tally)
             crash_point("retry-pass-written")
         folder.pending.clear(attempt)
 

@@ -6,8 +6,8 @@ A resumed sample whose rows are partly written carries, in its input row, the id
 A score job with `output_passed` also writes the passing rows, with only their input columns, as a shard of the
 same name there: a manifest ready for the next stage.
 
-Every row records which try wrote it (`attempt`, 1 = the first) and the retry rung's overrides (`degraded`, JSON;
-null on a first try). With a `retry` section, an error row of a retryable type that has a rung left goes to the
+Every row records which try wrote it (`attempt`, 1 = the first), the retry rung's overrides (`degraded`, JSON;
+null on a first try) and the id of the settings that made it (`settings`). With a `retry` section, an error row of a retryable type that has a rung left goes to the
 output's `_retry/` folder instead (`pipeline/io/output/pending.py`), to be tried again by the run's next pass.
 """
 
@@ -23,7 +23,8 @@ import pyarrow.compute as pc
 from pipeline.config import JobConfig, max_attempt, rung_overrides
 from pipeline.io.output import OutputFolder
 from pipeline.io.output.pending import retryable
-from pipeline.io.schema import OUTPUT_SCHEMA, RETRY_FIELDS, TODO_COLUMN, Totals
+from pipeline.io.output.staged import INPUT_COLUMNS_KEY
+from pipeline.io.schema import OUTPUT_SCHEMA, TODO_COLUMN, WRITE_FIELDS, Totals
 from pipeline.stages.base import require_columns
 from pipeline.stages.model_stage import BATCH_COLUMN, BATCH_TYPE
 
@@ -60,15 +61,17 @@ class WriteShards:
     """Reads the output columns; writes them, skipping rows a resumed run finds already written."""
 
     def __init__(self, job: JobConfig, folder: OutputFolder, input_columns: list[str] | None = None, *,
-                 attempt: int = 1) -> None:
+                 attempt: int = 1, settings_id: str | None = None, staged: bool = False) -> None:
         self.job = job
         self.folder = folder
+        self.settings_id = settings_id
+        self.staged = staged  # an update: every row waits in _update/ until it is placed (run/update.py)
         self.input_columns = [c for c in input_columns or ["id", "uri"] if c != TODO_COLUMN]
         self.attempt = attempt
         overrides = rung_overrides(job.retry, attempt)
         self.degraded = json.dumps(overrides, sort_keys=True) if overrides else None
-        # error types put aside for another try: only while the ladder has a rung left
-        self.retry_errors = job.retry.errors if job.retry and attempt < max_attempt(job.retry) else []
+        # error types put aside for another try: only while the ladder has a rung left (an update does not retry)
+        self.retry_errors = job.retry.errors if job.retry and attempt < max_attempt(job.retry) and not staged else []
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         require_columns(batch.column_names, "write", OUTPUT_SCHEMA.names)
@@ -81,10 +84,14 @@ class WriteShards:
             keep = [t is None or i in t for i, t in zip(batch.column("id").to_pylist(), todo)]
             batch = batch.drop_columns([TODO_COLUMN]).filter(pa.array(keep, pa.bool_()))
         n = batch.num_rows
-        batch = batch.append_column(RETRY_FIELDS[0], pa.array([self.attempt] * n, pa.int32()))
-        batch = batch.append_column(RETRY_FIELDS[1], pa.array([self.degraded] * n, pa.string()))
+        for f, value in zip(WRITE_FIELDS, (self.attempt, self.degraded, self.settings_id)):
+            batch = batch.append_column(f, pa.array([value] * n, f.type))
         stats = ShardStats.count(batch, batches=batches)
         if batch.num_rows == 0:
+            return stats.to_table()
+        if self.staged:  # which columns are the input's: the passed subset's rows are made when they are placed
+            meta = {INPUT_COLUMNS_KEY: json.dumps(self.input_columns)}
+            stats.file = self.folder.staged.write(batch.replace_schema_metadata(meta))
             return stats.to_table()
         if self.retry_errors:
             again = retryable(batch, self.retry_errors)

@@ -10,6 +10,8 @@
   _state/<run>/           incremental: (uri, version) of every object a successful run took (state.py)
   _runs/<run>.json        incremental: what each successful run took
   _index/<run>.parquet    incremental: the shards each successful run left, with their totals (state.py)
+  _settings/<id>.json     the full settings behind each `settings` id the rows carry
+  _update/                rows an update (`--update`) has made, waiting to replace their old rows (staged.py)
 <output_passed>/
   part-<h>.passed.parquet the passing rows of shard part-<h>.parquet, written before it
 ```
@@ -33,8 +35,9 @@ import pyarrow.parquet as pq
 
 from pipeline.io.output import lease
 from pipeline.io.output.layout import (JOB_FILE, LOCK_FILE, OWN_DIRS, OWN_FILES, PASSED_SUFFIX, SUCCESS_FILE, basename,
-                                      passed_name, shard_name)
+                                      passed_name, settings_file, shard_name)
 from pipeline.io.output.pending import PendingRows
+from pipeline.io.output.staged import StagedRows
 from pipeline.io.output.state import IncrementalState
 from pipeline.io.storage import full_url, get_filesystem, is_local
 
@@ -177,6 +180,15 @@ class OutputFolder:
         self.write_json(JOB_FILE, record)
         self.remove(self.child(SUCCESS_FILE))
 
+    def record_settings(self, settings_id: str, values: Mapping[str, Any]) -> None:
+        """Keep the full settings behind a `settings` id (once: the same id always names the same settings)."""
+        if self.read_json(settings_file(settings_id)) is None:
+            self.write_json(settings_file(settings_id), values)
+
+    def settings(self, settings_id: str) -> dict[str, Any] | None:
+        """The full settings behind a row's `settings` id."""
+        return self.read_json(settings_file(settings_id))
+
     def finish(self, summary_json: str) -> None:
         """Write `_SUCCESS.json` last (fenced: a run that lost its lease does not claim the output is complete)."""
         self._write(self.child(SUCCESS_FILE), lambda f: f.write(summary_json), binary=False)
@@ -237,20 +249,22 @@ class OutputFolder:
             return f"{found} rows in {self.passed_url}, but {expected} passed rows in the output"
         return None
 
-    def replace_shard(self, old: str, kept: pa.Table) -> str | None:
-        """Rewrite shard `old` (a name) as `kept`, a subset of its rows, crash-safely: the new shard (named from its
-        ids; its passed rows first) is written before the old one and its passed shard are deleted. A rewrite cut
-        short is completed by repeating it. The new shard's name (None: no row kept)."""
+    def replace_shard(self, old: str, kept: pa.Table, passed: pa.Table | None = None) -> str | None:
+        """Rewrite shard `old` (a name) as `kept` (a subset of its rows, or its rows updated), crash-safely: the new
+        shard (named from its ids; its passed rows first: `passed`, else the old passed rows of the ids kept) is
+        written before the old one and its passed shard are deleted; under the same name it replaces the old one
+        whole. A rewrite cut short is completed by repeating it. The new shard's name (None: no row kept)."""
         name = shard_name(kept.column("id").to_pylist()) if kept.num_rows else None
         old_passed = f"{self.passed_url.rstrip('/')}/{passed_name(old)}" if self.passed_url else None
-        if name and name != old:
-            if old_passed and self.exists(old_passed):
-                passed = pq.read_table(get_filesystem(old_passed, self.storage)[1],
-                                       filesystem=get_filesystem(old_passed, self.storage)[0])
-                passed = passed.filter(pc.is_in(passed.column("id"), value_set=kept.column("id"))) \
-                    if "id" in passed.column_names else passed
-                if passed.num_rows:
-                    self.write_table(f"{self.passed_url.rstrip('/')}/{passed_name(name)}", passed)
+        if name:
+            if passed is None and old_passed and self.exists(old_passed):
+                fs, path = get_filesystem(old_passed, self.storage)
+                passed = pq.read_table(path, filesystem=fs)
+                passed = passed.filter(pc.is_in(passed.column("id"), value_set=kept.column("id")))
+            if self.passed_url and passed is not None and passed.num_rows:
+                self.write_table(f"{self.passed_url.rstrip('/')}/{passed_name(name)}", passed)
+            elif name == old and old_passed:  # the same shard with no passing row left
+                self.remove(old_passed)
             self.write_table(self.shard_url(name), kept)
         if name != old:
             self.remove(self.shard_url(old))
@@ -269,3 +283,8 @@ class OutputFolder:
     def state(self) -> IncrementalState:
         """Incremental runs' state (`_state/`, `_runs/`)."""
         return IncrementalState(self)
+
+    @property
+    def staged(self) -> StagedRows:
+        """Rows an update made, waiting to replace their old rows (`_update/`)."""
+        return StagedRows(self)

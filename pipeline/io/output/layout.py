@@ -14,10 +14,12 @@ RETRY_DIR = "_retry"
 STATE_DIR = "_state"
 RUNS_DIR = "_runs"
 INDEX_DIR = "_index"
+SETTINGS_DIR = "_settings"
+UPDATE_DIR = "_update"
 LEGACY_STATE_FILE = "_INCREMENTAL.json"  # the incremental state as early versions kept it
 PASSED_SUFFIX = ".passed.parquet"
 OWN_FILES = (JOB_FILE, SUCCESS_FILE, LEGACY_STATE_FILE, LOCK_FILE)
-OWN_DIRS = (RETRY_DIR, STATE_DIR, RUNS_DIR, INDEX_DIR, f"{LOCK_FILE}.takeover")
+OWN_DIRS = (RETRY_DIR, STATE_DIR, RUNS_DIR, INDEX_DIR, SETTINGS_DIR, UPDATE_DIR, f"{LOCK_FILE}.takeover")
 
 
 def shard_name(ids: Iterable[str]) -> str:
@@ -62,3 +64,8 @@ def run_record(stamp: str) -> str:
 def index_file(stamp: str) -> str:
     """One successful run's shard index."""
     return f"{INDEX_DIR}/{stamp}.parquet"
+
+
+def settings_file(settings_id: str) -> str:
+    """The full settings behind a row's `settings` id."""
+    return f"{SETTINGS_DIR}/{settings_id}.json"
