@@ -23,7 +23,7 @@ from pipeline.io.storage import extension, get_filesystem
 
 LIST_CPUS = 0.25  # listing a prefix waits on the object store, not the CPU
 FIELD_TYPES = {f.name: f.type for f in [*OUTPUT_SCHEMA, *WRITE_FIELDS]}  # columns older shards may lack
-SHARD_COLUMN, POSITION_COLUMN = "__shard", "__position"
+SHARD_COLUMN, POSITION_COLUMN, SIZE_COLUMN = "__shard", "__position", "__size"  # where a row is (`source`)
 SAMPLE_KEYS = ("id", "uri", "uris", "question", "questions")  # what ids and expected rows are derived from
 
 
@@ -64,7 +64,8 @@ def read_files(files: list[str], options: Any, *, columns: list[str] | None = No
     return ds.select_columns(columns) if columns else ds
 
 
-def _read_shards(batch: dict[str, Any], options: Any, columns: list[str], source: bool = False) -> pa.Table:
+def _read_shards(batch: dict[str, Any], options: Any, columns: list[str], source: bool = False,
+                 sizes: bool = False) -> pa.Table:
     import pyarrow.parquet as pq
 
     tables = []
@@ -80,18 +81,22 @@ def _read_shards(batch: dict[str, Any], options: Any, columns: list[str], source
             n = table.num_rows
             table = table.append_column(SHARD_COLUMN, pa.array([path.rsplit("/", 1)[-1]] * n, pa.string()))
             table = table.append_column(POSITION_COLUMN, pa.array(range(n), pa.int64()))
+        if sizes:
+            table = table.append_column(SIZE_COLUMN, pa.array([fs.size(path)] * table.num_rows, pa.int64()))
         tables.append(table)
     return pa.concat_tables(tables)
 
 
-def read_shards(files: list[str], options: Any, columns: list[str], *, source: bool = False) -> Any:
+def read_shards(files: list[str], options: Any, columns: list[str], *, source: bool = False, sizes: bool = False) -> Any:
     """Output shards read one task per file with fsspec: every file is read or the read fails (Ray Data's own listing
     silently skips a file an object store reports as empty, which an accounting must never do). `source`: each row
-    also says which shard it is in and where (SHARD_COLUMN, POSITION_COLUMN)."""
+    also says which shard it is in and where (SHARD_COLUMN, POSITION_COLUMN); `sizes`: and the shard's size in bytes
+    (SIZE_COLUMN)."""
     import ray
 
     items = ray.data.from_items([{"path": f} for f in files], override_num_blocks=min(len(files), 1024))
-    return items.map_batches(_read_shards, fn_kwargs={"options": options, "columns": columns, "source": source},
+    return items.map_batches(_read_shards, fn_kwargs={"options": options, "columns": columns, "source": source,
+                                                       "sizes": sizes},
                              batch_size=1, batch_format="numpy", num_cpus=LIST_CPUS)
 
 
