@@ -137,12 +137,10 @@ def new_objects(job: JobConfig, listing: Any, partitions: int) -> Any:
     import ray
 
     deltas = [f for files in state_deltas(job.output, job.storage).values() for f in files]
-    legacy = legacy_state(job.output, job.storage)
+    legacy = legacy_state(job.output, job.storage)  # only an output without deltas has one
     if not deltas and legacy is None:
         return listing
     state = read_files(deltas, job.storage) if deltas else ray.data.from_arrow(legacy)
-    if deltas and legacy is not None:
-        state = state.union(ray.data.from_arrow(legacy))
     return listing.join(state, join_type="left_anti", num_partitions=partitions, on=("uri", "version"))
 
 
