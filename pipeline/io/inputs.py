@@ -48,10 +48,12 @@ def input_kind(url: str, input_format: str = "auto") -> str:
 
 def manifest_base(url: str) -> str:
     """The folder relative manifest URIs resolve against: a file's folder, a folder itself, a glob's static part."""
-    if extension(url) in MANIFEST_EXTENSIONS and not any(ch in url for ch in "*?["):
+    if any(ch in url for ch in "*?["):
+        static = url.split("*", 1)[0].split("?", 1)[0].split("[", 1)[0]
+        return static.rstrip("/") if static.endswith("/") else (static.rsplit("/", 1)[0] if "/" in static else ".")
+    if extension(url) in MANIFEST_EXTENSIONS:
         return url.rsplit("/", 1)[0] if "/" in url else "."
-    static = url.split("*", 1)[0].split("?", 1)[0].split("[", 1)[0]
-    return static.rstrip("/") if static.endswith("/") else (static.rsplit("/", 1)[0] if "/" in static else ".")
+    return url.rstrip("/") or "/"  # a folder, with or without its trailing '/'
 
 
 # Manifest columns read as text whatever they look like (a CSV id column of digits stays an id, not a number).
