@@ -60,6 +60,8 @@ class Prefix:
     path: str  # without leading or trailing '/'; '' for the whole bucket or host
 
     def __str__(self) -> str:
+        if not self.host:
+            return f"{self.scheme}:// (any {'host' if self.scheme in HTTP_SCHEMES else 'bucket'})"
         port = f":{self.port}" if self.port is not None and self.port != DEFAULT_PORTS.get(self.scheme) else ""
         return f"{self.scheme}://{self.host}{port}/{self.path + '/' if self.path else ''}"
 

@@ -35,7 +35,7 @@ NOT_FOUND_STATUSES = frozenset({404, 410})
 MAX_WAIT_S = 60.0  # the longest backoff, and the longest Retry-After honoured
 MAX_REDIRECTS = 5
 HOST_POOLS = 64  # hosts whose connections one process keeps open at once
-USER_AGENT = "internvl-batch (batch captioning; one request at a time per task)"
+USER_AGENT = "internvl-batch (batch image annotation)"
 
 
 class HttpStatusError(OSError):

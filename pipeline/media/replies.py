@@ -5,17 +5,20 @@ caller never unpickles what comes back: it parses JSON and copies bytes into num
 tag, dtype, shape and size on the way. Anything else is `BadReply`.
 
 A value may be None, a bool, int, float or str, a list, a tuple, a dict with str keys, bytes, a numpy scalar (sent
-as its Python value) or a numpy array of bools, integers, floats or complex numbers (sent out of band: its buffer
-lands in fresh, writable memory). In the header a tuple is `{"$tuple": [...]}`, a dict `{"$dict": {...}}`, bytes
-`{"$bytes": i}` and an array `{"$array": [i, dtype, shape]}`, with `i` the index of its buffer after the header.
+as its Python value), a numpy array of bools, integers, floats or complex numbers (sent out of band: its buffer
+lands in fresh, writable memory), or a dataclass registered with `@reply_type` (the caller makes it again only if
+its own registry has that name: a reply never names a class to import). In the header a tuple is
+`{"$tuple": [...]}`, a dict `{"$dict": {...}}`, bytes `{"$bytes": i}`, an array `{"$array": [i, dtype, shape]}`,
+with `i` the index of its buffer after the header, and a registered dataclass `{"$record": [name, {...}]}`.
 """
 
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import json
 import math
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -31,8 +34,24 @@ REPLY_FIELDS = {  # what each kind of reply holds, and of which type (the value 
 }
 
 
+_RECORDS: dict[str, type] = {}  # dataclasses a reply may hold, by module and name (registered on import)
+T = TypeVar("T", bound=type)
+
+
 class BadReply(ValueError):
     """A reply that breaks the format: refused, whatever it holds."""
+
+
+def reply_type(cls: T) -> T:
+    """Class decorator: a dataclass a sandboxed function may return (its fields are sent as values)."""
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls!r} is not a dataclass")
+    _RECORDS[_record_name(cls)] = cls
+    return cls
+
+
+def _record_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def encode_reply(reply: dict[str, Any]) -> list[bytes | memoryview]:
@@ -61,6 +80,9 @@ def _encode(value: Any, buffers: list[bytes | memoryview]) -> Any:
         return {"$tuple": [_encode(v, buffers) for v in value]}
     if isinstance(value, dict) and all(isinstance(k, str) for k in value):
         return {"$dict": {k: _encode(v, buffers) for k, v in value.items()}}
+    if _RECORDS.get(_record_name(type(value))) is type(value):
+        fields = {f.name: _encode(getattr(value, f.name), buffers) for f in dataclasses.fields(value) if f.init}
+        return {"$record": [_record_name(type(value)), fields]}
     raise TypeError(f"a sandbox reply cannot carry {type(value).__name__}")
 
 
@@ -109,7 +131,22 @@ def _decode(node: Any, parts: list[bytearray]) -> Any:
         return bytes(_buffer(body, parts))
     if tag == "$array" and isinstance(body, list) and len(body) == 3:
         return _array(*body, parts)
+    if tag == "$record" and isinstance(body, list) and len(body) == 2:
+        return _record(*body, parts)
     raise BadReply(f"unknown tag {tag!r}")
+
+
+def _record(name: Any, fields: Any, parts: list[bytearray]) -> Any:
+    cls = _RECORDS.get(name) if isinstance(name, str) else None
+    if cls is None:
+        raise BadReply(f"{name!r} is not a registered reply type")
+    expected = {f.name for f in dataclasses.fields(cls) if f.init}
+    if not (isinstance(fields, dict) and set(fields) == expected):
+        raise BadReply(f"a {name} needs the fields {sorted(expected)}")
+    try:
+        return cls(**{k: _decode(v, parts) for k, v in fields.items()})
+    except (TypeError, ValueError) as err:  # a __post_init__ that checks its values
+        raise BadReply(f"a {name} that cannot be made: {err}") from None
 
 
 def _buffer(index: Any, parts: list[bytearray]) -> bytearray:

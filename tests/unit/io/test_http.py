@@ -175,7 +175,7 @@ def test_at_most_max_per_host_requests_in_flight(server):
     for t in threads:
         t.join(30)
     assert len(results) == 8 and server.count("/busy") == 8
-    assert server.most_in_flight == 2
+    assert server.most_in_flight <= 2  # (it is 2 unless the machine is too loaded to start two threads in 0.3 s)
 
 
 def test_redirects_are_checked_by_the_rule(server):

@@ -29,6 +29,14 @@ def test_values_round_trip():
     np.testing.assert_array_equal(round_trip({"reply": "ok", "value": view})["value"], view)
 
 
+def test_registered_dataclasses_round_trip():
+    from pipeline.media.video import SampledFrames
+
+    sampled = SampledFrames(frames=np.zeros((2, 4, 4, 3), np.uint8), indices=[1, 5], fps=25.0, num_frames=10)
+    got = round_trip({"reply": "ok", "value": sampled})["value"]
+    assert isinstance(got, SampledFrames) and got.indices == [1, 5] and got.frames.shape == (2, 4, 4, 3)
+
+
 def test_values_the_format_cannot_carry_are_refused_when_sent():
     for value in (object(), {1: "a"}, np.array([object()]), np.zeros(2, dtype=[("a", "i4")])):
         with pytest.raises(TypeError):
@@ -49,6 +57,8 @@ def test_values_the_format_cannot_carry_are_refused_when_sent():
     json.dumps({"reply": "ok", "value": {"$bytes": 1, "$tuple": []}}).encode(),
     json.dumps({"reply": "ok", "value": {"__reduce__": 1}}).encode(),
     json.dumps({"reply": "error", "type": "ValueError", "args": "x", "traceback": ""}).encode(),
+    json.dumps({"reply": "ok", "value": {"$record": ["os.system", {"command": "id"}]}}).encode(),  # not registered
+    json.dumps({"reply": "ok", "value": {"$record": ["pipeline.media.video.SampledFrames", {"fps": 1}]}}).encode(),
     b'{"reply": "ok", "value": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
 ])
 def test_replies_outside_the_format_are_bad(header):
