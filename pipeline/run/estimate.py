@@ -9,10 +9,12 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pipeline.config import JobConfig
-from pipeline.io.storage import extension, get_filesystem
+from pipeline.io.fetch import read_input
+from pipeline.io.storage import extension
 from pipeline.media.budget import TOKENS_PER_TILE, tile_count
 from pipeline.media.video import VIDEO_EXTENSIONS
 from pipeline.model.catalog import MODELS, ModelInfo
+from pipeline.stages.preprocess import job_input_rule
 
 SAMPLED = 32  # samples whose image headers are read
 HEADER_BYTES = 64 * 1024  # enough for the size of a JPEG, PNG or WebP (not its pixels)
@@ -21,27 +23,28 @@ VIT_TOKENS = 1025  # a 448 px tile through InternViT: 32 x 32 patches + class to
 PROMPT_TOKENS = 40  # chat template and question, besides the image tokens
 
 
-def image_size(url: str, options: Any) -> tuple[int, int] | None:
-    """Width and height from the first bytes of an image, or None (no such object, not an image, header too long)."""
+def image_size(url: str, job: JobConfig) -> tuple[int, int] | None:
+    """Width and height from the first bytes of an image, or None (no such object, not an image, header too long,
+    or a URI the job may not read: read as the run reads, confined, and one try for a URL)."""
     from PIL import Image
 
     try:
-        fs, path = get_filesystem(url, options)
-        head = fs.cat_file(path, start=0, end=HEADER_BYTES)
+        head = read_input(url, rule=job_input_rule(job), storage=job.storage,
+                          http={**job.http.model_dump(), "attempts": 1}, limit=HEADER_BYTES)
         with Image.open(io.BytesIO(head)) as im:
             return im.size
     except Exception:  # noqa: BLE001 - an estimate: an unreadable header is left out
         return None
 
 
-def sample_tiles(job: JobConfig, row: dict[str, Any], options: Any) -> int | None:
+def sample_tiles(job: JobConfig, row: dict[str, Any]) -> int | None:
     """Tiles the model would see for one sample (videos: frames x tiles per frame), None if not known."""
     uris = row.get("uris") or [row["uri"]]
     if any(extension(u) in VIDEO_EXTENSIONS for u in uris):
         return job.video.num_frames * job.video.tiles_per_frame
     t = job.tiling
     per_image = max(t.min_tiles, t.max_tiles // len(uris))
-    sizes = [image_size(u, options) for u in uris]
+    sizes = [image_size(u, job) for u in uris]
     if any(s is None for s in sizes):
         return None
     return sum(tile_count(w, h, min_tiles=t.min_tiles, max_tiles=per_image, thumbnail=t.thumbnail) for w, h in sizes)
@@ -65,7 +68,7 @@ def estimate_plan(job: JobConfig, plan: Any) -> dict[str, Any]:
     """Tiles, visual tokens and GPU-hours of the rows left to do, from up to SAMPLED samples' headers."""
     rows = plan.inputs.samples.limit(SAMPLED).take_all() if plan.samples_todo else []
     with ThreadPoolExecutor(8) as pool:
-        known = [t for t in pool.map(lambda r: sample_tiles(job, r, job.storage), rows) if t is not None]
+        known = [t for t in pool.map(lambda r: sample_tiles(job, r), rows) if t is not None]
     mean = sum(known) / len(known) if known else None
     out: dict[str, Any] = {"sampled": len(known), "tiles_per_sample": round(mean, 2) if mean is not None else None,
                            "tiles": None, "visual_tokens": None, "gpu_hours": None, "model": None}

@@ -19,7 +19,7 @@ from pipeline.io.inputs import (
 from pipeline.io.output import OutputFolder
 from pipeline.io.listing import inventory_listing, inventory_spec, list_level, list_tree, manifest_files
 from pipeline.io.schema import OUTPUT_SCHEMA, WRITE_FIELDS
-from pipeline.io.storage import extension, get_filesystem
+from pipeline.io.storage import MANIFEST_EXTENSIONS, extension, get_filesystem
 
 LIST_CPUS = 0.25  # listing a prefix waits on the object store, not the CPU
 FIELD_TYPES = {f.name: f.type for f in [*OUTPUT_SCHEMA, *WRITE_FIELDS]}  # columns older shards may lack
@@ -165,6 +165,14 @@ def count_skipped(listing: Any) -> dict[str, int]:
     return add_counts({}, pa.concat_tables(tables)) if tables else {}
 
 
+def only_manifests(job: JobConfig, listing: Any, skipped: dict[str, int]) -> bool:
+    """`input_format: auto` on a prefix whose listing holds manifest files and no media: a folder of manifests,
+    read as such (an incremental run needs media objects, so it is told there are none)."""
+    if job.input_format != "auto" or job.incremental or not skipped or not set(skipped) <= MANIFEST_EXTENSIONS:
+        return False
+    return listing.map_batches(media_rows, batch_format="pyarrow", batch_size=None).count() == 0
+
+
 def read_inputs(job: JobConfig, folder: OutputFolder, partitions: int) -> Inputs:
     """The job's samples as a dataset (incremental: only new or changed objects, materialized)."""
     kind = input_kind(job.input, job.input_format)
@@ -173,6 +181,8 @@ def read_inputs(job: JobConfig, folder: OutputFolder, partitions: int) -> Inputs
     listing = list_objects(job) if kind == "files" else read_inventory(job)
     skipped = count_skipped(listing)
     media = {"batch_format": "pyarrow", "batch_size": None}
+    if kind == "files" and only_manifests(job, listing, skipped):
+        return read_manifest(job)
     if not job.incremental:
         samples = listing.map_batches(media_rows, **media)
         return Inputs(samples=samples, keys=samples, kind=kind, skipped=skipped)
