@@ -34,7 +34,7 @@ class ChosenLogprobs:
         self._hook = self.model.register_forward_hook(self._capture)
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._hook.remove()
 
     def _capture(self, module: Any, args: Any, output: Any) -> None:

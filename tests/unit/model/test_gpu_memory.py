@@ -7,13 +7,20 @@ import json
 
 import pytest
 
-from bench.gpu_engines import INTERNVL3_1B
+from bench.internvl3_1b import INTERNVL3_1B
 from pipeline.config import parse_job
 from pipeline.errors import JobError, ModelLoadError
 from pipeline.model import gpu_memory
 from pipeline.model.catalog import MEMORY_GPUS, MEMORY_TPS, MODELS, find_model, markdown, memory_table
-from pipeline.model.gpu_memory import (GIB, VLLM_DEFAULT_UTILIZATION, checkpoint_config, memory_split,
-                                       shapes_from_config, split_for_job, vllm_options)
+from pipeline.model.gpu_memory import (
+    GIB,
+    VLLM_DEFAULT_UTILIZATION,
+    checkpoint_config,
+    memory_split,
+    shapes_from_config,
+    split_for_job,
+    vllm_options,
+)
 from pipeline.run.estimate import describe_estimate
 from pipeline.run.resources import Resources, replica_memory
 from tests.conftest import REPO
