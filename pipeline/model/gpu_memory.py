@@ -188,19 +188,21 @@ def vllm_runtime_bytes(language: LanguageShape, *, tp: int, dtype_bytes: int, st
 
 def memory_split(shapes: ModelShapes, *, gpu_gib: float, tp: int = 1, dtype_bytes: int = 2, tiles_in_flight: int,
                  min_kv_tokens: int, chunk_tiles: int = VISION_CHUNK_TILES, utilization: float | None = None,
-                 kv_cache_gib: float | None = None, step_tokens: int = VLLM_STEP_TOKENS,
+                 kv_cache_gib: float | None = None, share: float = 1.0, step_tokens: int = VLLM_STEP_TOKENS,
                  max_seqs: int = VLLM_MAX_SEQS) -> MemorySplit:
     """The split of one GPU between the vision side and vLLM, and whether the model fits.
 
     utilization: the job's own compute.vllm.gpu_memory_utilization (checked, not chosen); kv_cache_gib: the job's
-    kv_cache_memory_bytes (vLLM then sizes the KV cache by it instead of by the fraction).
+    kv_cache_memory_bytes (vLLM then sizes the KV cache by it instead of by the fraction); share: the part of the
+    GPU this replica may use (compute.gpus_per_replica below 1: several replicas on one GPU).
     """
     weights = (shapes.vision.params() + shapes.projector_params()) * dtype_bytes / GIB
     peak = vision_peak_bytes(shapes, tiles_in_flight=tiles_in_flight, chunk_tiles=chunk_tiles,
                              dtype_bytes=dtype_bytes) / GIB
     ours = CUDA_CONTEXT_GIB + weights + peak
+    usable = gpu_gib * min(share, 1.0)
     if utilization is None:
-        utilization = max(0.0, min(VLLM_DEFAULT_UTILIZATION, math.floor((gpu_gib - ours) / gpu_gib * 100) / 100))
+        utilization = max(0.0, min(VLLM_DEFAULT_UTILIZATION, math.floor((usable - ours) / gpu_gib * 100) / 100))
     language = shapes.language.params_per_rank(tp) * dtype_bytes / GIB
     runtime = vllm_runtime_bytes(shapes.language, tp=tp, dtype_bytes=dtype_bytes, step_tokens=step_tokens,
                                  max_seqs=max_seqs) / GIB
@@ -215,15 +217,15 @@ def memory_split(shapes: ModelShapes, *, gpu_gib: float, tp: int = 1, dtype_byte
         limit = "heads"
         what = f"{lm.heads} attention heads" if lm.heads % tp else f"{lm.kv_heads} key/value heads"
         reason = f"vLLM cannot split the language model's {what} over tp={tp} ranks"
-    elif kv_cache_gib is None and ours > gpu_gib * (1 - utilization):
+    elif kv_cache_gib is None and ours > usable - vllm:
         limit = "vision"
         reason = (f"the vision side needs {ours:.1f} GiB but gpu_memory_utilization {utilization:.2f} leaves it "
-                  f"{gpu_gib * (1 - utilization):.1f} GiB")
-    elif language + runtime > (vllm if kv_cache_gib is None else gpu_gib - ours):
+                  f"{max(usable - vllm, 0):.1f} GiB")
+    elif language + runtime > (vllm if kv_cache_gib is None else usable - ours):
         limit = "weights"
         reason = (f"the language model ({language:.1f} GiB a rank) and vLLM's runtime ({runtime:.1f} GiB) do not fit "
-                  f"in vLLM's {vllm if kv_cache_gib is None else gpu_gib - ours:.1f} GiB")
-    elif kv_tokens < min_kv_tokens or (kv_cache_gib is not None and ours + language + runtime + kv > gpu_gib):
+                  f"in vLLM's {vllm if kv_cache_gib is None else usable - ours:.1f} GiB")
+    elif kv_tokens < min_kv_tokens or (kv_cache_gib is not None and ours + language + runtime + kv > usable):
         limit = "kv"
         reason = (f"the language model ({language:.1f} GiB a rank) and vLLM's runtime ({runtime:.1f} GiB) leave "
                   f"{max(kv, 0):.1f} GiB for the KV cache; one request of {min_kv_tokens:,} tokens needs {need_kv:.1f} GiB")
@@ -256,7 +258,8 @@ def largest_sample_tiles(job: Any) -> int:
 def split_for_job(job: Any, config: Mapping[str, Any], gpu_gib: float) -> MemorySplit:
     """memory_split for a job (a JobConfig) on a GPU of gpu_gib: tiles in flight are batch_size x the largest sample
     x compute.vllm.max_concurrent_batches; the KV cache must hold one request of compute.vllm.max_model_len (default:
-    the model's context, as vLLM does); compute.vllm's gpu_memory_utilization and kv_cache_memory_bytes are kept."""
+    the model's context, as vLLM does); compute.vllm's gpu_memory_utilization and kv_cache_memory_bytes are kept;
+    compute.gpus_per_replica below 1 gives the replica that part of the GPU."""
     shapes = shapes_from_config(config)
     options = job.compute.vllm
     return memory_split(
@@ -264,7 +267,7 @@ def split_for_job(job: Any, config: Mapping[str, Any], gpu_gib: float) -> Memory
         tiles_in_flight=job.compute.batch_size * largest_sample_tiles(job) * options.max_concurrent_batches,
         min_kv_tokens=options.max_model_len or shapes.language.context, utilization=options.gpu_memory_utilization,
         kv_cache_gib=options.kv_cache_memory_bytes / GIB if options.kv_cache_memory_bytes else None,
-        max_seqs=options.max_num_seqs or VLLM_MAX_SEQS)
+        share=job.compute.gpus_per_replica if job.compute.tp == 1 else 1.0, max_seqs=options.max_num_seqs or VLLM_MAX_SEQS)
 
 
 def checkpoint_config(model: str, *, storage: Mapping[str, Any] | None = None, revision: str | None = None

@@ -109,6 +109,17 @@ def test_the_jobs_own_keys_are_kept_and_checked():
     assert kv.fits and kv.kv_gib == 2.0
 
 
+def test_replicas_sharing_a_gpu_split_their_part():
+    """compute.gpus_per_replica 0.5: two replicas on one GPU, each with its vision side and its vLLM in half of it."""
+    config = BY_NAME["InternVL3-2B"].config()
+    half = split_for_job(job_for("InternVL3-2B", gpus_per_replica=0.5), config, 79.6)
+    assert half.fits and half.vllm_fraction + half.vision_gib / 79.6 <= 0.5 and half.vllm_fraction >= 0.45
+    config = BY_NAME["InternVL2_5-26B"].config()
+    assert split_for_job(job_for("InternVL2_5-26B"), config, 79.6).fits
+    shared = split_for_job(job_for("InternVL2_5-26B", gpus_per_replica=0.5), config, 79.6)
+    assert not shared.fits and shared.limit == "weights"  # 37 GiB of language model in what half a GPU leaves
+
+
 def test_the_docs_table_is_the_computed_one():
     table = markdown(memory_table())
     assert table in (REPO / "docs" / "gpu-memory.md").read_text()
