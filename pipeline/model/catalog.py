@@ -94,32 +94,6 @@ def sizing_table() -> list[dict[str, str]]:
     return rows
 
 
-MEMORY_GPUS = {"80 GB": 79.6, "141 GB": 140.4}  # H100 / A100 80 GB and H200, as the devices report them (GiB)
-MEMORY_TPS = (1, 2, 4, 8)
-
-
-def memory_table() -> list[dict[str, str]]:
-    """docs/gpu-memory.md's table: per catalogue model, the vision side (weights + activation peak) and, per GPU and
-    tp, vLLM's gpu_memory_utilization and the KV cache left (GiB), or what does not fit; for a job with the
-    defaults (batch 8, 12 tiles + thumbnail, 4 batches in flight, bf16, max_model_len = the model's context)."""
-    from pipeline.config import parse_job
-    from pipeline.model.gpu_memory import split_for_job
-
-    rows = []
-    for m in MODELS:
-        row: dict[str, str] = {"model": m.name}
-        for gpu, gib in MEMORY_GPUS.items():
-            for tp in MEMORY_TPS:
-                job = parse_job({"task": "caption", "input": "in", "output": "out", "model": m.name, "compute": {"tp": tp}})
-                split = split_for_job(job, m.config(), gib)
-                if "vision GiB" not in row:
-                    row["vision GiB"] = f"{split.vision_weights_gib:.1f} + {split.vision_peak_gib:.1f}"
-                row[f"{gpu} tp={tp}"] = (f"{split.vllm_fraction:.2f}, KV {split.kv_gib:.0f}" if split.fits
-                                         else f"no ({split.limit})")
-        rows.append(row)
-    return rows
-
-
 def find_model(name: str) -> ModelInfo | None:
     """The catalogue entry a model path or hub id names (its last path element, `-hf` or not), if any."""
     base = name.rstrip("/").rsplit("/", 1)[-1].removesuffix("-hf").lower()

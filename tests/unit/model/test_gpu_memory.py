@@ -11,12 +11,15 @@ from bench.internvl3_1b import INTERNVL3_1B
 from pipeline.config import parse_job
 from pipeline.errors import JobError, ModelLoadError
 from pipeline.model import gpu_memory
-from pipeline.model.catalog import MEMORY_GPUS, MEMORY_TPS, MODELS, find_model, markdown, memory_table
+from pipeline.model.catalog import MODELS, find_model, markdown
 from pipeline.model.gpu_memory import (
     GIB,
+    MEMORY_GPUS,
+    MEMORY_TPS,
     VLLM_DEFAULT_UTILIZATION,
     checkpoint_config,
     memory_split,
+    memory_table,
     shapes_from_config,
     split_for_job,
     vllm_options,
