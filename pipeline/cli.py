@@ -172,7 +172,7 @@ def make_tiny_model_cmd(
     text_head_dim: Annotated[int, typer.Option(help="Text attention head size: 32 (2 heads; vLLM serves it) or 16 "
                                                     "(4 heads, the earlier layout).")] = 32,
     trained: Annotated[bool, typer.Option("--trained", help="The committed trained checkpoint: it sees the shapes of "
-                                                              "pipeline/embedded/world.py (see README).")] = False,
+                                                              "pipeline/embedded/world/ (see README).")] = False,
 ) -> None:
     """Write a tiny seeded native InternVL checkpoint (real 448 px tiles, 256 tokens per tile) for tests and demos."""
     from pipeline.embedded.tiny_model import make_tiny_model
