@@ -8,7 +8,7 @@ import re
 from tests.conftest import REPO
 
 README = (REPO / "README.md").read_text()
-CITED = re.compile(r"(?<![\w/.-])((?:tests|bench|pipeline|jobs|cluster|docs|tools)/[\w./-]*[\w/])")
+CITED = re.compile(r"(?<![\w/.-])((?:tests|bench|pipeline|jobs|cluster|docs|tools|training|examples)/[\w./-]*[\w/])")
 
 
 def test_every_file_the_readme_cites_exists():
