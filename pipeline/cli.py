@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -69,7 +71,6 @@ def run(
     update: Annotated[bool, typer.Option("--update", help=UPDATE_HELP)] = False,
 ) -> None:
     """Run a job file."""
-    from pipeline.errors import RunError
     from pipeline.run.quiet import quiet_run
     from pipeline.run.runner import run_job
 
@@ -78,16 +79,24 @@ def run(
     except JobError as err:
         err_console.print(f"[red]error:[/red] {err}", markup=True, highlight=False)
         raise typer.Exit(2) from None
+    with exit_codes(), quiet_run(verbose):
+        summary = run_job(job, echo=console.print, retry_errors=retry_errors, update=update)
+    console.print(summary_table(summary))
+
+
+@contextmanager
+def exit_codes() -> Iterator[None]:
+    """A job that cannot run exits with code 2, a run that failed with code 1, each with its message."""
+    from pipeline.errors import RunError
+
     try:
-        with quiet_run(verbose):
-            summary = run_job(job, echo=console.print, retry_errors=retry_errors, update=update)
+        yield
     except JobError as err:
         err_console.print(f"[red]error:[/red] {err}", highlight=False)
         raise typer.Exit(2) from None
     except RunError as err:
         err_console.print(f"[red]failed:[/red] {err}", highlight=False)
         raise typer.Exit(1) from None
-    console.print(summary_table(summary))
 
 
 @app.command()
@@ -96,12 +105,11 @@ def repair(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key of the job file.")] = None,
 ) -> None:
     """Keep one row per id in an output that holds some twice (no model is loaded); updates its _SUCCESS.json."""
-    from pipeline.errors import RunError
     from pipeline.io.output import OutputFolder
     from pipeline.run.quiet import quiet_run
     from pipeline.run.runner import repair_output_folder
 
-    try:
+    with exit_codes():
         if target.endswith((".yaml", ".yml")):
             job = load_job(Path(target), set_ or [])
             folder, ttl = OutputFolder(job.output, job.storage, passed_url=job.output_passed), job.lock_ttl_s
@@ -110,12 +118,6 @@ def repair(
             folder = OutputFolder(target, passed_url=(folder.job_record() or {}).get("output_passed"))
         with quiet_run(False):
             repair_output_folder(folder, ttl_s=ttl, echo=console.print)
-    except JobError as err:
-        err_console.print(f"[red]error:[/red] {err}", highlight=False)
-        raise typer.Exit(2) from None
-    except RunError as err:
-        err_console.print(f"[red]failed:[/red] {err}", highlight=False)
-        raise typer.Exit(1) from None
 
 
 @app.command()

@@ -38,13 +38,17 @@ class IncrementalState:
     def __init__(self, folder: OutputFolder) -> None:
         self.folder = folder
 
+    def _parts(self, root: str) -> dict[str, list[str]]:
+        """{folder URL: its Parquet files} of each run's folder under `root`, oldest first."""
+        folders: dict[str, list[str]] = {}
+        for url in self.folder.find(self.folder.child(root)):
+            if url.endswith(".parquet"):
+                folders.setdefault(url.rsplit("/", 1)[0], []).append(url)
+        return folders
+
     def deltas(self) -> dict[str, list[str]]:
         """{delta folder URL: its Parquet files}, oldest first."""
-        deltas: dict[str, list[str]] = {}
-        for url in self.folder.find(self.folder.child(STATE_DIR)):
-            if url.endswith(".parquet"):
-                deltas.setdefault(url.rsplit("/", 1)[0], []).append(url)
-        return deltas
+        return self._parts(STATE_DIR)
 
     def files(self) -> list[str]:
         """Every Parquet file of the state."""
@@ -90,11 +94,7 @@ class IncrementalState:
 
     def index(self) -> dict[str, list[str]]:
         """{index folder URL: its Parquet files}, oldest first."""
-        folders: dict[str, list[str]] = {}
-        for url in self.folder.find(self.folder.child(INDEX_DIR)):
-            if url.endswith(".parquet"):
-                folders.setdefault(url.rsplit("/", 1)[0], []).append(url)
-        return folders
+        return self._parts(INDEX_DIR)
 
     def write_index_part(self, stamp: str, rows: pa.Table) -> str:
         """One Parquet file of a run's shard index (written block by block, in Ray tasks)."""
