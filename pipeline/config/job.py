@@ -144,7 +144,7 @@ class JobConfig(_Section):
         base = (info.context or {}).get("base")
         self._schema = _load_checked(self.schema_value, "", self.storage, base)
         self._question_schemas = [_load_checked(s, f"questions[{k}].", self.storage, base) for k, s in enumerate(own)]
-        from pipeline.model.answers import answer_type
+        from pipeline.structured.answers import answer_type
 
         try:
             answer_type(self.answer_schemas())
@@ -254,17 +254,17 @@ def _load_checked(value: Any, where: str, storage: dict[str, Any], base: str | N
     """A `schema` value loaded and checked: in the supported subset, and compiled by the grammar backend."""
     if value is None:
         return None
-    from pipeline.model.structured import check_schema, load_schema
+    from pipeline.structured.grammar import check_grammar
+    from pipeline.structured.schema import check_schema, load_schema
 
     try:
         schema = load_schema(value, storage, base=base)
         check_schema(schema)
         try:
-            from pipeline.model.constrained import check_grammar
+            check_grammar(schema)
         except ImportError as err:
             raise ValueError(f"{where}schema: constrained decoding needs the grammar backend xgrammar, which is not "
                              f"installed ({err}); pip install 'internvl-batch[structured]'") from None
-        check_grammar(schema)
     except SchemaError as err:
         raise ValueError(f"{where}{err}") from None
     return schema

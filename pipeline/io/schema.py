@@ -122,7 +122,7 @@ def output_schema(job: Any) -> pa.Schema:
     if job.task == "score":
         return pa.schema([*OUTPUT_SCHEMA, *score_fields(job.score_criteria(), with_passed=job.has_filter)])
     if job.answer_schemas():
-        from pipeline.model.answers import answer_type
+        from pipeline.structured.answers import answer_type
 
         return pa.schema([*OUTPUT_SCHEMA, pa.field("answer", answer_type(job.answer_schemas()))])
     return OUTPUT_SCHEMA

@@ -6,17 +6,19 @@ them, in a decoder child process where decode.isolate says so.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
-from pipeline.config import TilingConfig, VideoConfig
 from pipeline.errors import ErrorType, MediaError
 from pipeline.media.budget import frames_within, max_tiles_within
 from pipeline.media.images import load_tiles
 from pipeline.media.tiling import TILE_SIZE, tile_image
 from pipeline.media.video import VideoLimits, sample_video
+
+if TYPE_CHECKING:  # the job's sections are what callers pass; media needs only their values
+    from pipeline.config import TilingConfig, VideoConfig
 
 
 def tiles_from_bytes(data: bytes | None, num_tiles: int) -> np.ndarray:

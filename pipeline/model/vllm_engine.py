@@ -245,7 +245,7 @@ class VLLMEngine(Prompter):
             return {}
         from vllm.sampling_params import StructuredOutputsParams
 
-        from pipeline.model.constrained import grammar_schema
+        from pipeline.structured.grammar import grammar_schema
 
         if self._allowed is None:  # vLLM's xgrammar lets special tokens into strings: every other id is allowed
             from pipeline.model.constrained import blocked_token_ids

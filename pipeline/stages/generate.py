@@ -15,7 +15,7 @@ import pyarrow as pa
 from pipeline.config import JobConfig
 from pipeline.errors import ErrorType, PromptError
 from pipeline.io.schema import output_schema, to_table
-from pipeline.model.answers import AnswerError, parse_answer
+from pipeline.structured.answers import AnswerError, parse_answer
 from pipeline.model.batching import PromptRequest
 from pipeline.model.engines import Engine
 from pipeline.model.prompts import user_text

@@ -9,7 +9,6 @@ pipeline's own CPU and model stages) must collapse, so these checks can fail.
 from __future__ import annotations
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import s3fs
 

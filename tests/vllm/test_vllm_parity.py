@@ -246,7 +246,7 @@ def test_schema_answers_equal_transformers_and_follow_the_schema(vllm_engine, hf
     (model/constrained.py's docstring): greedy schema answers are the transformers engine's, free prompts in the
     same call stay free, and an answer cut off at max_new_tokens is not `finished` on either engine."""
     pytest.importorskip("xgrammar")
-    from pipeline.model.answers import parse_answer
+    from pipeline.structured.answers import parse_answer
     from tests.schemas import SCHEMA, SMALL
 
     prompts, samples, owners = [], [], []

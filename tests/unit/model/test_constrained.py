@@ -16,18 +16,11 @@ xgr = pytest.importorskip("xgrammar")
 
 from pipeline.config import parse_job  # noqa: E402
 from pipeline.errors import SchemaError  # noqa: E402
-from pipeline.model.answers import TruncatedAnswer, answer_type, parse_answer, to_arrow  # noqa: E402
-from pipeline.model.constrained import (  # noqa: E402
-    GRAMMAR_OPTIONS,
-    GrammarBackend,
-    blocked_token_ids,
-    check_grammar,
-    grammar_schema,
-    tokenizer_info,
-    unspellable,
-)
+from pipeline.structured.answers import TruncatedAnswer, answer_type, parse_answer, to_arrow  # noqa: E402
+from pipeline.model.constrained import GrammarBackend, blocked_token_ids, tokenizer_info, unspellable  # noqa: E402
+from pipeline.structured.grammar import GRAMMAR_OPTIONS, check_grammar, grammar_schema  # noqa: E402
 from pipeline.model.engine import InternVLEngine  # noqa: E402
-from pipeline.model.structured import check_schema  # noqa: E402
+from pipeline.structured.schema import check_schema  # noqa: E402
 from pipeline.stages.generate import Generate  # noqa: E402
 from tests.schemas import SCHEMA, SCHEMA_TYPE, SMALL  # noqa: E402
 from tests.unit.model.test_engine import preprocessed  # noqa: E402

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.errors import SchemaError
-from pipeline.model.answers import InvalidAnswer, TruncatedAnswer, answer_type, arrow_type, parse_answer, to_arrow
-from pipeline.model.structured import check_schema, load_schema
+from pipeline.structured.answers import InvalidAnswer, TruncatedAnswer, answer_type, arrow_type, parse_answer, to_arrow
+from pipeline.structured.schema import check_schema, load_schema
 from tests.schemas import GOOD, SCHEMA, SCHEMA_TYPE
 
 

@@ -1,7 +1,7 @@
 """A job's `schema:` (JSON Schema): loading it and checking it lies in the subset we support, naming what does not.
 
-The supported subset is the one that maps onto Arrow types (pipeline/model/answers.py) and that the grammar backend
-(xgrammar, pipeline/model/constrained.py) enforces:
+The supported subset is the one that maps onto Arrow types (pipeline/structured/answers.py) and that the grammar backend
+(xgrammar, pipeline/structured/grammar.py, pipeline/model/constrained.py) enforces:
 
     type object  (properties, required, additionalProperties: false)   -> struct<...> in `properties` order
     type array   (items, minItems, maxItems)                            -> list<item>

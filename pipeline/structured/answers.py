@@ -4,7 +4,7 @@
     enum -> string (int64, float64, bool for enums of those), integer -> int64, number -> float64, boolean -> bool,
     string -> string, array -> list<item>, object -> struct<properties in declared order>
 
-Pure: json, pyarrow and jsonschema; the schemas are checked first (pipeline/model/structured.py).
+Pure: json, pyarrow and jsonschema; the schemas are checked first (pipeline/structured/schema.py).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline.errors import ErrorType, SchemaError
-from pipeline.model.structured import Resolver, child_path, effective, node_type, root_kind
+from pipeline.structured.schema import Resolver, child_path, effective, node_type, root_kind
 
 __all__ = ["AnswerError", "InvalidAnswer", "TruncatedAnswer", "answer_type", "arrow_type", "parse_answer", "to_arrow"]
 
