@@ -98,7 +98,7 @@ def test_caption_images_from_s3_to_s3(s3, s3_server, tiny_model, tmp_path):
     assert again.exit_code == 0 and "nothing to do" in again.output
     assert sorted(s3.glob("bucket/e2e/captions/part-*.parquet")) == shards
     changed = run_cli(tmp_path, job, "--set", "tiling.max_tiles=6")
-    assert changed.exit_code == 2 and "another configuration" in changed.output and "overwrite" in changed.output
+    assert changed.exit_code == 2 and "other settings: tiling" in changed.output and "overwrite" in changed.output
     assert run_cli(tmp_path, job, "--set", "overwrite=true", "--set", "tiling.max_tiles=6").exit_code == 0
     assert read_output("bucket/e2e/captions", s3).num_rows == 4
 

@@ -25,7 +25,10 @@ from tests.conftest import REPO
 HOLD = """
 import sys, time
 from pipeline.io.output import OutputFolder
+from pipeline.io.output import lease
 from pipeline.io.output.lease import renewed
+if len(sys.argv) > 3:  # a holder on another machine: its pid means nothing here
+    lease.machine = lambda: sys.argv[3]
 with renewed(OutputFolder(sys.argv[1]).take_lease(float(sys.argv[2]))):
     print("held", flush=True)
     time.sleep(600)
@@ -105,9 +108,9 @@ def test_the_fence_stops_a_run_whose_lease_was_taken_over_or_went_stale(where, t
     OutputFolder(output).fenced(other).write_shard(pa.table({"id": ["b"]}))  # the new holder writes
 
 
-def _killed_holder(output: str, ttl: float) -> None:
+def _killed_holder(output: str, ttl: float, *machine: str) -> None:
     """A process that takes the lease, then is SIGKILLed: it leaves its lease behind."""
-    holder = _python(HOLD, output, str(ttl))
+    holder = _python(HOLD, output, str(ttl), *machine)
     try:
         assert holder.stdout.readline().strip() == "held", holder.stderr.read()
     finally:
@@ -120,7 +123,7 @@ def _killed_holder(output: str, ttl: float) -> None:
 def test_a_killed_runs_lease_refuses_until_it_expires_then_is_taken_over(where, tmp_path, request):
     output = _output(where, tmp_path, request)
     folder = OutputFolder(output)
-    _killed_holder(output, ttl=4.0)
+    _killed_holder(output, 4.0, "another-node|boot|pid-ns")  # a run on another machine: only expiry tells
     with pytest.raises(LockedError, match=r"another run holds .*_LOCK \(host .*, pid \d+, .*its lease expires"):
         folder.take_lease(30)
     time.sleep(4.5)
@@ -128,6 +131,15 @@ def test_a_killed_runs_lease_refuses_until_it_expires_then_is_taken_over(where, 
         assert beat.held.content["pid"] == os.getpid()
     with renewed(folder.take_lease(30)):  # released normally afterwards
         pass
+
+
+def test_a_killed_run_on_this_machine_is_taken_over_at_once(tmp_path, caplog):
+    """A crashed run re-run by hand on the same machine: its pid is gone, so nobody waits for the lease to expire."""
+    output = str(tmp_path / "out")
+    _killed_holder(output, 600.0)
+    with renewed(OutputFolder(output).take_lease(30)) as beat:
+        assert beat.held.took_over and "its process is gone" in beat.held.took_over
+    assert "its process is gone" in caplog.text
 
 
 @pytest.mark.integration
