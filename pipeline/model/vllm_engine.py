@@ -49,7 +49,8 @@ from pipeline.model.engine import (Generation, InternVLEngine, Prompter, context
 from pipeline.model.processor_files import has_processor
 from pipeline.model.sampling import TRANSFORMERS_TOP_K
 from pipeline.model.scoring import logsumexp
-from pipeline.model.vllm_support import LoopThread, check_plugin, engine_args, load_vision
+from pipeline.model.vllm_start import ErrorLog, cpu_environment, environment
+from pipeline.model.vllm_support import LoopThread, PrefixCacheTally, check_plugin, engine_args, load_vision
 
 
 class VLLMEngine(Prompter):
@@ -59,20 +60,22 @@ class VLLMEngine(Prompter):
     normalize = InternVLEngine.normalize
     image_features = InternVLEngine.image_features
 
-    def __init__(self, vision: Any, tokenizer: Any, plan: DevicePlan, path: str, *,
+    embeddings = True  # vLLM gets image embeddings (ours), never pixels
+
+    def __init__(self, config: Any, tokenizer: Any, plan: DevicePlan, path: str, *, vision: Any = None,
                  options: Mapping[str, Any] | None = None, tp: int = 1) -> None:
         from transformers import GenerationConfig
 
-        super().__init__(tokenizer, int(getattr(vision.config, "image_seq_length", 256)), context_length(vision.config))
+        super().__init__(tokenizer, int(getattr(config, "image_seq_length", 256)), context_length(config))
         self.model = vision
         self.plan = plan
         self.path = path
         ids = tokenizer.convert_tokens_to_ids
         self.context_id = ids(self.image_tokens.context)
         self.start_id, self.end_id = ids(self.image_tokens.start), ids(self.image_tokens.end)
-        if self.context_id != vision.config.image_token_id:
+        if self.context_id != config.image_token_id:
             raise ModelLoadError(f"tokenizer's image token {self.image_tokens.context!r} has id {self.context_id}, "
-                                 f"but the model expects image_token_id {vision.config.image_token_id}")
+                                 f"but the model expects image_token_id {config.image_token_id}")
         try:
             generation = GenerationConfig.from_pretrained(path)
         except OSError:  # no generation_config.json
@@ -80,31 +83,41 @@ class VLLMEngine(Prompter):
         eos = generation.eos_token_id if generation.eos_token_id is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
         self.top_k = generation.top_k if generation.top_k is not None else TRANSFORMERS_TOP_K
-        self.vocab_size = int(vision.config.text_config.vocab_size)
-        self._allowed: list[int] | None = None  # token ids a schema answer may use (made at the first schema)
+        self.vocab_size = int(config.text_config.vocab_size)
+        self._blocked: dict[int, float] | None = None  # token ids a schema answer may not use (made at the first schema)
         self._mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=plan.device).view(1, 3, 1, 1)
         self._std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=plan.device).view(1, 3, 1, 1)
-        check_plugin()
-        args = engine_args(path, plan.dtype, options, tp=tp)
+        if self.embeddings:
+            check_plugin()
+        on_cpu = plan.device == "cpu"
+        args = engine_args(path, plan.dtype, options, tp=tp, on_cpu=on_cpu, embeddings=self.embeddings)
         self._ids = itertools.count()
         self._prefix = uuid.uuid4().hex[:8]  # request ids unique across replicas' logs
+        self.prefix_cache = PrefixCacheTally()
+        self.errors = ErrorLog()
         self._vision_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vision")
         self._loop = LoopThread()
         try:
-            self.llm = self._loop.run(self._start(args))  # built on its loop, so its output handler runs there
+            with environment({**self.errors.env, **(cpu_environment(tp) if on_cpu else {})}):
+                try:  # built on its loop, so its output handler runs there
+                    self.llm = self._loop.run(self._start(args, self.prefix_cache.stat_logger()))
+                except Exception as err:  # noqa: BLE001 - vLLM's root cause is in its processes' logs
+                    raise self.errors.start_failed(err) from err
             limit = getattr(getattr(self.llm, "model_config", None), "max_model_len", None)
             if limit:  # compute.vllm.max_model_len may be shorter than the model's own context
                 self.max_context = min(int(limit), self.max_context or int(limit))
         except BaseException:
             self._loop.stop()
             self._vision_thread.shutdown()
+            self.errors.close()
             raise
 
     @staticmethod
-    async def _start(args: Any) -> Any:
+    async def _start(args: Any, stat_logger: Any) -> Any:
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        return AsyncLLM.from_engine_args(args)
+        # our stat logger turns vLLM's statistics on (the prefix cache's hits), without its periodic log lines
+        return AsyncLLM.from_engine_args(args, stat_loggers=[stat_logger])
 
     @classmethod
     def load(cls, model: str, *, revision: str | None = None, tp: int = 1, options: Mapping[str, Any] | None = None,
@@ -123,7 +136,7 @@ class VLLMEngine(Prompter):
             tokenizer = AutoTokenizer.from_pretrained(path)
             vision = load_vision(path, plan)
         require_chat_template(model, tokenizer)
-        return cls(vision, tokenizer, plan, path, options=options, tp=tp)
+        return cls(vision.config, tokenizer, plan, path, vision=vision, options=options, tp=tp)
 
     # -- public interface: the arguments are `_generate`'s and `_score`'s -----------------------------------------
 
@@ -143,6 +156,17 @@ class VLLMEngine(Prompter):
         """score() as a coroutine, for any event loop."""
         return await self._loop.wait(self._score(*args, **kwargs))
 
+    @property
+    def dead(self) -> bool:
+        """Whether vLLM's engine has died (its engine-core or a worker process is gone): it will not serve again,
+        the replica must be started anew (stages/model_stage.AsyncStage)."""
+        llm = self.__dict__.get("llm")
+        return llm is None or bool(llm.errored)
+
+    def death_cause(self) -> str | None:
+        """What vLLM's processes logged as the root cause of the engine's death, if they logged one."""
+        return self.errors.cause()
+
     def close(self) -> None:
         """Shut vLLM's engine core down and stop the loop thread (idempotent)."""
         llm = self.__dict__.pop("llm", None)
@@ -150,6 +174,7 @@ class VLLMEngine(Prompter):
             self._loop.run(self._shutdown(llm))
             self._loop.stop()
             self._vision_thread.shutdown()
+            self.errors.close()
 
     @staticmethod
     async def _shutdown(llm: Any) -> None:
@@ -240,20 +265,28 @@ class VLLMEngine(Prompter):
 
     def _constraint(self, schema: Mapping[str, Any] | None) -> dict[str, Any]:
         """SamplingParams fields that constrain one answer to a JSON Schema (model/constrained.py's docstring says
-        why each is needed for answers equal to the transformers engine's); none for a free prompt."""
+        why each is needed for answers equal to the transformers engine's); none for a free prompt.
+
+        vLLM's xgrammar lets special tokens into JSON strings: those few are blocked by a logit bias of -inf (a
+        few dozen entries a request; an `allowed_token_ids` of every other id is ~151k ids a request, serialised to
+        the engine core and made into a vocabulary-wide mask). Log-probs stay the raw ones, as before."""
         if schema is None:
             return {}
         from vllm.sampling_params import StructuredOutputsParams
 
         from pipeline.model.constrained import grammar_schema
 
-        if self._allowed is None:  # vLLM's xgrammar lets special tokens into strings: every other id is allowed
+        return {"structured_outputs": StructuredOutputsParams(json=grammar_schema(schema)),
+                "logit_bias": self.blocked_bias()}
+
+    def blocked_bias(self) -> dict[int, float]:
+        """The logit bias that keeps a schema answer off the tokens it may never hold (constrained.blocked_token_ids)."""
+        if self._blocked is None:
             from pipeline.model.constrained import blocked_token_ids
 
-            blocked = set(blocked_token_ids(self.tokenizer, sorted(self.eos_ids)))
-            self._allowed = [t for t in range(self.vocab_size) if t not in blocked]
-        return {"structured_outputs": StructuredOutputsParams(json=grammar_schema(schema)),
-                "allowed_token_ids": self._allowed}
+            blocked = blocked_token_ids(self.tokenizer, sorted(self.eos_ids))
+            self._blocked = {t: float("-inf") for t in blocked if t < self.vocab_size}
+        return self._blocked
 
     async def _generate(self, prompts: Sequence[list[int]], samples: Sequence[np.ndarray],
                         owners: Sequence[int] | None = None, **options: Any) -> list[Generation]:

@@ -107,3 +107,67 @@ def test_a_poison_sample_costs_one_row_on_vllm_too(vllm_engine, hf_engine, image
     assert [got[f"s{i}"]["status"] for i in range(3)] == ["ok", "error", "ok"]
     assert got["s1"]["error_type"] == "model_error"
     assert [got[k]["response"] for k in ("s0", "s2")] == [want[k]["response"] for k in ("s0", "s2")]
+
+
+def test_a_samples_questions_read_its_image_from_the_prefix_cache(vllm_engine, images):
+    """A 3-question vqa sample of a 13-tile image, as the stage sends it (the questions in one call): vLLM's own
+    statistics (our stat logger) show the image tokens prefilled once for the sample, not once per question, and
+    the batch's record carries the replica's figures for the run summary."""
+    folder, pictures = images
+    job = parse_job(dict(BASE, task="vqa", questions=["Describe the image.", "What colour is it?", "Is it dark?"]))
+    batch = preprocessed(job, folder, {"13.png": pictures["1792x1344.png"]})
+    assert list(batch["num_tiles"]) == [13]
+    assert vllm_engine._loop.run(vllm_engine.llm.reset_prefix_cache())  # no earlier test's blocks
+    tally = vllm_engine.prefix_cache
+    before = (tally.queries, tally.hits)
+    table = asyncio.run(AsyncGenerate(job, engine=vllm_engine)(batch))
+    queries, hits = tally.queries - before[0], tally.hits - before[1]
+    prompt_tokens = sum(r["num_input_tokens"] for r in rows_of(table).values())
+    image_tokens = 13 * 256
+    assert queries == prompt_tokens  # every prompt token of the sample looked up once
+    assert hits >= 0.6 * queries
+    assert hits <= queries - image_tokens  # the first question did prefill the image
+    block = vllm_engine.llm.vllm_config.cache_config.block_size
+    assert hits >= 2 * (image_tokens - block)  # the other two read it from the cache
+    record = table.column(BATCH_COLUMN)[0].as_py()
+    assert (record["cache_queries"], record["cache_hits"]) == (tally.queries, tally.hits)
+    print(f"\nprefix cache, 3 questions on a 13-tile image: {hits} of {queries} prompt tokens ({hits / queries:.1%})")
+
+
+def test_prepare_runs_off_the_event_loop(vllm_engine, images, monkeypatch):
+    """prepare() (chat template, tokenising) runs in the stage's own thread: the actor's event loop, which serves
+    the other batches in flight, keeps running while a slow prepare works."""
+    import threading
+    import time
+
+    job = parse_job(dict(BASE, task="caption"))
+    batch = preprocessed(job, *images)
+    stage = AsyncGenerate(job, engine=vllm_engine)
+    seen = {}
+    original = stage.prepare
+
+    def slow_prepare(b):
+        seen["thread"] = threading.current_thread()
+        time.sleep(0.5)
+        return original(b)
+
+    monkeypatch.setattr(stage, "prepare", slow_prepare)
+
+    async def main():
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        task = asyncio.create_task(ticker())
+        table = await stage(batch)
+        task.cancel()
+        return table, ticks, threading.current_thread()
+
+    table, ticks, loop_thread = asyncio.run(main())
+    assert seen["thread"] is not loop_thread and seen["thread"].name.startswith("prepare")
+    assert ticks >= 20  # the loop ran during the half-second prepare
+    assert table.num_rows == 3
