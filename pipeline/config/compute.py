@@ -47,9 +47,11 @@ class ComputeConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto uses CUDA when a GPU is visible, else CPU.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bfloat16 on GPU, float32 on CPU.")
     gpus_per_replica: float = Field(1.0, gt=0, description="GPUs requested per replica when device is cuda (tp > 1: one per rank).")
-    engine: Literal["auto", "transformers", "vllm"] = Field(
+    engine: Literal["auto", "transformers", "vllm", "vllm-native"] = Field(
         "auto", description="Language engine: transformers, or vLLM (continuous batching; `pip install "
-                            "'internvl-batch[vllm]'`); auto: vLLM when it is installed and replicas are on GPUs.")
+                            "'internvl-batch[vllm]'`); auto: vLLM when it is installed and replicas are on GPUs. "
+                            "vllm-native: vLLM's own InternVL path (pictures in, vLLM tiles and encodes them), the "
+                            "baseline to compare with.")
     vllm: VLLMConfig = Field(default_factory=VLLMConfig, description="vLLM engine options.")
     object_store_mb: int | None = Field(
         None, ge=64, description="Ray object-store memory the run's queues may hold (default: 8 model batches of the "

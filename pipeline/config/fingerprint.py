@@ -25,4 +25,6 @@ def fingerprint(job: Any) -> str:
     }
     if job.answer_schemas():  # only then, so the fingerprints of jobs without one stay as they were
         relevant["schema"] = {"job": job.answer_schema, "questions": job.question_schemas}
+    if job.compute.engine == "vllm-native":  # vLLM's processor tiles the pictures, not the cards' tiling
+        relevant["tiles_by"] = "vllm-native"
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]

@@ -9,7 +9,7 @@ import pyarrow as pa
 
 from pipeline.config import JobConfig
 from pipeline.run.metrics import record_metrics
-from pipeline.model.engines import Engine
+from pipeline.model.engines import VLLM_ENGINES, Engine
 from pipeline.run.resources import PREPROCESS_CPUS, WRITE_CPUS, Resources
 from pipeline.stages.generate import AsyncGenerate, Generate
 from pipeline.stages.preprocess import Preprocess
@@ -42,8 +42,8 @@ def _gather(batch: pa.Table) -> pa.Table:
 def model_stage_class(task: str, engine: Engine) -> type:
     """The model stage for a task and engine: vLLM's is async (several batches in flight per replica)."""
     if task == "score":
-        return AsyncScore if engine == "vllm" else Score
-    return AsyncGenerate if engine == "vllm" else Generate
+        return AsyncScore if engine in VLLM_ENGINES else Score
+    return AsyncGenerate if engine in VLLM_ENGINES else Generate
 
 
 def write_batch(batch: pa.Table, job: JobConfig, input_columns: list[str], attempt: int = 1) -> pa.Table:
