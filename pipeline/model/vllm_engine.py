@@ -11,7 +11,8 @@ and `score_async` for a model stage that keeps several batches in flight (stages
   ids with ONE `<IMG_CONTEXT>` per image (a video frame is an image: `Frame1: <IMG_CONTEXT>\\n...`) and one
   `(tiles x 256, hidden)` embedding per image; vLLM expands each to `<img>` + 256 x tiles `<IMG_CONTEXT>` + `</img>`,
   which gives back exactly the ids `prompt_ids` builds. Several questions on one sample share the image's KV blocks
-  through automatic prefix caching (vLLM hashes the embedding).
+  through automatic prefix caching (vLLM hashes the embedding): a sample's first prompt goes first and its others
+  follow once it is prefilled (vllm_support.each_sample_prefilled_once), or they would race past the cache.
 - Sampling: each prompt gets its own `SamplingParams(seed=...)` from `seeds`, so a sampled answer depends only on
   its seed, never on what else is in flight. top_k follows the checkpoint's generation_config, or transformers'
   default of 50, as InternVLEngine samples. Per-prompt options are built in one place (`_params`).
@@ -31,9 +32,11 @@ the model in that process instead of one more worker process.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import itertools
 import uuid
+import weakref
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -44,13 +47,27 @@ import torch
 from pipeline.errors import ModelLoadError
 from pipeline.media.tiling import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.model.device import DevicePlan
-from pipeline.model.engine import (Generation, InternVLEngine, Prompter, context_length, loading, open_checkpoint,
-                                   require_chat_template)
+from pipeline.model.engine import (
+    Generation,
+    InternVLEngine,
+    Prompter,
+    context_length,
+    loading,
+    open_checkpoint,
+    require_chat_template,
+)
 from pipeline.model.processor_files import has_processor
 from pipeline.model.sampling import TRANSFORMERS_TOP_K
 from pipeline.model.scoring import logsumexp
 from pipeline.model.vllm_start import ErrorLog, cpu_environment, environment
-from pipeline.model.vllm_support import LoopThread, PrefixCacheTally, check_plugin, engine_args, load_vision
+from pipeline.model.vllm_support import (
+    LoopThread,
+    PrefixCacheTally,
+    check_plugin,
+    each_sample_prefilled_once,
+    engine_args,
+    load_vision,
+)
 
 
 class VLLMEngine(Prompter):
@@ -103,6 +120,7 @@ class VLLMEngine(Prompter):
                     self.llm = self._loop.run(self._start(args, self.prefix_cache.stat_logger()))
                 except Exception as err:  # noqa: BLE001 - vLLM's root cause is in its processes' logs
                     raise self.errors.start_failed(err) from err
+            atexit.register(_close_at_exit, weakref.ref(self))  # after vLLM's own: runs before them
             limit = getattr(getattr(self.llm, "model_config", None), "max_model_len", None)
             if limit:  # compute.vllm.max_model_len may be shorter than the model's own context
                 self.max_context = min(int(limit), self.max_context or int(limit))
@@ -168,13 +186,17 @@ class VLLMEngine(Prompter):
         return self.errors.cause()
 
     def close(self) -> None:
-        """Shut vLLM's engine core down and stop the loop thread (idempotent)."""
+        """Shut vLLM's engine core down and stop the loop thread (idempotent). Also run at the process's exit
+        (registered at start), before vLLM's own exit handlers stop its engine core under a running output
+        handler, which would log the dead engine as a failure at the end of every job."""
         llm = self.__dict__.pop("llm", None)
         if llm is not None:
-            self._loop.run(self._shutdown(llm))
-            self._loop.stop()
-            self._vision_thread.shutdown()
-            self.errors.close()
+            try:
+                self._loop.run(self._shutdown(llm))
+            finally:
+                self._loop.stop()
+                self._vision_thread.shutdown()
+                self.errors.close()
 
     @staticmethod
     async def _shutdown(llm: Any) -> None:
@@ -238,11 +260,19 @@ class VLLMEngine(Prompter):
             return []
         return await asyncio.get_running_loop().run_in_executor(self._vision_thread, encode)
 
-    async def _final(self, request: dict[str, Any], params: Any) -> Any:
-        """The finished RequestOutput of one request."""
+    async def _final(self, request: dict[str, Any], params: Any, prefilled: asyncio.Event | None = None) -> Any:
+        """The finished RequestOutput of one request; `prefilled` is set once its prompt is in the KV cache (its
+        first token is out: outputs are then asked for as they come, the last holding them all)."""
+        if prefilled is not None:
+            from vllm.sampling_params import RequestOutputKind
+
+            params = params.clone()
+            params.output_kind = RequestOutputKind.CUMULATIVE
         final = None
         async for output in self.llm.generate(request, params, f"{self._prefix}-{next(self._ids)}"):
-            final = output  # FINAL_ONLY: the one output
+            final = output  # FINAL_ONLY: the one output; CUMULATIVE: the last has every token
+            if prefilled is not None:
+                prefilled.set()
         return final
 
     def _params(self, n: int, *, max_new_tokens: int, min_new_tokens: int = 0, do_sample: bool = False,
@@ -298,7 +328,8 @@ class VLLMEngine(Prompter):
         owners = list(range(len(prompts))) if owners is None else list(owners)
         params = self._params(len(prompts), **options)
         requests = self._requests(prompts, await self._features(samples), owners)
-        outputs = await asyncio.gather(*(self._final(r, p) for r, p in zip(requests, params)))
+        outputs = await each_sample_prefilled_once(
+            [lambda event, r=r, p=p: self._final(r, p, event) for r, p in zip(requests, params)], owners)
         results = []
         for out in outputs:
             completion = out.outputs[0]
@@ -343,10 +374,11 @@ class VLLMEngine(Prompter):
                     if len(seq) >= depth:
                         wanted = asks.setdefault((i, tuple(seq[:depth])), set())
                         wanted.update([seq[depth]] if len(seq) > depth else end)
-            found = await asyncio.gather(*(
-                self._next_logprobs(dict(requests[i], prompt_token_ids=requests[i]["prompt_token_ids"] + list(prefix)),
-                                    sorted(tokens))
-                for (i, prefix), tokens in asks.items()))
+            jobs = [lambda _, r=dict(requests[i], prompt_token_ids=requests[i]["prompt_token_ids"] + list(prefix)),
+                    t=sorted(tokens): self._next_logprobs(r, t) for (i, prefix), tokens in asks.items()]
+            # depth 0: a sample's first prompt (criterion) before its others, so they read its image's KV blocks
+            found = await each_sample_prefilled_once(jobs, [owners[i] if depth == 0 else k
+                                                            for k, (i, _) in enumerate(asks)])
             logprobs = dict(zip(asks, found))
             for i, options in enumerate(labels):
                 for j, seq in enumerate(options):
@@ -355,3 +387,10 @@ class VLLMEngine(Prompter):
                     elif len(seq) == depth:
                         result[i][j] += logsumexp([logprobs[(i, tuple(seq))][e] for e in end])
         return result
+
+
+def _close_at_exit(engine: weakref.ref) -> None:
+    alive = engine()
+    if alive is not None:
+        with contextlib.suppress(Exception):
+            alive.close()

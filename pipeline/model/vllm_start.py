@@ -38,18 +38,18 @@ _WRAPPERS = re.compile(r"initialization failed|See (?:the )?(?:root cause|stack 
 # root cause (a pattern of vLLM's message) -> what fixes it, in this job's keys
 START_FIXES: tuple[tuple[str, str], ...] = (
     (r"less than desired (?:CPU|GPU) memory utilization",
-     "other processes hold memory: lower compute.vllm.gpu_memory_utilization (the share of the device's memory "
-     "vLLM reserves; on CPU, of the host's RAM) or set compute.vllm.kv_cache_memory_bytes"),
+     ("other processes hold memory: lower compute.vllm.gpu_memory_utilization (the share of the device's memory "
+      "vLLM reserves; on CPU, of the host's RAM) or set compute.vllm.kv_cache_memory_bytes")),
     (r"less than requested memory for kv",
      "not enough memory for the KV cache: lower compute.vllm.kv_cache_memory_bytes (or gpu_memory_utilization)"),
     (r"max seq len|maximum model length",
-     "the KV cache cannot hold one full-length request: lower compute.vllm.max_model_len, or give the KV cache "
-     "more memory (compute.vllm.kv_cache_memory_bytes or gpu_memory_utilization)"),
+     ("the KV cache cannot hold one full-length request: lower compute.vllm.max_model_len, or give the KV cache "
+      "more memory (compute.vllm.kv_cache_memory_bytes or gpu_memory_utilization)")),
     (r"No available memory for the cache blocks",
      "not enough memory for the KV cache: set compute.vllm.kv_cache_memory_bytes or raise gpu_memory_utilization"),
     (r"out of memory|OutOfMemory",
-     "out of device memory: lower compute.vllm.gpu_memory_utilization (room for the vision tower beside vLLM) or "
-     "compute.vllm.max_num_seqs"),
+     ("out of device memory: lower compute.vllm.gpu_memory_utilization (room for the vision tower beside vLLM) or "
+      "compute.vllm.max_num_seqs")),
     (r"NUMA nodes to bind",
      "tensor parallel on CPU: set VLLM_CPU_OMP_THREADS_BIND (e.g. 0-7|8-15), or lower compute.tp"),
 )

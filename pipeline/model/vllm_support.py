@@ -18,7 +18,7 @@ import dataclasses
 import itertools
 import json
 import threading
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -157,6 +157,38 @@ def load_vision(path: str | Path, plan: DevicePlan) -> Any:
     if left:
         raise ModelLoadError(f"checkpoint {str(path)!r}: vision tensors not in the checkpoint: {', '.join(left[:5])}")
     return net.to(device=plan.device, dtype=plan.dtype).eval()
+
+
+async def each_sample_prefilled_once(jobs: Sequence[Callable[[asyncio.Event | None], Awaitable[T]]],
+                                     owners: Sequence[int]) -> list[T]:
+    """Run one job per request (owners[i]: its sample) all at once, except that the other requests of a sample start
+    only once its first request's prompt is in the KV cache: the event handed to that job (set once its first token
+    is out; at the latest, when the job ends). A sample's only request gets no event.
+
+    Why: vLLM looks a request up in the prefix cache once, when it first schedules it. A sample's questions sent
+    together while other samples are in flight are all scheduled, each up to its image, before any has prefilled
+    the image (the step's token budget goes to other samples' images), and then each prefills the image itself:
+    measured on the lane, 3 questions on images of 1, 7 and 13 tiles in flight together took 25% of their prompt
+    tokens from the cache, against 65% (the image prefilled once per sample) sent this way."""
+    lead: dict[int, int] = {}
+    for i, owner in enumerate(owners):
+        lead.setdefault(owner, i)
+    shared = {owner for owner in lead if list(owners).count(owner) > 1}
+    ready = {owner: asyncio.Event() for owner in shared}
+
+    async def run(i: int) -> T:
+        owner = owners[i]
+        if owner not in shared:
+            return await jobs[i](None)
+        if lead[owner] != i:
+            await ready[owner].wait()
+            return await jobs[i](None)
+        try:
+            return await jobs[i](ready[owner])
+        finally:
+            ready[owner].set()
+
+    return list(await asyncio.gather(*(run(i) for i in range(len(jobs)))))
 
 
 class PrefixCacheTally:

@@ -19,7 +19,7 @@ def test_images_and_image_sets_leave_whole_with_the_cards_tile_counts(tmp_path):
     native = parse_job(job_dict("caption", compute={"engine": "vllm-native"}))
     tiled = preprocessed(parse_job(job_dict("caption")), tmp_path, images)
     got = preprocessed(native, tmp_path, images)
-    assert list(got["tiles_per_image"][i][0] for i in range(3)) == [7, 13, 5]
+    assert [got["tiles_per_image"][i][0] for i in range(3)] == [7, 13, 5]
     assert [list(t) for t in got["tiles_per_image"]] == [list(t) for t in tiled["tiles_per_image"]]
     assert list(got["num_tiles"]) == list(tiled["num_tiles"])
     todo = Requests()
