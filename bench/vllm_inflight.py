@@ -97,7 +97,7 @@ def main() -> None:
                     reference = reference or answers
                     assert answers == reference, "answers changed with the configuration"
                     tokens = sum(count for _, count in answers.values())
-                    print(f"{size:>5} {in_flight:>9} {size * in_flight:>17} {args.samples / seconds:>9.2f} "
+                    print(f"{size:>5} {in_flight:>9} {min(size * in_flight, args.samples):>17} {args.samples / seconds:>9.2f} "
                           f"{tokens / seconds:>9.0f}", flush=True)
         finally:
             engine.close()

@@ -108,14 +108,14 @@ def build_dataset(job: JobConfig, rows: Any, resources: Resources, *, input_colu
     # Reading a block of rows and tiling it run as one task where the rows are in memory: same resources and
     # concurrency.
     cpu_task = {"num_cpus": PREPROCESS_CPUS, "memory": PREPROCESS_MEMORY}
-    per_block = BLOCK_BATCHES * job.compute.batch_size
+    per_block = BLOCK_BATCHES * resources.batch_size
     ds, _ = read_rows(rows, per_block, resources.cpu_workers, cpu_task)
     ds = ds.map_batches(preprocess_block, fn_kwargs={"job": job}, batch_size=None, batch_format="numpy",
                         compute=ray.data.TaskPoolStrategy(size=resources.cpu_workers), **cpu_task)
     ds = ds.map_batches(
         model_stage_class(job.task, resources.engine),
         fn_constructor_kwargs={"job": job, "kind": resources.engine, "rank_cpus": resources.rank_cpus},
-        batch_size=job.compute.batch_size,
+        batch_size=resources.batch_size,
         batch_format="numpy", compute=ray.data.ActorPoolStrategy(min_size=resources.replicas[0], max_size=resources.replicas[1]),
         **resources.model_stage_args(),
     )

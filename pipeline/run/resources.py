@@ -42,6 +42,7 @@ class Resources:
     on_gpu: bool = False
     engine: Engine = "transformers"
     concurrent_batches: int = 1  # model batches in flight per replica (vLLM: compute.vllm.max_concurrent_batches)
+    batch_size: int = 8  # samples per model batch (compute.batch_size, else the engine's default)
     note: str | None = None  # one line for the run's log when the plan bends a rule (CPUs shared on a small machine)
 
     @property
@@ -110,6 +111,7 @@ def plan_resources(job: JobConfig, *, cluster_cpus: float, cluster_gpus: float, 
         on_gpu=on_gpu,
         engine=engine,
         concurrent_batches=compute.vllm.max_concurrent_batches if engine in VLLM_ENGINES else 1,
+        batch_size=compute.batch_size_for(engine),
         note=note,
     )
 
@@ -123,5 +125,5 @@ def object_store_budget(job: JobConfig, resources: Resources, cluster_store: flo
         return job.compute.object_store_mb * 1024**2
     per_frame = job.video.tiles_per_frame + (job.tiling.thumbnail and job.video.tiles_per_frame > 1)
     largest = max(job.tiling.max_tiles + job.tiling.thumbnail, job.video.num_frames * per_frame)
-    queued = max(MIN_OBJECT_STORE, QUEUED_BATCHES * job.compute.batch_size * largest * TILE_BYTES * resources.replicas[1])
+    queued = max(MIN_OBJECT_STORE, QUEUED_BATCHES * resources.batch_size * largest * TILE_BYTES * resources.replicas[1])
     return queued if cluster_store is None else min(queued, int(cluster_store / 2))
