@@ -32,7 +32,14 @@ pytestmark = [pytest.mark.vllm, pytest.mark.integration]
 SIZES = [(448 + 64 * k, 448 + 32 * (k % 5)) for k in range(14)]
 ENGINE_CORE = r"EngineCore"
 WORKER = r"VLLM::Worker|VllmWorker"
+REPLICA = r"MapWorker\(MapBatches\(AsyncGenerate\)\)"  # the model stage's Ray actor
 WAIT_S = 900
+
+
+def replica_engine_cores():
+    """The engine-core processes of this job's replica (below its Ray actor; other tests' engines live in this
+    process tree too)."""
+    return [core for actor in own_processes(REPLICA) for core in own_processes(ENGINE_CORE, root=actor.pid)]
 
 
 def wait_for(what: str, check, timeout: float = WAIT_S):
@@ -68,11 +75,11 @@ def test_killed_engine_core_then_worker_restart_the_replica_and_lose_no_row(ray_
 
     # the first replica serves a batch, then its engine core is killed
     wait_for("a first shard", shards)
-    (core,) = wait_for("the engine core", lambda: own_processes(ENGINE_CORE))
+    (core,) = wait_for("the engine core", replica_engine_cores)
     written = shards()
     core.kill()
     # Ray restarts the replica (a new engine core); once it has served a batch, one of its workers is killed
-    new_core = wait_for("a restarted engine core", lambda: [p for p in own_processes(ENGINE_CORE) if p.pid != core.pid])
+    new_core = wait_for("a restarted engine core", lambda: [p for p in replica_engine_cores() if p.pid != core.pid])
     wait_for("a shard from the restarted replica", lambda: shards() > written + 1)
     assert shards() < len(SIZES), "the job ended before its worker could be killed: give it more work"
     (worker,) = wait_for("the new replica's worker", lambda: own_processes(WORKER, root=new_core[0].pid))
