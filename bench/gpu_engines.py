@@ -159,13 +159,13 @@ def bench_engine(kind: str, path: Path, args) -> dict:
     import torch
 
     from pipeline.stages.generate import AsyncGenerate, Generate
-    from pipeline.stages.model_stage import load_engine
+    from pipeline.run.replica import load_replica
 
     reason = unavailable(kind)
     if reason:
         return {"skipped": reason}
     start = time.perf_counter()
-    engine = load_engine(job_for(kind, path, args), kind)
+    engine = load_replica(job_for(kind, path, args), kind)
     out: dict = {"startup_s": time.perf_counter() - start, "workloads": {}}
     llm = getattr(engine, "llm", None)
     if llm is not None:
@@ -175,7 +175,7 @@ def bench_engine(kind: str, path: Path, args) -> dict:
         with tempfile.TemporaryDirectory(prefix="bench-pictures-") as folder:
             for work in workloads(args):
                 job = job_for(kind, path, args, work["questions"])
-                stage = stage_class(job, engine=engine, kind=kind)
+                stage = stage_class(job, engine=engine)
                 batches = batches_for(job, Path(folder), work["tiles"], work["images"], args.batch)
                 run_stage(stage, [{k: v[:1] for k, v in batches[0].items()}])  # warm-up
                 sync()

@@ -237,7 +237,7 @@ def main() -> None:
     print(f"CPU seconds, all processes (user + system; steadier than wall time on a shared machine): naive "
           f"{statistics.median(naive_cpu):.1f} s, ours cold {ours_cpu[0]:.1f} s"
           + (f", ours warm {statistics.median(ours_cpu[1:]):.1f} s" if len(ours_cpu) > 1 else "")
-          + f"; of which the model actor (1 thread, incl. its start-up and model load) "
+          + "; of which the model actor (1 thread, incl. its start-up and model load) "
           + ", ".join(f"{m:.1f}" for m in model_cpu) + " s")
     same = n - len(mismatches)
     print(f"responses identical naive vs ours: {same}/{n}" + ("" if not mismatches else f"  DIFFERENT: {sorted(mismatches)}"))

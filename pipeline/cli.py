@@ -56,8 +56,10 @@ def summary_table(summary: RunSummary) -> Table:
         table.add_row("model busy", f"{busy:.0%} of {len(summary.replicas)} replica(s)' time"
                       + (" (low: the CPU stage cannot keep up)" if busy < LOW_BUSY else ""))
     for name, usage in summary.replicas.items():
+        cache = usage.get("prefix_cache_hit_rate")
         table.add_row(f"  replica {name}", f"{usage.get('images_per_s', 0):.2f} images/s, "
-                      f"{usage.get('tokens_per_s', 0):.1f} output tokens/s while busy")
+                      f"{usage.get('tokens_per_s', 0):.1f} output tokens/s while busy"
+                      + (f", prefix cache {cache:.0%} of prompt tokens" if cache is not None else ""))
     table.add_row("fingerprint", summary.fingerprint)
     return table
 

@@ -57,6 +57,8 @@ def fingerprint(job: Any) -> str:
     }
     if job.answer_schemas():  # only then, so the fingerprints of jobs without one stay as they were
         relevant["schema"] = _schemas(job)
+    if job.compute.engine == "vllm-native":  # vLLM's processor tiles the pictures, not the cards' tiling
+        relevant["tiles_by"] = "vllm-native"
     return _digest(relevant)
 
 

@@ -55,7 +55,8 @@ WRITE_FIELDS = [pa.field("attempt", pa.int32()), pa.field("degraded", pa.string(
 
 # What the CPU stage adds to each input row.
 PREPROCESS_SCHEMA = pa.schema([
-    ("pixels", pa.large_binary()),  # uint8 tiles (num_tiles, 448, 448, 3), C order
+    ("pixels", pa.large_binary()),  # uint8 tiles (num_tiles, 448, 448, 3), C order; vllm-native: whole pictures
+    ("picture_sizes", pa.list_(pa.list_(pa.int32()))),  # vllm-native only: [height, width] of each picture
     *MEDIA_FIELDS,
     *STATUS_FIELDS,
     ("preprocess_ms", pa.float64()),

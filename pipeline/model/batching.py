@@ -1,6 +1,5 @@
-"""How a model batch reaches the engine: one request per prompt, calls packed by padded tokens, the
-out-of-memory fallback that retries sample by sample, and the search for a poison sample that makes a call raise.
-A request that cannot be served ends as a `Failure`.
+"""How a model batch reaches the engine: its requests (model/requests.py) in calls packed by padded tokens, each
+call isolated on failure (model/fallback.py: out of memory → sample by sample; else the poison sample bisected out).
 
 With `compute.max_batch_tokens` a replica's batch is split into calls of samples of similar length, none carrying
 more than 25% padding; greedy results do not depend on the grouping (batched equals one at a time).
@@ -8,39 +7,13 @@ more than 25% padding; greedy results do not depend on the grouping (batched equ
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from pipeline.errors import ErrorType
-
-
-@dataclass(frozen=True)
-class PromptRequest:
-    """One prompt for the engine: its token ids, which sample's tiles it shows, (score) its labels' tokens, and
-    (generate) the JSON Schema its answer must follow, (sampling) its output row's seed."""
-
-    ids: list[int]
-    sample: int  # index into the call's samples
-    labels: list[list[int]] | None = None
-    schema: Mapping[str, Any] | None = None
-    seed: int | None = None
-
-
-@dataclass(frozen=True)
-class Failure:
-    """A request the model could not serve; it becomes an error row of this type. `failed`: the exception the
-    model raised on this request's sample alone (None for failures found before or without a model call)."""
-
-    error_type: ErrorType
-    message: str
-    failed: BaseException | None = field(default=None, compare=False, repr=False)
-
-
-# call(requests, samples) -> one result per request, where request.sample indexes `samples`.
-EngineCall = Callable[[list[PromptRequest], list[np.ndarray]], list[Any]]
+from pipeline.model.fallback import call_or_isolate
+from pipeline.model.requests import EngineCall, PromptRequest, subset
 
 
 MAX_PADDING = 0.25  # padding a call may carry, as a fraction of its real prompt tokens, before it is split
@@ -94,55 +67,6 @@ def in_calls(call: EngineCall, requests: Sequence[PromptRequest], samples: Seque
     results: list[Any] = [None] * len(requests)
     for group in pack_calls(lengths, max_tokens=max_tokens, sizes=[len(m) for m in per_sample]):
         mine = [i for s in group for i in per_sample[s]]
-        for i, r in zip(mine, with_memory_fallback(call, *subset(requests, samples, group, mine))):
+        for i, r in zip(mine, call_or_isolate(call, *subset(requests, samples, group, mine))):
             results[i] = r
     return results
-
-
-def with_memory_fallback(call: EngineCall, requests: list[PromptRequest], samples: list[np.ndarray]) -> list[Any]:
-    """call() for the whole batch. If memory runs out (the device's, or the host's: the CPU allocator): again one
-    sample (with all its requests) at a time, and a sample that still does not fit becomes a Failure. If the call
-    raises anything else: the batch is split in halves, and halves of those, until the sample(s) it fails on are found; each becomes a Failure naming
-    the cause (`failed`: the exception), the others get their results, equal to running them alone. Whether the
-    model itself is broken (failing on every sample) is the caller's to decide (stages/model_stage.PoisonGuard)."""
-    import torch
-
-    if not requests:
-        return []
-    try:
-        return call(requests, samples)
-    except Exception as err:  # noqa: BLE001 - out of memory, or a poison sample: find it
-        if is_out_of_memory(err):
-            if len(samples) == 1:
-                where = "device" if isinstance(err, torch.OutOfMemoryError) else "host"
-                failure = Failure(ErrorType.MODEL_ERROR, f"out of {where} memory for one sample ({len(samples[0])} tiles)")
-                return [failure] * len(requests)
-            parts = [[s] for s in range(len(samples))]
-        elif len(samples) == 1:
-            failure = Failure(ErrorType.MODEL_ERROR, f"the model failed on this sample: {type(err).__name__}: {err}",
-                              failed=err)
-            return [failure] * len(requests)
-        else:
-            half = len(samples) // 2
-            parts = [list(range(half)), list(range(half, len(samples)))]
-    results: list[Any] = [None] * len(requests)
-    for part in parts:
-        mine = [i for i, r in enumerate(requests) if r.sample in part]
-        for i, r in zip(mine, with_memory_fallback(call, *subset(requests, samples, part, mine))):
-            results[i] = r
-    return results
-
-
-def is_out_of_memory(err: BaseException) -> bool:
-    """A device (CUDA) or host (the CPU allocator) out-of-memory error."""
-    import torch
-
-    return isinstance(err, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(err)
-
-
-def subset(requests: Sequence[PromptRequest], samples: Sequence[np.ndarray], keep: list[int],
-            mine: list[int]) -> tuple[list[PromptRequest], list[np.ndarray]]:
-    """The requests `mine` and the samples `keep` they show, with sample indices renumbered into `keep`."""
-    index = {s: k for k, s in enumerate(keep)}
-    return ([replace(requests[i], sample=index[requests[i].sample]) for i in mine],
-            [samples[s] for s in keep])

@@ -1,5 +1,6 @@
-"""Which language engine a replica runs, and loading it: transformers (`engine.InternVLEngine`) or vLLM
-(`vllm_engine.VLLMEngine`: our vision tower, vLLM for the language model).
+"""Which language engine a replica runs, and loading it: transformers (`engine.InternVLEngine`), vLLM behind our
+tiles and vision tower (`vllm_engine.VLLMEngine`), or vLLM's own InternVL path (`vllm_native.VLLMNativeEngine`:
+pictures in, vLLM tiles and encodes them; the peers' baseline).
 
 The choice is made once, on the driver, when the run is planned (run/resources.py), and travels to the model stage
 with the job; `load` runs on the worker. No torch or vLLM at import.
@@ -13,7 +14,9 @@ from typing import Any, Literal
 from pipeline.config import JobConfig
 from pipeline.errors import JobError
 
-Engine = Literal["transformers", "vllm"]
+Engine = Literal["transformers", "vllm", "vllm-native"]
+ENGINES = ("transformers", "vllm", "vllm-native")
+VLLM_ENGINES = ("vllm", "vllm-native")  # vLLM serves the replica: an async model stage, vLLM's own processes
 VLLM_INSTALL = "pip install 'internvl-batch[vllm]'"
 
 
@@ -23,17 +26,18 @@ def vllm_installed() -> bool:
 
 
 def choose_engine(setting: str, *, on_gpu: bool, vllm_installed: bool) -> Engine:
-    """compute.engine for a run: `transformers` and `vllm` as asked (vllm must be installed); `auto` is vLLM when it
-    is installed and the replicas are on GPUs, else transformers (CPU runs and the tiny models keep that path)."""
+    """compute.engine for a run: `transformers`, `vllm` and `vllm-native` as asked (the vLLM ones need vLLM
+    installed); `auto` is vLLM when it is installed and the replicas are on GPUs, else transformers (CPU runs and the
+    tiny models keep that path). `vllm-native` is never chosen for you: it is the baseline to compare with."""
     if setting == "transformers":
         return "transformers"
-    if setting == "vllm":
+    if setting in VLLM_ENGINES:
         if not vllm_installed:
-            raise JobError(f"compute.engine: vllm, but vLLM is not installed here ({VLLM_INSTALL}), or use "
+            raise JobError(f"compute.engine: {setting}, but vLLM is not installed here ({VLLM_INSTALL}), or use "
                            "compute.engine: transformers")
-        return "vllm"
+        return setting  # type: ignore[return-value]
     if setting != "auto":
-        raise JobError(f"compute.engine: unknown engine {setting!r} (auto, transformers or vllm)")
+        raise JobError(f"compute.engine: unknown engine {setting!r} (auto, {', '.join(ENGINES)})")
     return "vllm" if vllm_installed and on_gpu else "transformers"
 
 
@@ -46,6 +50,11 @@ def load(engine: Engine, job: JobConfig) -> Any:
         from pipeline.model.vllm_engine import VLLMEngine
 
         return VLLMEngine.load(job.model, tp=job.compute.tp, options=vllm_options(job), **common)
+    if engine == "vllm-native":
+        from pipeline.model.vllm_native import VLLMNativeEngine
+
+        return VLLMNativeEngine.load(job.model, tp=job.compute.tp, options=job.compute.vllm.engine_options(),
+                                     tiling=job.tiling, video=job.video, **common)
     from pipeline.model.engine import InternVLEngine
 
     return InternVLEngine.load(job.model, **common)

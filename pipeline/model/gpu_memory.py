@@ -256,15 +256,16 @@ def largest_sample_tiles(job: Any) -> int:
 
 
 def split_for_job(job: Any, config: Mapping[str, Any], gpu_gib: float) -> MemorySplit:
-    """memory_split for a job (a JobConfig) on a GPU of gpu_gib: tiles in flight are batch_size x the largest sample
-    x compute.vllm.max_concurrent_batches; the KV cache must hold one request of compute.vllm.max_model_len (default:
+    """memory_split for a job (a JobConfig) on a GPU of gpu_gib: tiles in flight are one model batch of the largest
+    samples (the replica's single vision thread encodes one batch at a time and hands its features to the host before
+    the next; the batches in flight wait as pixels on the host); the KV cache must hold one request of compute.vllm.max_model_len (default:
     the model's context, as vLLM does); compute.vllm's gpu_memory_utilization and kv_cache_memory_bytes are kept;
     compute.gpus_per_replica below 1 gives the replica that part of the GPU."""
     shapes = shapes_from_config(config)
     options = job.compute.vllm
     return memory_split(
         shapes, gpu_gib=gpu_gib, tp=job.compute.tp, dtype_bytes=4 if job.compute.dtype == "float32" else 2,
-        tiles_in_flight=job.compute.batch_size * largest_sample_tiles(job) * options.max_concurrent_batches,
+        tiles_in_flight=job.compute.batch_size_for("vllm") * largest_sample_tiles(job),
         min_kv_tokens=options.max_model_len or shapes.language.context, utilization=options.gpu_memory_utilization,
         kv_cache_gib=options.kv_cache_memory_bytes / GIB if options.kv_cache_memory_bytes else None,
         share=job.compute.gpus_per_replica if job.compute.tp == 1 else 1.0, max_seqs=options.max_num_seqs or VLLM_MAX_SEQS)

@@ -11,7 +11,8 @@ and `score_async` for a model stage that keeps several batches in flight (stages
   ids with ONE `<IMG_CONTEXT>` per image (a video frame is an image: `Frame1: <IMG_CONTEXT>\\n...`) and one
   `(tiles x 256, hidden)` embedding per image; vLLM expands each to `<img>` + 256 x tiles `<IMG_CONTEXT>` + `</img>`,
   which gives back exactly the ids `prompt_ids` builds. Several questions on one sample share the image's KV blocks
-  through automatic prefix caching (vLLM hashes the embedding).
+  through automatic prefix caching (vLLM hashes the embedding): a sample's first prompt goes first and its others
+  follow once it is prefilled (vllm_support.each_sample_prefilled_once), or they would race past the cache.
 - Sampling: each prompt gets its own `SamplingParams(seed=...)` from `seeds`, so a sampled answer depends only on
   its seed, never on what else is in flight. top_k follows the checkpoint's generation_config, or transformers'
   default of 50, as InternVLEngine samples. Per-prompt options are built in one place (`_params`).
@@ -31,9 +32,11 @@ the model in that process instead of one more worker process.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import itertools
 import uuid
+import weakref
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -44,12 +47,27 @@ import torch
 from pipeline.errors import ModelLoadError
 from pipeline.media.tiling import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.model.device import DevicePlan
-from pipeline.model.engine import (Generation, InternVLEngine, Prompter, context_length, loading, open_checkpoint,
-                                   require_chat_template)
+from pipeline.model.engine import (
+    Generation,
+    InternVLEngine,
+    Prompter,
+    context_length,
+    loading,
+    open_checkpoint,
+    require_chat_template,
+)
 from pipeline.model.processor_files import has_processor
 from pipeline.model.sampling import TRANSFORMERS_TOP_K
 from pipeline.model.scoring import logsumexp
-from pipeline.model.vllm_support import LoopThread, check_plugin, engine_args, load_vision
+from pipeline.model.vllm_start import ErrorLog, cpu_environment, environment
+from pipeline.model.vllm_support import (
+    LoopThread,
+    PrefixCacheTally,
+    check_plugin,
+    each_sample_prefilled_once,
+    engine_args,
+    load_vision,
+)
 
 
 class VLLMEngine(Prompter):
@@ -59,20 +77,22 @@ class VLLMEngine(Prompter):
     normalize = InternVLEngine.normalize
     image_features = InternVLEngine.image_features
 
-    def __init__(self, vision: Any, tokenizer: Any, plan: DevicePlan, path: str, *,
+    embeddings = True  # vLLM gets image embeddings (ours), never pixels
+
+    def __init__(self, config: Any, tokenizer: Any, plan: DevicePlan, path: str, *, vision: Any = None,
                  options: Mapping[str, Any] | None = None, tp: int = 1) -> None:
         from transformers import GenerationConfig
 
-        super().__init__(tokenizer, int(getattr(vision.config, "image_seq_length", 256)), context_length(vision.config))
+        super().__init__(tokenizer, int(getattr(config, "image_seq_length", 256)), context_length(config))
         self.model = vision
         self.plan = plan
         self.path = path
         ids = tokenizer.convert_tokens_to_ids
         self.context_id = ids(self.image_tokens.context)
         self.start_id, self.end_id = ids(self.image_tokens.start), ids(self.image_tokens.end)
-        if self.context_id != vision.config.image_token_id:
+        if self.context_id != config.image_token_id:
             raise ModelLoadError(f"tokenizer's image token {self.image_tokens.context!r} has id {self.context_id}, "
-                                 f"but the model expects image_token_id {vision.config.image_token_id}")
+                                 f"but the model expects image_token_id {config.image_token_id}")
         try:
             generation = GenerationConfig.from_pretrained(path)
         except OSError:  # no generation_config.json
@@ -80,31 +100,42 @@ class VLLMEngine(Prompter):
         eos = generation.eos_token_id if generation.eos_token_id is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
         self.top_k = generation.top_k if generation.top_k is not None else TRANSFORMERS_TOP_K
-        self.vocab_size = int(vision.config.text_config.vocab_size)
-        self._allowed: list[int] | None = None  # token ids a schema answer may use (made at the first schema)
+        self.vocab_size = int(config.text_config.vocab_size)
+        self._blocked: dict[int, float] | None = None  # token ids a schema answer may not use (made at the first schema)
         self._mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=plan.device).view(1, 3, 1, 1)
         self._std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=plan.device).view(1, 3, 1, 1)
-        check_plugin()
-        args = engine_args(path, plan.dtype, options, tp=tp)
+        if self.embeddings:
+            check_plugin()
+        on_cpu = plan.device == "cpu"
+        args = engine_args(path, plan.dtype, options, tp=tp, on_cpu=on_cpu, embeddings=self.embeddings)
         self._ids = itertools.count()
         self._prefix = uuid.uuid4().hex[:8]  # request ids unique across replicas' logs
+        self.prefix_cache = PrefixCacheTally()
+        self.errors = ErrorLog()
         self._vision_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vision")
         self._loop = LoopThread()
         try:
-            self.llm = self._loop.run(self._start(args))  # built on its loop, so its output handler runs there
+            with environment({**self.errors.env, **(cpu_environment(tp) if on_cpu else {})}):
+                try:  # built on its loop, so its output handler runs there
+                    self.llm = self._loop.run(self._start(args, self.prefix_cache.stat_logger()))
+                except Exception as err:  # noqa: BLE001 - vLLM's root cause is in its processes' logs
+                    raise self.errors.start_failed(err) from err
+            atexit.register(_close_at_exit, weakref.ref(self))  # after vLLM's own: runs before them
             limit = getattr(getattr(self.llm, "model_config", None), "max_model_len", None)
             if limit:  # compute.vllm.max_model_len may be shorter than the model's own context
                 self.max_context = min(int(limit), self.max_context or int(limit))
         except BaseException:
             self._loop.stop()
             self._vision_thread.shutdown()
+            self.errors.close()
             raise
 
     @staticmethod
-    async def _start(args: Any) -> Any:
+    async def _start(args: Any, stat_logger: Any) -> Any:
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        return AsyncLLM.from_engine_args(args)
+        # our stat logger turns vLLM's statistics on (the prefix cache's hits), without its periodic log lines
+        return AsyncLLM.from_engine_args(args, stat_loggers=[stat_logger])
 
     @classmethod
     def load(cls, model: str, *, revision: str | None = None, tp: int = 1, options: Mapping[str, Any] | None = None,
@@ -123,7 +154,7 @@ class VLLMEngine(Prompter):
             tokenizer = AutoTokenizer.from_pretrained(path)
             vision = load_vision(path, plan)
         require_chat_template(model, tokenizer)
-        return cls(vision, tokenizer, plan, path, options=options, tp=tp)
+        return cls(vision.config, tokenizer, plan, path, vision=vision, options=options, tp=tp)
 
     # -- public interface: the arguments are `_generate`'s and `_score`'s -----------------------------------------
 
@@ -143,13 +174,29 @@ class VLLMEngine(Prompter):
         """score() as a coroutine, for any event loop."""
         return await self._loop.wait(self._score(*args, **kwargs))
 
+    @property
+    def dead(self) -> bool:
+        """Whether vLLM's engine has died (its engine-core or a worker process is gone): it will not serve again,
+        the replica must be started anew (stages/model_stage.AsyncStage)."""
+        llm = self.__dict__.get("llm")
+        return llm is None or bool(llm.errored)
+
+    def death_cause(self) -> str | None:
+        """What vLLM's processes logged as the root cause of the engine's death, if they logged one."""
+        return self.errors.cause()
+
     def close(self) -> None:
-        """Shut vLLM's engine core down and stop the loop thread (idempotent)."""
+        """Shut vLLM's engine core down and stop the loop thread (idempotent). Also run at the process's exit
+        (registered at start), before vLLM's own exit handlers stop its engine core under a running output
+        handler, which would log the dead engine as a failure at the end of every job."""
         llm = self.__dict__.pop("llm", None)
         if llm is not None:
-            self._loop.run(self._shutdown(llm))
-            self._loop.stop()
-            self._vision_thread.shutdown()
+            try:
+                self._loop.run(self._shutdown(llm))
+            finally:
+                self._loop.stop()
+                self._vision_thread.shutdown()
+                self.errors.close()
 
     @staticmethod
     async def _shutdown(llm: Any) -> None:
@@ -213,11 +260,19 @@ class VLLMEngine(Prompter):
             return []
         return await asyncio.get_running_loop().run_in_executor(self._vision_thread, encode)
 
-    async def _final(self, request: dict[str, Any], params: Any) -> Any:
-        """The finished RequestOutput of one request."""
+    async def _final(self, request: dict[str, Any], params: Any, prefilled: asyncio.Event | None = None) -> Any:
+        """The finished RequestOutput of one request; `prefilled` is set once its prompt is in the KV cache (its
+        first token is out: outputs are then asked for as they come, the last holding them all)."""
+        if prefilled is not None:
+            from vllm.sampling_params import RequestOutputKind
+
+            params = params.clone()
+            params.output_kind = RequestOutputKind.CUMULATIVE
         final = None
         async for output in self.llm.generate(request, params, f"{self._prefix}-{next(self._ids)}"):
-            final = output  # FINAL_ONLY: the one output
+            final = output  # FINAL_ONLY: the one output; CUMULATIVE: the last has every token
+            if prefilled is not None:
+                prefilled.set()
         return final
 
     def _params(self, n: int, *, max_new_tokens: int, min_new_tokens: int = 0, do_sample: bool = False,
@@ -240,20 +295,28 @@ class VLLMEngine(Prompter):
 
     def _constraint(self, schema: Mapping[str, Any] | None) -> dict[str, Any]:
         """SamplingParams fields that constrain one answer to a JSON Schema (model/constrained.py's docstring says
-        why each is needed for answers equal to the transformers engine's); none for a free prompt."""
+        why each is needed for answers equal to the transformers engine's); none for a free prompt.
+
+        vLLM's xgrammar lets special tokens into JSON strings: those few are blocked by a logit bias of -inf (a
+        few dozen entries a request; an `allowed_token_ids` of every other id is ~151k ids a request, serialised to
+        the engine core and made into a vocabulary-wide mask). Log-probs stay the raw ones, as before."""
         if schema is None:
             return {}
         from vllm.sampling_params import StructuredOutputsParams
 
         from pipeline.structured.grammar import grammar_schema
 
-        if self._allowed is None:  # vLLM's xgrammar lets special tokens into strings: every other id is allowed
+        return {"structured_outputs": StructuredOutputsParams(json=grammar_schema(schema)),
+                "logit_bias": self.blocked_bias()}
+
+    def blocked_bias(self) -> dict[int, float]:
+        """The logit bias that keeps a schema answer off the tokens it may never hold (constrained.blocked_token_ids)."""
+        if self._blocked is None:
             from pipeline.model.constrained import blocked_token_ids
 
-            blocked = set(blocked_token_ids(self.tokenizer, sorted(self.eos_ids)))
-            self._allowed = [t for t in range(self.vocab_size) if t not in blocked]
-        return {"structured_outputs": StructuredOutputsParams(json=grammar_schema(schema)),
-                "allowed_token_ids": self._allowed}
+            blocked = blocked_token_ids(self.tokenizer, sorted(self.eos_ids))
+            self._blocked = {t: float("-inf") for t in blocked if t < self.vocab_size}
+        return self._blocked
 
     async def _generate(self, prompts: Sequence[list[int]], samples: Sequence[np.ndarray],
                         owners: Sequence[int] | None = None, **options: Any) -> list[Generation]:
@@ -265,7 +328,8 @@ class VLLMEngine(Prompter):
         owners = list(range(len(prompts))) if owners is None else list(owners)
         params = self._params(len(prompts), **options)
         requests = self._requests(prompts, await self._features(samples), owners)
-        outputs = await asyncio.gather(*(self._final(r, p) for r, p in zip(requests, params)))
+        outputs = await each_sample_prefilled_once(
+            [lambda event, r=r, p=p: self._final(r, p, event) for r, p in zip(requests, params)], owners)
         results = []
         for out in outputs:
             completion = out.outputs[0]
@@ -310,10 +374,11 @@ class VLLMEngine(Prompter):
                     if len(seq) >= depth:
                         wanted = asks.setdefault((i, tuple(seq[:depth])), set())
                         wanted.update([seq[depth]] if len(seq) > depth else end)
-            found = await asyncio.gather(*(
-                self._next_logprobs(dict(requests[i], prompt_token_ids=requests[i]["prompt_token_ids"] + list(prefix)),
-                                    sorted(tokens))
-                for (i, prefix), tokens in asks.items()))
+            jobs = [lambda _, r=dict(requests[i], prompt_token_ids=requests[i]["prompt_token_ids"] + list(prefix)),
+                    t=sorted(tokens): self._next_logprobs(r, t) for (i, prefix), tokens in asks.items()]
+            # depth 0: a sample's first prompt (criterion) before its others, so they read its image's KV blocks
+            found = await each_sample_prefilled_once(jobs, [owners[i] if depth == 0 else k
+                                                            for k, (i, _) in enumerate(asks)])
             logprobs = dict(zip(asks, found))
             for i, options in enumerate(labels):
                 for j, seq in enumerate(options):
@@ -322,3 +387,10 @@ class VLLMEngine(Prompter):
                     elif len(seq) == depth:
                         result[i][j] += logsumexp([logprobs[(i, tuple(seq))][e] for e in end])
         return result
+
+
+def _close_at_exit(engine: weakref.ref) -> None:
+    alive = engine()
+    if alive is not None:
+        with contextlib.suppress(Exception):
+            alive.close()

@@ -10,7 +10,8 @@ import pyarrow as pa
 from pipeline.config import JobConfig
 from pipeline.io.output import OutputFolder
 from pipeline.run.metrics import record_metrics
-from pipeline.model.engines import Engine
+from pipeline.model.engines import VLLM_ENGINES, Engine
+from pipeline.run.replica import replica_loader
 from pipeline.run.resources import PREPROCESS_CPUS, WRITE_CPUS, Resources
 from pipeline.stages.generate import AsyncGenerate, Generate
 from pipeline.stages.preprocess import Preprocess
@@ -43,8 +44,8 @@ def _gather(batch: pa.Table) -> pa.Table:
 def model_stage_class(task: str, engine: Engine) -> type:
     """The model stage for a task and engine: vLLM's is async (several batches in flight per replica)."""
     if task == "score":
-        return AsyncScore if engine == "vllm" else Score
-    return AsyncGenerate if engine == "vllm" else Generate
+        return AsyncScore if engine in VLLM_ENGINES else Score
+    return AsyncGenerate if engine in VLLM_ENGINES else Generate
 
 
 def write_batch(batch: pa.Table, job: JobConfig, folder: OutputFolder, input_columns: list[str], attempt: int = 1,
@@ -111,14 +112,14 @@ def build_dataset(job: JobConfig, folder: OutputFolder, rows: Any, resources: Re
     # Reading a block of rows and tiling it run as one task where the rows are in memory: same resources and
     # concurrency.
     cpu_task = {"num_cpus": PREPROCESS_CPUS, "memory": PREPROCESS_MEMORY}
-    per_block = BLOCK_BATCHES * job.compute.batch_size
+    per_block = BLOCK_BATCHES * resources.batch_size
     ds, _ = read_rows(rows, per_block, resources.cpu_workers, cpu_task)
     ds = ds.map_batches(preprocess_block, fn_kwargs={"job": job}, batch_size=None, batch_format="numpy",
                         compute=ray.data.TaskPoolStrategy(size=resources.cpu_workers), **cpu_task)
     ds = ds.map_batches(
         model_stage_class(job.task, resources.engine),
-        fn_constructor_kwargs={"job": job, "kind": resources.engine, "rank_cpus": resources.rank_cpus},
-        batch_size=job.compute.batch_size,
+        fn_constructor_kwargs={"job": job, "load": replica_loader(job, resources.engine, resources.rank_cpus)},
+        batch_size=resources.batch_size,
         batch_format="numpy", compute=ray.data.ActorPoolStrategy(min_size=resources.replicas[0], max_size=resources.replicas[1]),
         **resources.model_stage_args(),
     )

@@ -15,12 +15,15 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
 from pipeline.config import JobConfig
+from pipeline.model import engines
 from pipeline.model.device import wants_gpu
+from pipeline.model.engines import Engine
 
 log = logging.getLogger("internvl_batch")
 
@@ -259,3 +262,18 @@ def remove_replica_groups() -> int:
             ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(group_id)))
             removed += 1
     return removed
+
+
+def load_replica(job: JobConfig, kind: Engine = "transformers", rank_cpus: float | None = None) -> Any:
+    """The job's model replica with the engine the plan chose (model/engines.py), loaded in the model stage's actor
+    (torch, transformers and vLLM load on the worker, never on the driver). A transformers replica with
+    compute.tp > 1 is a group of rank actors driven from that actor (`TensorParallelEngine`), each reserving
+    `rank_cpus` (the run plan's share; default one CPU); a vLLM replica runs its tensor-parallel workers itself."""
+    if kind == "transformers" and job.compute.tp > 1:
+        return TensorParallelEngine(job) if rank_cpus is None else TensorParallelEngine(job, rank_cpus=rank_cpus)
+    return engines.load(kind, job)
+
+
+def replica_loader(job: JobConfig, kind: Engine, rank_cpus: float | None = None) -> Callable[[], Any]:
+    """What a model stage calls in its actor to load its replica (picklable, for Ray Data's constructor)."""
+    return functools.partial(load_replica, job, kind, rank_cpus)

@@ -15,7 +15,7 @@ from pipeline.config import JobConfig
 from pipeline.errors import JobError, RunError
 from pipeline.media.tiling import TILE_SIZE
 from pipeline.model.device import wants_gpu
-from pipeline.model.engines import Engine, choose_engine
+from pipeline.model.engines import VLLM_ENGINES, Engine, choose_engine
 from pipeline.model.gpu_memory import MemorySplit, describe_split, largest_sample_tiles, split_for_job
 from pipeline.run.replica import RANK_CPUS
 
@@ -29,6 +29,9 @@ WRITE_CPUS = 0.25  # writing a shard of text rows is light work (it runs between
 QUEUED_BATCHES = 8
 TILE_BYTES = TILE_SIZE * TILE_SIZE * 3
 MIN_OBJECT_STORE = 256 * 1024**2
+# Restarts of a vLLM replica whose engine died (Ray Data's default is unbounded: an input that kills vLLM's engine
+# every time would loop forever); past them the run stops with the cause.
+VLLM_RESTARTS = 3
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,7 @@ class Resources:
     on_gpu: bool = False
     engine: Engine = "transformers"
     concurrent_batches: int = 1  # model batches in flight per replica (vLLM: compute.vllm.max_concurrent_batches)
+    batch_size: int = 8  # samples per model batch (compute.batch_size, else the engine's default)
     note: str | None = None  # one line for the run's log when the plan bends a rule (CPUs shared on a small machine)
 
     @property
@@ -53,11 +57,13 @@ class Resources:
     def model_stage_args(self) -> dict[str, Any]:
         """map_batches resource arguments of the model stage. transformers: the actor holds the device itself
         (tp = 1), or holds nothing and reserves a placement group of tp bundles for its rank actors (tp > 1,
-        run/replica.py). vLLM: the actor holds all tp GPUs of its replica (Ray puts them on one node) and vLLM's
-        own workers use them; its async __call__ runs `concurrent_batches` batches at once (max_concurrency)."""
-        if self.engine == "vllm":
+        run/replica.py). vLLM (either vLLM engine): the actor holds all tp GPUs of its replica (Ray puts them on one node) and vLLM's
+        own workers use them; its async __call__ runs `concurrent_batches` batches at once (max_concurrency); a
+        replica whose vLLM engine died ends its process (stages/model_stage.AsyncStage), and Ray starts it again
+        (up to VLLM_RESTARTS times) and re-runs its batches in flight (max_task_retries)."""
+        if self.engine in VLLM_ENGINES:
             return {"num_cpus": self.cpus_per_replica, "num_gpus": self.gpus_per_replica or None,
-                    "max_concurrency": self.concurrent_batches}
+                    "max_concurrency": self.concurrent_batches, "max_restarts": VLLM_RESTARTS, "max_task_retries": -1}
         if self.tp > 1:
             return {"num_cpus": 0, "num_gpus": 0}
         return {"num_cpus": self.cpus_per_replica, "num_gpus": self.gpus_per_replica or None}
@@ -108,7 +114,8 @@ def plan_resources(job: JobConfig, *, cluster_cpus: float, cluster_gpus: float, 
         tp=tp,
         on_gpu=on_gpu,
         engine=engine,
-        concurrent_batches=compute.vllm.max_concurrent_batches if engine == "vllm" else 1,
+        concurrent_batches=compute.vllm.max_concurrent_batches if engine in VLLM_ENGINES else 1,
+        batch_size=compute.batch_size_for(engine),
         note=note,
     )
 
@@ -121,7 +128,7 @@ def object_store_budget(job: JobConfig, resources: Resources, cluster_store: flo
     if job.compute.object_store_mb:
         return job.compute.object_store_mb * 1024**2
     largest = largest_sample_tiles(job)
-    queued = max(MIN_OBJECT_STORE, QUEUED_BATCHES * job.compute.batch_size * largest * TILE_BYTES * resources.replicas[1])
+    queued = max(MIN_OBJECT_STORE, QUEUED_BATCHES * resources.batch_size * largest * TILE_BYTES * resources.replicas[1])
     return queued if cluster_store is None else min(queued, int(cluster_store / 2))
 
 

@@ -39,12 +39,16 @@ class RunTally:
             r["busy"] = max(r["busy"], b.get("busy") or 0.0)
             r["samples"] += b.get("samples") or 0
             r["tokens"] += b.get("tokens") or 0
+            if b.get("cache_queries") is not None:  # vLLM's prefix cache, cumulative per replica like `busy`
+                r["cache_queries"] = max(r.get("cache_queries", 0), b["cache_queries"])
+                r["cache_hits"] = max(r.get("cache_hits", 0), b.get("cache_hits") or 0)
             r["ready"], r["end"] = min(r["ready"], b["ready"]), max(r["end"], b["end"])
 
     def replica_usage(self) -> tuple[float | None, dict[str, dict[str, float]]]:
         """Per replica: batches, seconds busy, seconds from ready to its last batch's end, samples through the model
         and generated tokens, and its rates while busy (`images_per_s`: an image set or a video counts once;
-        `tokens_per_s`); and the busy fraction of all replicas together (None without batches). Each replica's
+        `tokens_per_s`); on vLLM also `prefix_cache_hit_rate`, the share of prompt tokens its prefix cache served
+        (prompt tokens looked up: `prefix_cache_queries`); and the busy fraction of all replicas together (None without batches). Each replica's
         times come from its own clock."""
         usage = {}
         for name, r in sorted(self.per_replica.items()):
@@ -53,6 +57,9 @@ class RunTally:
                            "samples": int(r["samples"]), "generated_tokens": int(r["tokens"]),
                            "images_per_s": round(r["samples"] / busy, 3) if busy > 0 else 0.0,
                            "tokens_per_s": round(r["tokens"] / busy, 3) if busy > 0 else 0.0}
+            if "cache_queries" in r:
+                usage[name].update(prefix_cache_queries=int(r["cache_queries"]), prefix_cache_hit_rate=round(
+                    r["cache_hits"] / r["cache_queries"], 4) if r["cache_queries"] else 0.0)
         span = sum(u["span_s"] for u in usage.values())
         return (round(sum(u["busy_s"] for u in usage.values()) / span, 4) if span > 0 else None), usage
 
@@ -84,7 +91,8 @@ class RunSummary:
     objects_taken: int | None = None  # incremental runs: new or changed objects this run took
     # Fraction of the model replicas' time (from loaded to their last batch) spent running batches, not waiting
     # for input: near 1 means the CPU stage keeps up; per replica: batches, busy_s, span_s, samples,
-    # generated_tokens and the rates while busy, images_per_s and tokens_per_s (compare engines on your data).
+    # generated_tokens and the rates while busy, images_per_s and tokens_per_s (compare engines on your data); on
+    # vLLM, prefix_cache_hit_rate (of prefix_cache_queries prompt tokens).
     model_busy_fraction: float | None = None
     replicas: dict[str, dict[str, float]] = field(default_factory=dict)
     # Retries: rows this run set aside to try again (each is counted again by the pass that retried it), and the

@@ -16,8 +16,8 @@ from pipeline.config import JobConfig
 from pipeline.errors import ErrorType, PromptError
 from pipeline.io.schema import output_schema, to_table
 from pipeline.structured.answers import AnswerError, parse_answer
-from pipeline.model.batching import PromptRequest
-from pipeline.model.engines import Engine
+from pipeline.model.requests import PromptRequest
+from collections.abc import Callable
 from pipeline.model.prompts import user_text
 from pipeline.model.sampling import row_seed
 from pipeline.stages.base import Batch, batch_rows, require_columns
@@ -30,9 +30,8 @@ class Generate(ModelStage):
 
     method = "generate"
 
-    def __init__(self, job: JobConfig, engine: Any | None = None, *, kind: Engine = "transformers",
-                 rank_cpus: float | None = None) -> None:
-        super().__init__(job, engine, kind=kind, rank_cpus=rank_cpus)
+    def __init__(self, job: JobConfig, engine: Any | None = None, *, load: Callable[[], Any] | None = None) -> None:
+        super().__init__(job, engine, load=load)
         self.generation_json = json.dumps(job.generation.model_dump(), sort_keys=True)
         self.schema = output_schema(job)
         self.constrained = bool(job.answer_schemas())

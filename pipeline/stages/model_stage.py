@@ -7,9 +7,13 @@ answers them in calls packed by tokens (model/batching.py); a request that fails
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
 import socket
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -17,37 +21,29 @@ import pyarrow as pa
 
 from pipeline.config import JobConfig
 from pipeline.errors import ErrorType
-from pipeline.media.decode import tiles_from_bytes
+from pipeline.media.decode import pictures_from_bytes, tiles_from_bytes
 from pipeline.model import engines
-from pipeline.model.batching import Failure, PromptRequest, in_calls, subset
-from pipeline.model.engines import Engine
+from pipeline.model.batching import in_calls
+from pipeline.model.requests import Failure, PromptRequest, subset
+from pipeline.stages.busy_clock import BusyClock
+from pipeline.stages.poison_guard import PoisonGuard
 from pipeline.stages.base import Batch, as_list
 
+log = logging.getLogger(__name__)
+
 # Input columns the model stages consume rather than pass through.
-CONSUMED_COLUMNS = ("pixels", "questions")
+CONSUMED_COLUMNS = ("pixels", "picture_sizes", "questions")
 # The first row of each model batch carries when and where the batch ran (for the run's busy fraction) and what it
 # did (samples through the model, tokens generated: per-replica rates); the write stage takes it out of the rows
 # and into the shard's stats, so it is never written.
 BATCH_COLUMN = "__batch"
-# Samples in a row the model may fail on (each alone) before the replica decides the model, not the samples, is
-# broken (stages/model_stage.PoisonGuard).
-POISON_LIMIT = 8
+# `cache_queries` / `cache_hits`: the replica's prompt tokens looked up in vLLM's prefix cache and found there so
+# far (cumulative, like `busy`; null on engines without a prefix cache).
 BATCH_TYPE = pa.struct([("replica", pa.string()), ("ready", pa.float64()), ("start", pa.float64()), ("end", pa.float64()),
-                        ("samples", pa.int64()), ("tokens", pa.int64()), ("busy", pa.float64())])
-
-
-def load_engine(job: JobConfig, kind: Engine = "transformers", rank_cpus: float | None = None) -> Any:
-    """The job's model replica with the engine the plan chose (model/engines.py); torch, transformers and vLLM load
-    here, on the worker, never on the driver.
-
-    With compute.tp > 1 a transformers replica is a group of rank actors driven from here (run/replica.py), each
-    reserving `rank_cpus` (the run plan's share; default one CPU); a vLLM replica runs its tensor-parallel workers
-    itself, on the GPUs of this actor."""
-    if kind == "transformers" and job.compute.tp > 1:
-        from pipeline.run.replica import TensorParallelEngine
-
-        return TensorParallelEngine(job) if rank_cpus is None else TensorParallelEngine(job, rank_cpus=rank_cpus)
-    return engines.load(kind, job)
+                        ("samples", pa.int64()), ("tokens", pa.int64()), ("busy", pa.float64()),
+                        ("cache_queries", pa.int64()), ("cache_hits", pa.int64())])
+# Exit status of a replica's process whose vLLM engine died: Ray restarts the actor (run/resources.py).
+ENGINE_DEAD_EXIT = 75
 
 
 def questions_of(job: JobConfig, row: dict[str, Any]) -> list[tuple[str | None, dict[str, Any] | None]]:
@@ -76,57 +72,21 @@ class Requests:
         self.targets: list[Any] = []  # what each request's result belongs to (a row, or a (row, criterion) pair)
 
     def add_sample(self, sample: dict[str, Any]) -> int:
-        """Index of a sample's tiles in this batch's samples."""
-        self.samples.append(tiles_from_bytes(sample["pixels"], int(sample["num_tiles"])))
+        """Index of a sample's tiles (or, for vllm-native, its pictures) in this batch's samples."""
+        sizes = sample.get("picture_sizes")
+        if sizes is not None:
+            from pipeline.model.vllm_native import Pictures
+
+            self.samples.append(Pictures(pictures_from_bytes(sample["pixels"], [list(s) for s in sizes]),
+                                         video=sample["media_type"] == "video"))
+        else:
+            self.samples.append(tiles_from_bytes(sample["pixels"], int(sample["num_tiles"])))
         return len(self.samples) - 1
 
     def add(self, target: Any, ids: list[int], sample: int, labels: list[list[int]] | None = None,
             schema: dict[str, Any] | None = None, seed: int | None = None) -> None:
         self.requests.append(PromptRequest(ids, sample, labels, schema=schema, seed=seed))
         self.targets.append(target)
-
-
-class BusyClock:
-    """A replica's busy seconds: time with at least one batch in flight, so batches in flight together (the async
-    stage) count once; cumulative, read at each batch's end into its timing (`busy`)."""
-
-    def __init__(self) -> None:
-        self.total = 0.0
-        self.in_flight = 0
-        self.since = 0.0
-
-    def begin(self) -> None:
-        if self.in_flight == 0:
-            self.since = time.time()
-        self.in_flight += 1
-
-    def end(self) -> float:
-        self.in_flight -= 1
-        if self.in_flight == 0:
-            self.total += time.time() - self.since
-            return self.total
-        return self.total + time.time() - self.since
-
-
-class PoisonGuard:
-    """Tells a poison sample (the model raises on it alone; it becomes a model_error row) from a broken model: once
-    `limit` samples in a row have failed that way with none served in between (2, if the replica has served none
-    yet), the replica stops the job with the cause, rather than turning every sample into an error row."""
-
-    def __init__(self, limit: int = POISON_LIMIT) -> None:
-        self.limit = limit
-        self.in_a_row = 0
-        self.served = False
-
-    def check(self, results: list[Any]) -> None:
-        failures = {id(r): r for r in results if isinstance(r, Failure) and r.failed is not None}  # one per sample
-        if any(not isinstance(r, Failure) for r in results):
-            self.in_a_row, self.served = 0, True
-        self.in_a_row += len(failures)
-        if failures and self.in_a_row >= (self.limit if self.served else min(2, self.limit)):
-            cause = next(iter(failures.values())).failed
-            raise RuntimeError(f"the model failed on {self.in_a_row} samples in a row, each alone, and served none "
-                               f"in between: {type(cause).__name__}: {cause}") from cause
 
 
 class ModelStage:
@@ -142,11 +102,12 @@ class ModelStage:
     reads = ("id", "uri", "pixels", "num_tiles", "tiles_per_image", "media_type", "status")
     method = ""  # the engine's method: generate or score
 
-    def __init__(self, job: JobConfig, engine: Any | None = None, *, kind: Engine = "transformers",
-                 rank_cpus: float | None = None) -> None:
+    def __init__(self, job: JobConfig, engine: Any | None = None, *, load: Callable[[], Any] | None = None) -> None:
+        """`engine`: one already loaded (the stage leaves it open); else `load()` makes the replica's (the run's
+        choice, run/replica.load_replica), or a transformers engine of the job's model."""
         self.job = job
         self.owns_engine = engine is None  # closed with the stage only if the stage loaded it
-        self.engine = engine or load_engine(job, kind, rank_cpus)
+        self.engine = engine or (load() if load is not None else engines.load("transformers", job))
         self.replica = f"{socket.gethostname()}:{os.getpid()}"
         self.ready = time.time()
         self.guard = PoisonGuard()
@@ -186,8 +147,10 @@ class ModelStage:
         """fill(), then the batch's timing cell on the first row."""
         table = self.fill(rows, list(zip(todo.targets, results)), model_s * 1000.0 / max(len(todo.requests), 1))
         tokens = sum(r.get("num_generated_tokens") or 0 for r in rows)
+        cache = getattr(self.engine, "prefix_cache", None)
         timing = {"replica": self.replica, "ready": self.ready, "start": started, "end": time.time(),
-                  "samples": len(todo.samples), "tokens": int(tokens), "busy": self.busy.end()}
+                  "samples": len(todo.samples), "tokens": int(tokens), "busy": self.busy.end(),
+                  "cache_queries": getattr(cache, "queries", None), "cache_hits": getattr(cache, "hits", None)}
         cells = [timing] + [None] * (table.num_rows - 1) if table.num_rows else []
         return table.append_column(pa.field(BATCH_COLUMN, BATCH_TYPE), pa.array(cells, BATCH_TYPE))
 
@@ -227,25 +190,54 @@ class AsyncStage:
     to compute.vllm.max_concurrent_batches batches in flight per replica (the actor's max_concurrency), and the
     engine serves their requests together. One engine call per batch: no packing, no out-of-memory fallback (the
     engine schedules its own memory); if the call raises, each sample is asked alone, all in flight at once, and
-    those it raises on become model_error rows (a poison sample costs one row, as on the sync path)."""
+    those it raises on become model_error rows (a poison sample costs one row, as on the sync path).
+
+    `prepare` (chat template, tokenising prompts of thousands of tokens) runs in a thread of its own, so the actor's
+    event loop stays free for the other batches in flight. If the engine itself has died (vLLM's engine-core or a
+    worker process is gone), no sample is to blame: the replica's process ends (`restart_replica`) and Ray starts
+    it anew and runs its batches again (the actor's max_restarts and max_task_retries, run/resources.py), so no row
+    becomes an error for it."""
 
     async def __call__(self: Any, batch: Batch) -> pa.Table:
         started = time.time()
         self.busy.begin()
         try:
-            rows, todo = self.prepare(batch)
+            rows, todo = await asyncio.get_running_loop().run_in_executor(self.prepare_thread(), self.prepare, batch)
             clock = time.perf_counter()
             results: list[Any] = []
             if todo.requests:
                 try:
                     results = await self.call_async(todo.requests, todo.samples)
-                except Exception:  # noqa: BLE001 - a poison sample: find it
+                except Exception as err:  # noqa: BLE001 - a dead engine, or a poison sample: find it
+                    self.check_engine(err)
                     results = await self.each_sample_alone(todo.requests, todo.samples)
                 self.guard.check(results)
         except BaseException:
             self.busy.end()
             raise
         return self.finish(rows, todo, results, time.perf_counter() - clock, started)
+
+    def prepare_thread(self: Any) -> ThreadPoolExecutor:
+        """The one thread that prepares this stage's batches (one: the tokenizer is not shared between threads)."""
+        if getattr(self, "_prepare_thread", None) is None:
+            self._prepare_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
+        return self._prepare_thread
+
+    def check_engine(self: Any, err: BaseException) -> None:
+        """Restart the replica if the engine has died (the error is then not the batch's); else return."""
+        if getattr(self.engine, "dead", False):
+            cause = getattr(self.engine, "death_cause", lambda: None)() or f"{type(err).__name__}: {err}"
+            self.restart_replica(cause)
+
+    def restart_replica(self: Any, cause: str) -> None:
+        """End this replica's process, so that Ray restarts it with a new engine and re-runs its batches in flight.
+        What is left of the dead engine (the other vLLM processes) is shut down first."""
+        log.error("replica %s: vLLM's engine died (%s); its process exits so that Ray restarts it and runs its "
+                  "batches again", self.replica, " ".join(str(cause).split()))
+        with contextlib.suppress(Exception):
+            self.engine.close()
+        logging.shutdown()
+        os._exit(ENGINE_DEAD_EXIT)
 
     async def call_async(self: Any, requests: list[PromptRequest], samples: list[np.ndarray]) -> list[Any]:
         args, kwargs = self.call_args(requests, samples)
@@ -257,6 +249,7 @@ class AsyncStage:
             try:
                 return mine, await self.call_async(*subset(requests, samples, [s], mine))
             except Exception as err:  # noqa: BLE001
+                self.check_engine(err)
                 failure = Failure(ErrorType.MODEL_ERROR,
                                   f"the model failed on this sample: {type(err).__name__}: {err}", failed=err)
                 return mine, [failure] * len(mine)

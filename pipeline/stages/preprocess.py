@@ -1,4 +1,5 @@
-"""CPU stage: read bytes through fsspec, decode, tile images / sample and tile video frames; uint8 tiles out."""
+"""CPU stage: read bytes through fsspec, decode, tile images / sample and tile video frames; uint8 tiles out (or, for
+compute.engine vllm-native, which tiles in vLLM, the decoded pictures and their sizes in `picture_sizes`)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pipeline.io.confine import InputRule, RefusedInput, input_rule
 from pipeline.io.fetch import read_input
 from pipeline.io.inputs import input_kind
 from pipeline.io.storage import extension
-from pipeline.media.decode import image_tiles, video_tiles
+from pipeline.media.decode import image_picture, image_tiles, video_pictures, video_tiles
 from pipeline.media.sandbox import isolated
 from pipeline.media.video import VIDEO_EXTENSIONS, looks_like_video
 from pipeline.stages.base import Batch, as_list, require_columns
@@ -44,8 +45,10 @@ class Preprocess:
         self.rule = job_input_rule(job)
         decode = job.decode
         sandboxed = {"timeout_s": decode.timeout_s, "attempts": decode.attempts}
-        self.image_tiles = isolated(image_tiles, **sandboxed) if decode.isolate == "all" else image_tiles
-        self.video_tiles = isolated(video_tiles, **sandboxed) if decode.isolate in ("all", "video") else video_tiles
+        self.pictures = job.compute.engine == "vllm-native"  # vLLM tiles them: whole pictures out
+        image, video = (image_picture, video_pictures) if self.pictures else (image_tiles, video_tiles)
+        self.image_tiles = isolated(image, **sandboxed) if decode.isolate == "all" else image
+        self.video_tiles = isolated(video, **sandboxed) if decode.isolate in ("all", "video") else video
 
     def read(self, uri: str) -> bytes:
         """Bytes of one object where the job's rule allows its URI (else bad_input, nothing read: io/confine.py);
@@ -63,6 +66,10 @@ class Preprocess:
         """Several images share the tile budget (max_tiles // n each, as InternVL 2.5 does) and the visual-token
         budget (an equal share each)."""
         budget = max(1, self.tiling.max_tiles // len(uris))
+        if self.pictures:
+            done = [self.image_tiles(self.read(u), self.tiling, budget) for u in uris]
+            return dict(pictures=[d[0] for d in done], tiles_per_image=[d[1] for d in done], media_type="images",
+                        width=done[0][0].shape[1], height=done[0][0].shape[0])
         tokens = self.tiling.max_tokens_per_sample // len(uris) if self.tiling.max_tokens_per_sample else None
         done = [self.image_tiles(self.read(u), self.tiling, budget, tokens) for u in uris]
         return dict(pixels=np.concatenate([d[0] for d in done]), tiles_per_image=[len(d[0]) for d in done],
@@ -80,12 +87,21 @@ class Preprocess:
                 data = self.read(uri)
                 if extension(uri) in VIDEO_EXTENSIONS or looks_like_video(data):
                     row.update(self.video_tiles(data, self.video, self.tiling))
+                elif self.pictures:
+                    picture, tiles = self.image_tiles(data, self.tiling, self.tiling.max_tiles)
+                    row.update(pictures=[picture], tiles_per_image=[tiles], media_type="image",
+                               width=picture.shape[1], height=picture.shape[0])
                 else:
                     pixels, width, height = self.image_tiles(data, self.tiling, self.tiling.max_tiles,
                                                              self.tiling.max_tokens_per_sample)
                     row.update(pixels=pixels, tiles_per_image=[len(pixels)], media_type="image", width=width, height=height)
-            row["num_tiles"] = len(row["pixels"])
-            row["pixels"] = row["pixels"].tobytes()
+            if self.pictures:  # the tiles the cards would make (vLLM's processor makes its own)
+                pictures = row.pop("pictures")
+                row.update(num_tiles=sum(row["tiles_per_image"]), picture_sizes=[list(p.shape[:2]) for p in pictures],
+                           pixels=b"".join(np.ascontiguousarray(p).tobytes() for p in pictures))
+            else:
+                row["num_tiles"] = len(row["pixels"])
+                row["pixels"] = row["pixels"].tobytes()
         except MediaError as err:
             row.update(pixels=None, status="error", error_type=str(err.error_type), error_message=str(err))
         row["preprocess_ms"] = (time.perf_counter() - start) * 1000.0

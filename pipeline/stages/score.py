@@ -10,8 +10,8 @@ import pyarrow as pa
 
 from pipeline.config import JobConfig
 from pipeline.io.schema import column, output_schema, to_table
-from pipeline.model.batching import PromptRequest
-from pipeline.model.engines import Engine
+from pipeline.model.requests import PromptRequest
+from collections.abc import Callable
 from pipeline.model.scoring import evaluate, label_token_ids, passes
 from pipeline.stages.base import Batch, batch_rows, require_columns
 from pipeline.stages.model_stage import AsyncStage, ModelStage, Requests
@@ -22,9 +22,8 @@ class Score(ModelStage):
 
     method = "score"
 
-    def __init__(self, job: JobConfig, engine: Any | None = None, *, kind: Engine = "transformers",
-                 rank_cpus: float | None = None) -> None:
-        super().__init__(job, engine, kind=kind, rank_cpus=rank_cpus)
+    def __init__(self, job: JobConfig, engine: Any | None = None, *, load: Callable[[], Any] | None = None) -> None:
+        super().__init__(job, engine, load=load)
         self.criteria = job.score_criteria()
         self.labels = [label_token_ids(self.engine.tokenizer, c.answers) for c in self.criteria]
         self.schema = output_schema(job)

@@ -74,7 +74,10 @@ def test_fingerprint_tracks_results_not_resources():
 def test_engine_keys_are_validated_and_not_fingerprinted():
     job = parse_job(BASE, overrides=["compute.engine=vllm", "compute.vllm.max_num_seqs=64",
                                      "compute.vllm.gpu_memory_utilization=0.8"])
-    assert job.compute.engine == "vllm" and job.compute.vllm.max_concurrent_batches == 4
+    assert job.compute.engine == "vllm" and job.compute.vllm.max_concurrent_batches == 8
+    # the batch size follows the engine unless set (vLLM keeps 32 x 8 samples in flight, docs/vllm-runtime.md)
+    assert (job.compute.batch_size_for("transformers"), job.compute.batch_size_for("vllm")) == (8, 32)
+    assert parse_job(BASE, overrides=["compute.batch_size=4"]).compute.batch_size_for("vllm") == 4
     assert job.compute.vllm.engine_options() == {"max_num_seqs": 64, "gpu_memory_utilization": 0.8, "enforce_eager": False}
     assert parse_job(BASE).compute.engine == "auto"
     assert job.fingerprint() == parse_job(BASE).fingerprint()  # both engines give the same greedy tokens

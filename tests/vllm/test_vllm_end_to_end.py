@@ -1,10 +1,12 @@
 """End to end with `compute.engine: vllm`: `internvl-batch run` on local Ray, inputs and outputs in the SeaweedFS
-S3 server, the model from S3; the rows equal a transformers run of the same job."""
+S3 server, the model from S3; the rows equal a transformers run of the same job; the replica's prefix-cache hit
+rate is in the run's table and _SUCCESS.json."""
 
 from __future__ import annotations
 
 import io
 import json
+import re
 
 import pytest
 
@@ -65,3 +67,7 @@ def test_vqa_job_on_vllm_equals_transformers(s3, tmp_path):
     assert (success["rows_out"], success["rows_ok"]) == (12, 9) and success["generated_tokens"] == 54
     (usage,) = success["replicas"].values()
     assert usage["samples"] == 3 and usage["generated_tokens"] == 54 and usage["tokens_per_s"] > 0
+    # vLLM's prefix cache, per replica: each image's three questions share its KV blocks (1, 7 and 13 tiles)
+    assert usage["prefix_cache_queries"] == success["input_tokens"] and usage["prefix_cache_hit_rate"] > 0.5
+    table = re.sub(r"[\s│]+", " ", result.output)  # the run's table, its cells unwrapped
+    assert f"prefix cache {usage['prefix_cache_hit_rate']:.0%} of prompt tokens" in table

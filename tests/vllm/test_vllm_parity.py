@@ -16,38 +16,13 @@ pytest.importorskip("vllm")
 
 import torch  # noqa: E402
 
-from pipeline.config import TilingConfig, VideoConfig  # noqa: E402
-from pipeline.media.decode import video_tiles  # noqa: E402
-from pipeline.media.tiling import tile_image  # noqa: E402
-from tests.conftest import pattern_image  # noqa: E402
-from tests.media import make_video  # noqa: E402
+from tests.vllm.conftest import image  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
 MAX_NEW_TOKENS = 10
 LOGPROB_TOL = 1e-3
 SCORE_TOL = 1e-4
-
-
-def image(width: int, height: int, max_tiles: int = 12) -> np.ndarray:
-    return tile_image(pattern_image(width, height), max_tiles=max_tiles).pixels
-
-
-@pytest.fixture(scope="module")
-def cases():
-    """(name, text, tiles_per_image, video, pixels) for every layout the pipeline sends."""
-    clip = video_tiles(make_video(30, 10, width=320, height=240), VideoConfig(num_frames=8), TilingConfig())
-    pair = [image(1344, 896, max_tiles=6), image(448, 448)]  # the stage's two-image budget: 12 // 2 tiles each
-    out = [
-        ("1 tile", "Describe the image in detail.", [1], False, image(448, 448)),
-        ("7 tiles", "Describe the image in detail.", [7], False, image(1344, 896)),
-        ("13 tiles", "Describe the image in detail.", [13], False, image(1792, 1344)),
-        ("image pair", "Which is bigger?", [7, 1], False, np.concatenate(pair)),
-        ("video 8 frames", "What happens?", list(clip["tiles_per_image"]), True, clip["pixels"]),
-    ]
-    assert [sum(c[2]) for c in out] == [len(c[4]) for c in out]
-    assert out[4][2] == [1] * 8
-    return out
 
 
 def compare(got, want, figures, name: str) -> None:
@@ -265,3 +240,18 @@ def test_schema_answers_equal_transformers_and_follow_the_schema(vllm_engine, hf
             parse_answer(g.text, schema, max_new_tokens=160, finished=True)
     short = vllm_engine.generate(prompts[:1], samples[:1], max_new_tokens=4, schemas=[SCHEMA])[0]
     assert not short.finished and len(short.token_ids) == 4
+
+
+def test_schema_requests_block_the_few_forbidden_tokens(vllm_engine):
+    """A schema request carries a logit bias of -inf on the special tokens an answer may never hold (a few dozen
+    ids), not an allowed_token_ids list of every other id (~151k on the real tokenizer); a free prompt carries
+    neither. The answers are the transformers engine's (test above)."""
+    pytest.importorskip("xgrammar")
+    from pipeline.model.constrained import blocked_token_ids
+    from tests.schemas import SCHEMA
+
+    schema, free = vllm_engine._params(2, max_new_tokens=4, schemas=[SCHEMA, None])
+    blocked = blocked_token_ids(vllm_engine.tokenizer, sorted(vllm_engine.eos_ids))
+    assert schema.allowed_token_ids is None and free.allowed_token_ids is None and not free.logit_bias
+    assert sorted(schema.logit_bias) == blocked and set(schema.logit_bias.values()) == {float("-inf")}
+    assert 0 < len(blocked) < 100 and not set(blocked) & vllm_engine.eos_ids

@@ -107,3 +107,81 @@ def test_a_poison_sample_costs_one_row_on_vllm_too(vllm_engine, hf_engine, image
     assert [got[f"s{i}"]["status"] for i in range(3)] == ["ok", "error", "ok"]
     assert got["s1"]["error_type"] == "model_error"
     assert [got[k]["response"] for k in ("s0", "s2")] == [want[k]["response"] for k in ("s0", "s2")]
+
+
+def test_a_samples_questions_read_its_image_from_the_prefix_cache(vllm_engine, images):
+    """3-question vqa samples, as the stage sends them: vLLM's own statistics (our stat logger) show each image's
+    tokens prefilled once per sample, not once per question, for a 13-tile sample alone and for samples of 1, 7 and
+    13 tiles in flight together (where the questions raced past the cache before a sample's first question went
+    first: vllm_support.each_sample_prefilled_once); the batch's record carries the replica's figures."""
+    folder, pictures = images
+    job = parse_job(dict(BASE, task="vqa", questions=["Describe the image.", "What colour is it?", "Is it dark?"]))
+    batch = preprocessed(job, folder, pictures)
+    assert list(batch["num_tiles"]) == [1, 7, 13]
+    stage = AsyncGenerate(job, engine=vllm_engine)
+    tally = vllm_engine.prefix_cache
+    block = vllm_engine.llm.vllm_config.cache_config.block_size
+
+    def measured(run):
+        assert vllm_engine._loop.run(vllm_engine.llm.reset_prefix_cache())  # no earlier test's blocks
+        before = (tally.queries, tally.hits)
+        tables = run()
+        prompt_tokens = sum(r["num_input_tokens"] for t in tables for r in rows_of(t).values())
+        assert tally.queries - before[0] == prompt_tokens  # every prompt token looked up once
+        return tally.queries - before[0], tally.hits - before[1], tables
+
+    async def together():
+        return await asyncio.gather(*(stage({k: v[[i]] for k, v in batch.items()}) for i in range(3)))
+
+    queries, hits, tables = measured(lambda: [asyncio.run(stage({k: v[[2]] for k, v in batch.items()}))])
+    image_tokens = 13 * 256
+    assert hits >= 0.6 * queries
+    assert queries - hits >= image_tokens  # the first question prefilled the image ...
+    assert hits >= 2 * (image_tokens - block)  # ... and the other two read it from the cache
+    record = tables[0].column(BATCH_COLUMN)[0].as_py()
+    assert (record["cache_queries"], record["cache_hits"]) == (tally.queries, tally.hits)
+    print(f"\nprefix cache, 3 questions on a 13-tile image: {hits} of {queries} prompt tokens ({hits / queries:.1%})")
+
+    queries, hits, _ = measured(lambda: asyncio.run(together()))
+    assert hits >= 0.6 * queries and hits >= 2 * (21 * 256 - 3 * block)
+    print(f"prefix cache, 3 questions on images of 1, 7 and 13 tiles in flight together: {hits} of {queries} prompt "
+          f"tokens ({hits / queries:.1%})")
+
+
+def test_prepare_runs_off_the_event_loop(vllm_engine, images, monkeypatch):
+    """prepare() (chat template, tokenising) runs in the stage's own thread: the actor's event loop, which serves
+    the other batches in flight, keeps running while a slow prepare works."""
+    import threading
+    import time
+
+    job = parse_job(dict(BASE, task="caption"))
+    batch = preprocessed(job, *images)
+    stage = AsyncGenerate(job, engine=vllm_engine)
+    seen = {}
+    original = stage.prepare
+
+    def slow_prepare(b):
+        seen["thread"] = threading.current_thread()
+        time.sleep(0.5)
+        return original(b)
+
+    monkeypatch.setattr(stage, "prepare", slow_prepare)
+
+    async def main():
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        task = asyncio.create_task(ticker())
+        table = await stage(batch)
+        task.cancel()
+        return table, ticks, threading.current_thread()
+
+    table, ticks, loop_thread = asyncio.run(main())
+    assert seen["thread"] is not loop_thread and seen["thread"].name.startswith("prepare")
+    assert ticks >= 20  # the loop ran during the half-second prepare
+    assert table.num_rows == 3

@@ -74,7 +74,8 @@ def test_pack_calls_counts_every_question_of_a_sample():
 def test_in_calls_keeps_prompt_order_and_each_sample_with_its_prompts():
     import numpy as np
 
-    from pipeline.model.batching import PromptRequest, in_calls
+    from pipeline.model.batching import in_calls
+    from pipeline.model.requests import PromptRequest
 
     samples = [np.zeros((n, 1)) for n in (1, 7, 3, 13)]
     owners = [0, 1, 1, 2, 3, 3, 3]

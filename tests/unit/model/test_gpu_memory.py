@@ -58,7 +58,7 @@ def test_every_catalogue_model_on_80_and_141_gb_at_every_tp(model, tp, gpu):
     split = split_for_job(job_for(model.name, tp=tp), model.config(), gib)
     # the two users never hold more than the GPU, and vLLM never more than its own default
     assert split.vision_gib + split.vllm_gib <= gib and split.vllm_fraction <= VLLM_DEFAULT_UTILIZATION
-    assert split.tiles_in_flight == 8 * 13 * 4 and split.chunk_tiles == 32
+    assert split.tiles_in_flight == 32 * 13 and split.chunk_tiles == 32
     shapes = shapes_from_config(model.config())
     divides = shapes.language.heads % tp == 0 and (shapes.language.kv_heads % tp == 0 or tp % shapes.language.kv_heads == 0)
     if split.fits:

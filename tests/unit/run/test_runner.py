@@ -111,27 +111,40 @@ def test_engine_is_chosen_once_at_plan_time():
         plan_resources(parse_job(BASE, overrides=["compute.engine=vllm"]), cluster_cpus=8, cluster_gpus=2)
     assert model_stage_class("caption", "vllm") is AsyncGenerate and model_stage_class("vqa", "transformers") is Generate
     assert model_stage_class("score", "vllm") is AsyncScore and model_stage_class("score", "transformers") is Score
+    # vllm-native (vLLM's own InternVL path, the baseline): only when asked for, never by auto; async like vllm
+    native = parse_job(BASE, overrides=["compute.engine=vllm-native", "compute.vllm.max_concurrent_batches=3"])
+    r = plan_resources(native, cluster_cpus=8, cluster_gpus=2, vllm_installed=True)
+    assert r.engine == "vllm-native" and r.model_stage_args()["max_concurrency"] == 3
+    with pytest.raises(JobError, match="vllm-native, but vLLM is not installed"):
+        plan_resources(native, cluster_cpus=8, cluster_gpus=2)
+    assert model_stage_class("vqa", "vllm-native") is AsyncGenerate and model_stage_class("score", "vllm-native") is AsyncScore
+    assert native.fingerprint() != parse_job(BASE, overrides=["compute.engine=vllm"]).fingerprint()  # other tiles
+    assert parse_job(BASE, overrides=["compute.engine=vllm"]).fingerprint() == job.fingerprint()
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4, 8])
 def test_vllm_replica_is_one_actor_holding_its_tp_gpus(tp):
     """vLLM runs its tensor-parallel workers itself: one Ray Data actor per replica asks for all tp GPUs (Ray puts
-    them on one node), no placement group; several batches in flight (max_concurrency)."""
+    them on one node), no placement group; several batches in flight (max_concurrency); a replica whose engine
+    died is restarted a bounded number of times, its batches re-run (max_restarts, max_task_retries)."""
+    from pipeline.run.resources import VLLM_RESTARTS
+
+    restarts = {"max_restarts": VLLM_RESTARTS, "max_task_retries": -1}
     job = parse_job(BASE, overrides=[f"compute.tp={tp}", "compute.engine=vllm", "compute.replicas=2",
                                      "compute.vllm.max_concurrent_batches=6"])
     r = plan_resources(job, cluster_cpus=64, cluster_gpus=16, node_gpus=8, vllm_installed=True)
-    assert r.model_stage_args() == {"num_cpus": 1.0, "num_gpus": float(tp), "max_concurrency": 6}
+    assert r.model_stage_args() == {"num_cpus": 1.0, "num_gpus": float(tp), "max_concurrency": 6, **restarts}
     assert r.cpu_workers == 64
     with pytest.raises(RunError, match=f"compute.tp={tp * 2} needs {tp * 2} GPUs on one node"):
         plan_resources(parse_job(BASE, overrides=[f"compute.tp={tp * 2}", "compute.engine=vllm"]),
                        cluster_cpus=64, cluster_gpus=4 * tp, node_gpus=tp, vllm_installed=True)
     cpu = plan_resources(job, cluster_cpus=8, cluster_gpus=0, vllm_installed=True)  # the CPU test lane
-    assert cpu.model_stage_args() == {"num_cpus": 1.0, "num_gpus": None, "max_concurrency": 6}
+    assert cpu.model_stage_args() == {"num_cpus": 1.0, "num_gpus": None, "max_concurrency": 6, **restarts}
 
 
 def test_replica_usage_counts_overlapping_batches_once_and_gives_rates():
     from pipeline.run.summary import RunTally
-    from pipeline.stages.model_stage import BusyClock
+    from pipeline.stages.busy_clock import BusyClock
 
     clock = BusyClock()  # two batches in flight together (the async stage), then one alone
     clock.begin(), clock.begin()
@@ -143,13 +156,18 @@ def test_replica_usage_counts_overlapping_batches_once_and_gives_rates():
     batches = [{"replica": "a", "ready": 0.0, "start": 1.0, "end": 3.0, "samples": 8, "tokens": 800, "busy": 2.0},
                {"replica": "a", "ready": 0.0, "start": 2.0, "end": 5.0, "samples": 8, "tokens": 400, "busy": 4.0},
                {"replica": "b", "ready": 0.0, "start": 1.0, "end": 2.0, "samples": 2, "tokens": 0, "busy": 1.0}]
+    # a vLLM replica's prefix cache: prompt tokens looked up and found, cumulative like `busy`
+    batches[1].update(cache_queries=300, cache_hits=200)
+    batches[0].update(cache_queries=100, cache_hits=0)
     tally = RunTally()
     tally.add(0, 0, 0, batches[1:2])
     tally.add(0, 0, 0, [batches[0], batches[2]])  # shards arrive in any order
     busy, usage = tally.replica_usage()
     assert usage["a"] == {"batches": 2, "busy_s": 4.0, "span_s": 5.0, "samples": 16, "generated_tokens": 1200,
-                          "images_per_s": 4.0, "tokens_per_s": 300.0}
+                          "images_per_s": 4.0, "tokens_per_s": 300.0, "prefix_cache_queries": 300,
+                          "prefix_cache_hit_rate": round(2 / 3, 4)}
     assert usage["b"]["images_per_s"] == 2.0 and busy == round(5 / 7, 4)
+    assert "prefix_cache_hit_rate" not in usage["b"]  # the transformers engine has no prefix cache
 
 
 @pytest.mark.parametrize("overrides", [["compute.tp=2"], ["compute.replicas=2"], ["compute.tp=2", "compute.replicas=2"]])

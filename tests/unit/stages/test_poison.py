@@ -8,7 +8,7 @@ import pytest
 from pipeline.config import parse_job
 from pipeline.model.engine import InternVLEngine
 from pipeline.stages.generate import Generate
-from pipeline.stages.model_stage import PoisonGuard
+from pipeline.stages.poison_guard import PoisonGuard
 from pipeline.stages.score import Score
 from tests.conftest import pattern_image
 from tests.helpers import job_dict, preprocessed
@@ -78,7 +78,7 @@ def test_a_prompt_longer_than_the_context_is_too_long_before_the_model_is_called
 
 def test_a_model_that_fails_on_everything_still_stops_the_job():
     from pipeline.errors import ErrorType
-    from pipeline.model.batching import Failure
+    from pipeline.model.requests import Failure
 
     guard = PoisonGuard(limit=3)
     broken = [Failure(ErrorType.MODEL_ERROR, "x", failed=ValueError(f"bad {k}")) for k in range(2)]
