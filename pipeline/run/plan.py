@@ -202,6 +202,8 @@ def plan_run(job: JobConfig, echo: Echo, *, dry_run: bool = False) -> RunPlan:
     plan = RunPlan(inputs=inputs, samples=samples, rows_in=rows_in, rows_expected=counts.rows_expected,
                    rows_done=counts.rows_done, samples_todo=samples_todo, todo=todo, input_columns=columns,
                    rows_duplicated=counts.dup_done, stamp=run_stamp() if job.incremental else "")
+    if inputs.listing and inputs.listing.note():
+        echo(inputs.listing.note())
     if job.incremental:
         echo(f"incremental: {samples} of {inputs.objects_listed} objects are new or changed since the last successful run")
     echo(f"{samples} samples ({rows_in} output rows) from {job.input}"
