@@ -27,7 +27,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.driver_scaling import peak_rss_mb  # noqa: E402
+from bench.driver_scaling import peak_rss_mb
 
 
 def names(n: int) -> list[str]:
@@ -88,7 +88,7 @@ def child(what: str, job_file: str) -> None:
     from pipeline.run.runner import plan_job
 
     if what == "whole":
-        sources.level_mode = lambda url, options: "whole"  # noqa: ARG005 (what list_objects did before ranges)
+        sources.level_mode = lambda url, options: "whole"  # what list_objects did before ranges
     job = load_job(job_file)
     init_ray()
     started = time.perf_counter()
@@ -104,8 +104,8 @@ def child(what: str, job_file: str) -> None:
 
 def measure(what: str, job_file: Path, workers: int) -> dict:
     env = {**os.environ, "INTERNVL_BATCH_LIST_WORKERS": str(workers)}
-    out = subprocess.run([sys.executable, __file__, "--child", what, str(job_file)], capture_output=True, text=True,
-                         env=env)
+    out = subprocess.run([sys.executable, __file__, "--child", what, str(job_file)], check=False, capture_output=True,
+                         text=True, env=env)
     if out.returncode != 0:
         raise SystemExit(f"{what} failed: {out.stdout[-2000:]}{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

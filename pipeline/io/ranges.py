@@ -151,8 +151,9 @@ def _range_entries(level: S3Level, key_range: KeyRange, cap: int | None) -> tupl
         if token is None:
             return entries, []
         if cap is not None and len(entries) >= cap:
-            last = entries[-1][0]
-            return entries, split_rest(level.first_after, last + KEY_MAX if last.endswith("/") else last, key_range.until)
+            last = entries[-1][0]  # a sub-prefix ('a/') ends after all of its keys
+            last = last + KEY_MAX if last.endswith("/") else last
+            return entries, split_rest(level.first_after, last, key_range.until)
 
 
 def scan_names(url: str, options: Mapping[str, Any] | None, cap: int) -> Iterator[pa.Table]:

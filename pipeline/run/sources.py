@@ -43,7 +43,7 @@ class Listing:
     def note(self) -> str | None:
         """A line for the plan's output when the top level was split, or could not be."""
         if self.mode == "whole" or not self.ranged:
-            why = "the store ignores StartAfter" if self.mode == "ranges" else "this store cannot be listed by key range"
+            why = "the store ignores StartAfter" if self.mode == "ranges" else "this store has no ranged listing"
             return f"listing: {why}: its top level was listed by one task"
         if self.tasks > 1:
             return f"listing: the top level in {self.tasks} parts of at most {self.largest} entries ({self.mode})"

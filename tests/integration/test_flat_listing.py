@@ -53,7 +53,8 @@ def test_a_flat_local_folder_is_listed_in_bounded_blocks_each_object_once(ray_lo
     assert sorted(uris) == sorted(str(folder / n) for n in names if n.endswith(".jpg"))
 
 
-def test_a_flat_s3_prefix_is_listed_by_key_ranges_each_object_once(ray_local, s3_server, tiny_model, tmp_path, monkeypatch):
+def test_a_flat_s3_prefix_is_listed_by_key_ranges_each_object_once(ray_local, s3_server, tiny_model, tmp_path,
+                                                                   monkeypatch):
     fs = s3fs.S3FileSystem()
     names = hash_names(2000) + [f"img_{i:05d}.jpg" for i in range(700)] + ["sub/a.jpg", "sub/deep/b.jpg", "zz/c.jpg"]
     fs.pipe({f"bucket/flat/{n}": b"" for n in names})
