@@ -3,12 +3,15 @@ and over a SeaweedFS prefix of N objects, with 1 and 2 listing workers, beside t
 before (`list_level`).
 
 Each measurement is a fresh driver process that starts its own local Ray: it lists the input (`list_objects`: wall,
-parts, the most entries one task held, the largest Ray worker's peak RSS, read from /proc before anything else
-runs in the workers), then plans the job (`plan_job`: wall, which lists again, and the driver's own peak RSS,
-VmHWM). Worker peaks include each worker process's baseline (Ray, pyarrow, the pipeline's modules). "Before" is
+parts, the most entries one task held, and of the Ray workers: the largest private memory, RssAnon sampled every
+0.1 s, which is what a task holds, and the largest VmHWM, read from /proc before anything else runs in the
+workers, which also counts the object-store pages a worker wrote its blocks into), then plans the job (`plan_job`:
+wall, which lists again, and the driver's own peak RSS, VmHWM). Worker figures include each worker process's
+baseline (Ray, pyarrow, the pipeline's modules). "Before" is
 the same driver with every store listed as other stores still are: the top level by one task (`list_level`).
 
-    PYTHONPATH=. python bench/flat_listing.py [--files 200000 1000000] [--s3 100000] [--workers 1 2] [--work DIR]
+    PYTHONPATH=. python bench/flat_listing.py [--files 200000 1000000] [--s3 100000] [--s3-keys 10000]
+                                              [--workers 1 2] [--work DIR]
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import random
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -56,8 +60,8 @@ def fill_bucket(prefix: str, n: int) -> None:
         fs.pipe({f"{prefix}/{name}": b"" for name in all_names[start:start + batch]})
 
 
-def worker_peaks_mb() -> list[int]:
-    """Peak RSS (VmHWM, MB) of each Ray worker process under this driver (/proc: the process tree)."""
+def ray_workers() -> list[int]:
+    """The Ray worker processes under this driver (/proc: the process tree)."""
     children: dict[int, list[int]] = {}
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
@@ -66,18 +70,49 @@ def worker_peaks_mb() -> list[int]:
             except (OSError, IndexError, ValueError):
                 continue
             children.setdefault(ppid, []).append(int(entry.name))
-    peaks, todo = [], list(children.get(os.getpid(), []))
+    workers, todo = [], list(children.get(os.getpid(), []))
     while todo:
         pid = todo.pop()
         todo += children.get(pid, [])
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            status = Path(f"/proc/{pid}/status").read_text()
         except OSError:
             continue
         if cmd.startswith("ray::") or "default_worker.py" in cmd:
-            peaks += [int(line.split()[1]) // 1024 for line in status.splitlines() if line.startswith("VmHWM:")]
-    return peaks
+            workers.append(pid)
+    return workers
+
+
+def status_mb(pid: int, field: str) -> int:
+    """One memory figure of /proc/PID/status (VmHWM, RssAnon, ...), in MB; 0 once the process is gone."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return 0
+    return next((int(line.split()[1]) // 1024 for line in lines if line.startswith(f"{field}:")), 0)
+
+
+def worker_peaks_mb() -> list[int]:
+    """Peak RSS (VmHWM, MB) of each Ray worker process under this driver."""
+    return [status_mb(pid, "VmHWM") for pid in ray_workers()]
+
+
+class PrivateSampler(threading.Thread):
+    """The largest private memory (RssAnon: the heap, not the object-store pages a worker wrote, which VmHWM also
+    counts) of any one Ray worker, sampled every `interval` seconds until stopped."""
+
+    def __init__(self, interval: float = 0.1) -> None:
+        super().__init__(daemon=True)
+        self.interval, self.peak, self.done = interval, 0, threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(self.interval):
+            self.peak = max([self.peak] + [status_mb(pid, "RssAnon") for pid in ray_workers()])
+
+    def stop(self) -> int:
+        self.done.set()
+        self.join()
+        return self.peak
 
 
 def child(what: str, job_file: str) -> None:
@@ -91,19 +126,24 @@ def child(what: str, job_file: str) -> None:
         sources.level_mode = lambda url, options: "whole"  # what list_objects did before ranges
     job = load_job(job_file)
     init_ray()
+    sampler = PrivateSampler()
+    sampler.start()
     started = time.perf_counter()
     listing = sources.list_objects(job)
+    list_s = round(time.perf_counter() - started, 1)
     rows = listing.rows.count()
-    figures = {"rows": rows, "parts": listing.tasks, "largest": listing.largest or rows,
-               "list_s": round(time.perf_counter() - started, 1), "task_rss_mb": max(worker_peaks_mb(), default=0)}
+    figures = {"rows": rows, "parts": listing.tasks, "largest": listing.largest or rows, "list_s": list_s,
+               "task_private_mb": sampler.stop(), "task_rss_mb": max(worker_peaks_mb(), default=0)}
     started = time.perf_counter()
     samples = plan_job(job, echo=lambda line: None).figures()["samples"]
     print(json.dumps({**figures, "plan_s": round(time.perf_counter() - started, 1), "samples": samples,
                       "driver_rss_mb": peak_rss_mb(), "load": os.getloadavg()[0]}))
 
 
-def measure(what: str, job_file: Path, workers: int) -> dict:
+def measure(what: str, job_file: Path, workers: int, keys: int | None) -> dict:
     env = {**os.environ, "INTERNVL_BATCH_LIST_WORKERS": str(workers)}
+    if keys:
+        env["INTERNVL_BATCH_LIST_KEYS"] = str(keys)
     out = subprocess.run([sys.executable, __file__, "--child", what, str(job_file)], check=False, capture_output=True,
                          text=True, env=env)
     if out.returncode != 0:
@@ -111,14 +151,14 @@ def measure(what: str, job_file: Path, workers: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def report(label: str, n: int, job_file: Path, workers: list[int]) -> None:
+def report(label: str, n: int, job_file: Path, workers: list[int], keys: int | None = None) -> None:
     """Rows of the table for one input: one task as before, then in parts with each number of workers."""
-    rows = [("one task (before)", 1, measure("whole", job_file, 1))]
-    rows += [(f"parts, {w} worker(s)", w, measure("parts", job_file, w)) for w in workers]
+    rows = [("one task (before)", 1, measure("whole", job_file, 1, keys))]
+    rows += [(f"parts, {w} worker(s)", w, measure("parts", job_file, w, keys)) for w in workers]
     for how, _, r in rows:
         assert r["rows"] == r["samples"] == n, r
-        print(f"| {label} {n:,} | {how} | {r['list_s']} s | {r['parts']} | {r['largest']:,} | {r['task_rss_mb']} MB "
-              f"| {r['plan_s']} s | {r['driver_rss_mb']} MB | {r['load']:.1f} |", flush=True)
+        print(f"| {label} {n:,} | {how} | {r['list_s']} s | {r['parts']} | {r['largest']:,} | {r['task_private_mb']} MB "
+              f"| {r['task_rss_mb']} MB | {r['plan_s']} s | {r['driver_rss_mb']} MB | {r['load']:.1f} |", flush=True)
 
 
 def main() -> None:
@@ -126,6 +166,8 @@ def main() -> None:
     parser.add_argument("--files", type=int, nargs="*", default=[200_000, 1_000_000])
     parser.add_argument("--s3", type=int, nargs="*", default=[100_000])
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--s3-keys", type=int, default=10_000,
+                        help="entries a listing task holds at most, S3 runs (the default cap, 100k, is one part of 100k)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/internvl-batch-flat-listing"))
     parser.add_argument("--keep", action="store_true", help="keep the folders (they are deleted at the end)")
     parser.add_argument("--child", nargs=2, metavar=("WHAT", "JOB"))
@@ -137,9 +179,9 @@ def main() -> None:
     model = args.work / "tiny-model"
     if not (model / "config.json").exists():
         make_tiny_model(model)
-    print("| input | listed by | list: wall | parts | most entries in one task | largest task's peak RSS "
-          "| plan: wall | plan: driver peak RSS | load |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| input | listed by | list: wall | parts | most entries in one task | a worker's peak heap (RssAnon) "
+          "| a worker's peak RSS (VmHWM) | plan: wall | plan: driver peak RSS | load |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     try:
         for n in args.files:
             folder = args.work / f"flat-{n}"
@@ -160,7 +202,7 @@ def main() -> None:
                     job_file = args.work / f"s3-{n}.yaml"
                     job_file.write_text(yaml.safe_dump({"task": "caption", "input": f"s3://bucket/flat-{n}/",
                                                         "model": str(model), "output": str(args.work / f"out-s3-{n}")}))
-                    report("SeaweedFS prefix", n, job_file, args.workers)
+                    report("SeaweedFS prefix", n, job_file, args.workers, args.s3_keys)
     finally:
         if not args.keep:
             shutil.rmtree(args.work / "s3", ignore_errors=True)

@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from pipeline.config import JobConfig
+from pipeline.errors import InputError
 from pipeline.io.incremental import legacy_state, state_deltas
 from pipeline.io.inputs import (
     LISTING_SCHEMA, MANIFEST_TEXT_TYPES, add_counts, check_manifest_columns, input_kind,
@@ -196,13 +197,18 @@ def list_objects(job: JobConfig) -> Listing:
 
     cap, workers = listing_limits()
     mode = level_mode(job.input, job.storage)
-    if mode == "ranges":
-        blocks, prefixes, listing = _list_ranges(job, cap, workers)
-    elif mode == "scan":
-        blocks, prefixes, listing = _scan_folder(job, cap, workers)
-    else:
-        top, names = ray.remote(num_cpus=LIST_CPUS, num_returns=2)(list_level).remote(job.input, job.storage)
-        blocks, prefixes, listing = [top], ray.get(names), Listing(None, "whole", 1, 0)
+    try:
+        if mode == "ranges":
+            blocks, prefixes, listing = _list_ranges(job, cap, workers)
+        elif mode == "scan":
+            blocks, prefixes, listing = _scan_folder(job, cap, workers)
+        else:
+            top, names = ray.remote(num_cpus=LIST_CPUS, num_returns=2)(list_level).remote(job.input, job.storage)
+            blocks, prefixes, listing = [top], ray.get(names), Listing(None, "whole", 1, 0)
+    except InputError as err:  # raised in a task: Ray's wrapper (and a failed argument's) only say where
+        while isinstance(getattr(err, "cause", None), InputError):
+            err = err.cause
+        raise InputError(str(err)) from None
     rows = ray.data.from_arrow_refs(blocks or [ray.put(LISTING_SCHEMA.empty_table())])
     if prefixes:  # sub-prefix names only: the objects under them are listed by the tasks
         sub = ray.data.from_items([{"prefix": p} for p in prefixes], override_num_blocks=min(len(prefixes), 256))

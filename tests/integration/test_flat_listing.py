@@ -10,6 +10,7 @@ import pytest
 import s3fs
 
 from pipeline.config import parse_job
+from pipeline.errors import InputError
 
 pytestmark = pytest.mark.integration
 
@@ -51,6 +52,8 @@ def test_a_flat_local_folder_is_listed_in_bounded_blocks_each_object_once(ray_lo
     assert "listing: the top level in 9 parts of at most 300 entries (scan)" in lines
     _, uris = listed({**job, "input": str(folder / "*.jpg")}, monkeypatch, workers=1)  # a glob: same blocks, filtered
     assert sorted(uris) == sorted(str(folder / n) for n in names if n.endswith(".jpg"))
+    with pytest.raises(InputError, match=r"^input '.*/missing' does not exist"):  # the task's error, unwrapped
+        listed({**job, "input": str(tmp_path / "missing")}, monkeypatch)
 
 
 def test_a_flat_s3_prefix_is_listed_by_key_ranges_each_object_once(ray_local, s3_server, tiny_model, tmp_path,
