@@ -60,8 +60,8 @@ def fill_bucket(prefix: str, n: int) -> None:
         fs.pipe({f"{prefix}/{name}": b"" for name in all_names[start:start + batch]})
 
 
-def ray_workers() -> list[int]:
-    """The Ray worker processes under this driver (/proc: the process tree)."""
+def descendants() -> dict[int, bool]:
+    """The processes under this driver (/proc: the process tree), each with whether it is a Ray worker."""
     children: dict[int, list[int]] = {}
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
@@ -70,7 +70,7 @@ def ray_workers() -> list[int]:
             except (OSError, IndexError, ValueError):
                 continue
             children.setdefault(ppid, []).append(int(entry.name))
-    workers, todo = [], list(children.get(os.getpid(), []))
+    found, todo = {}, list(children.get(os.getpid(), []))
     while todo:
         pid = todo.pop()
         todo += children.get(pid, [])
@@ -78,9 +78,8 @@ def ray_workers() -> list[int]:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             continue
-        if cmd.startswith("ray::") or "default_worker.py" in cmd:
-            workers.append(pid)
-    return workers
+        found[pid] = cmd.startswith("ray::") or "default_worker.py" in cmd
+    return found
 
 
 def status_mb(pid: int, field: str) -> int:
@@ -92,27 +91,47 @@ def status_mb(pid: int, field: str) -> int:
     return next((int(line.split()[1]) // 1024 for line in lines if line.startswith(f"{field}:")), 0)
 
 
+def cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of one process (/proc/PID/stat), None once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def worker_peaks_mb() -> list[int]:
     """Peak RSS (VmHWM, MB) of each Ray worker process under this driver."""
-    return [status_mb(pid, "VmHWM") for pid in ray_workers()]
+    return [status_mb(pid, "VmHWM") for pid, worker in descendants().items() if worker]
 
 
-class PrivateSampler(threading.Thread):
-    """The largest private memory (RssAnon: the heap, not the object-store pages a worker wrote, which VmHWM also
-    counts) of any one Ray worker, sampled every `interval` seconds until stopped."""
+class TreeSampler(threading.Thread):
+    """Sampled every `interval` seconds until stopped: the largest private memory (RssAnon: the heap, not the
+    object-store pages a worker wrote, which VmHWM also counts) of any one Ray worker, and the CPU seconds of every
+    process under this driver, kept per process so that one Ray ends (an idle worker) is still counted."""
 
     def __init__(self, interval: float = 0.1) -> None:
         super().__init__(daemon=True)
         self.interval, self.peak, self.done = interval, 0, threading.Event()
+        self.start_cpu = {pid: cpu_s(pid) or 0.0 for pid in descendants()}
+        self.cpu: dict[int, float] = {}
+
+    def sample(self) -> None:
+        for pid, worker in descendants().items():
+            self.cpu[pid] = cpu_s(pid) or self.cpu.get(pid, 0.0)
+            if worker:
+                self.peak = max(self.peak, status_mb(pid, "RssAnon"))
 
     def run(self) -> None:
         while not self.done.wait(self.interval):
-            self.peak = max([self.peak] + [status_mb(pid, "RssAnon") for pid in ray_workers()])
+            self.sample()
 
-    def stop(self) -> int:
+    def stop(self) -> tuple[int, float]:
+        """The largest worker's peak RssAnon (MB), and the CPU seconds the processes under the driver used."""
         self.done.set()
         self.join()
-        return self.peak
+        self.sample()
+        return self.peak, sum(c - self.start_cpu.get(pid, 0.0) for pid, c in self.cpu.items())
 
 
 def child(what: str, job_file: str) -> None:
@@ -126,14 +145,14 @@ def child(what: str, job_file: str) -> None:
         sources.level_mode = lambda url, options: "whole"  # what list_objects did before ranges
     job = load_job(job_file)
     init_ray()
-    sampler = PrivateSampler()
+    sampler = TreeSampler()
     sampler.start()
     started = time.perf_counter()
     listing = sources.list_objects(job)
     list_s = round(time.perf_counter() - started, 1)
     rows = listing.rows.count()
     figures = {"rows": rows, "parts": listing.tasks, "largest": listing.largest or rows, "list_s": list_s,
-               "task_private_mb": sampler.stop(), "task_rss_mb": max(worker_peaks_mb(), default=0)}
+               "task_private_mb": sampler.stop()[0], "task_rss_mb": max(worker_peaks_mb(), default=0)}
     started = time.perf_counter()
     samples = plan_job(job, echo=lambda line: None).figures()["samples"]
     print(json.dumps({**figures, "plan_s": round(time.perf_counter() - started, 1), "samples": samples,
