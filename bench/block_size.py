@@ -9,7 +9,8 @@ stage would, and keeps a count.
   tiles), in blocks of 4 to 256 rows: wall; a task's CPU and wall time in its worker (Ray Data's own stats of the
   stage); and the driver's CPU time per task (its Ray Data executor: a cap on the tasks per second one driver
   sustains, whatever the cluster), less what the driver uses doing nothing (10 s measured first: Ray's polling,
-  the memory sampler) for as long as the stage ran. CPU times are the steadier figures on a shared machine.
+  the memory sampler) for as long as the stage ran; and how much the driver's heap (RssAnon) grew over the stage.
+  CPU times are the steadier figures on a shared machine.
 - memory: 13-tile camera-size JPEGs (4000x3000, max_tiles 12 + thumbnail: 7.8 MB of uint8 tiles each) in blocks of
   4, 16 and 32 rows: the stage's wall and CPU time (its tasks', from Ray Data's stats), and the largest private
   memory of a Ray worker (RssAnon, sampled every 0.1 s: what a task holds, and the worker's baseline).
@@ -34,7 +35,7 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.flat_listing import TreeSampler
+from bench.flat_listing import TreeSampler, status_mb
 
 IDLE_S = 10.0
 
@@ -69,13 +70,15 @@ def child(per_block: int, uris: list[str]) -> None:
 
     stage(uris[:workers])  # warm: the worker processes started and the pipeline's modules imported
     idle = measured(lambda: time.sleep(IDLE_S))  # what Ray's processes (and the sampler) use doing nothing
+    before = status_mb(os.getpid(), "RssAnon")
     run = measured(lambda: stage(uris))
+    driver_growth = status_mb(os.getpid(), "RssAnon") - before
     rows, summary = run["out"]
     op = stage_stats(summary)
     print(json.dumps({"rows": rows, "wall_s": round(run["wall"], 2), "tasks": op.cpu_time.count,
                       "task_cpu_s": op.cpu_time.mean, "task_wall_s": op.wall_time.mean, "stage_cpu_s": op.cpu_time.sum,
                       "driver_cpu_s": run["driver"] - idle["driver"] / idle["wall"] * run["wall"],
-                      "task_private_mb": run["peak"], "load": os.getloadavg()[0]}))
+                      "task_private_mb": run["peak"], "driver_growth_mb": driver_growth, "load": os.getloadavg()[0]}))
 
 
 def stage_stats(summary: Any) -> Any:
@@ -103,8 +106,11 @@ def measured(fn: Callable[[], Any]) -> dict[str, Any]:
 def measure(per_block: int, uris: list[str], work: Path) -> dict:
     listing = work / "uris.json"
     listing.write_text(json.dumps(uris))
-    out = subprocess.run([sys.executable, __file__, "--child", str(per_block), str(listing)], check=False,
-                         capture_output=True, text=True)
+    for _ in range(3):  # a loaded machine sometimes fails Ray's start-up ("timed out during startup")
+        out = subprocess.run([sys.executable, __file__, "--child", str(per_block), str(listing)], check=False,
+                             capture_output=True, text=True)
+        if out.returncode == 0 or "timed out during startup" not in out.stderr:
+            break
     if out.returncode != 0:
         raise SystemExit(f"block {per_block} failed: {out.stdout[-2000:]}{out.stderr[-4000:]}")
     result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -126,13 +132,14 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     missing = [f"/nonexistent/block-size/{i:07d}.jpg" for i in range(args.rows)]
     print("| rows a task | tasks | wall | tasks/s | a task's CPU (worker) | a task's wall (worker) "
-          "| driver CPU a task | load |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| driver CPU a task | driver heap growth | load |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for per_block in args.blocks:
         r = measure(per_block, missing, args.work)
         tasks = r["tasks"]
         print(f"| {per_block} | {tasks} | {r['wall_s']} s | {tasks / r['wall_s']:.1f} | {1000 * r['task_cpu_s']:.1f} ms "
-              f"| {1000 * r['task_wall_s']:.1f} ms | {1000 * r['driver_cpu_s'] / tasks:.1f} ms | {r['load']:.1f} |",
+              f"| {1000 * r['task_wall_s']:.1f} ms | {1000 * r['driver_cpu_s'] / tasks:.1f} ms "
+              f"| {r['driver_growth_mb']} MB | {r['load']:.1f} |",
               flush=True)
     if args.images:
         from bench.media import camera_jpeg
