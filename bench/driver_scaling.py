@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -72,14 +73,26 @@ def child(what: str, job_file: str) -> None:
 
     started = time.perf_counter()
     job = load_job(job_file)
-    quiet = lambda line: None  # noqa: E731
+    lines: list[tuple[float, str]] = []
+    echo = lambda line: lines.append((time.perf_counter() - started, line))
     if what == "plan":
-        figures = plan_job(job, echo=quiet).figures()
+        figures = plan_job(job, echo=echo).figures()
     else:
-        summary = run_job(job, echo=quiet)
+        summary = run_job(job, echo=echo)
         figures = {"rows_out": summary.rows_out, "rows_this_run": summary.rows_this_run}
-    print(json.dumps({"wall_s": round(time.perf_counter() - started, 1),
-                      "rss_mb": peak_rss_mb(), **figures}))
+    wall = time.perf_counter() - started
+    print(json.dumps({"wall_s": round(wall, 1), "rss_mb": peak_rss_mb(), "phases": phases(lines, wall), **figures}))
+
+
+def phases(lines: list[tuple[float, str]], wall: float) -> dict[str, float]:
+    """Seconds in each step, from when the run's lines were printed: to the end of the plan (the resume line),
+    the model stage up to its last shard, and the end-of-run accounting after it."""
+    planned = next((t for t, line in lines if line.startswith("resuming:")), None)
+    shards = [t for t, line in lines if line.startswith("[")]
+    out = {"plan": round(planned, 1)} if planned is not None else {}
+    if shards:
+        out.update(execute=round(shards[-1] - (planned or 0), 1), finish=round(wall - shards[-1], 1))
+    return out
 
 
 def measure(what: str, job_file: Path) -> dict:
@@ -112,6 +125,8 @@ def main() -> None:
         run = measure("run", job_file)
         assert run["rows_out"] == rows and run["rows_this_run"] == args.left, run
         print(f"| {rows:,} | {plan['rss_mb']} MB | {plan['wall_s']} s | {run['rss_mb']} MB | {run['wall_s']} s |", flush=True)
+        print(f"  phases (s): plan {plan['phases']}, resumed run {run['phases']}; load {os.getloadavg()[0]:.1f}",
+              flush=True)
         # the run completed the output: make it resumable again for the next measurement of the same size
         done = set(json.loads((job_file.parent / "done.json").read_text()))
         for p in (job_file.parent / "out").glob("part-*.parquet"):

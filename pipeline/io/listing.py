@@ -51,21 +51,32 @@ def _table(fs: Any, entries: Mapping[str, Mapping[str, Any]], keep: Callable[[st
 
 
 def list_level(url: str, options: Mapping[str, Any] | None = None) -> tuple[pa.Table, list[str]]:
-    """The top level of a prefix or glob: its matching files, and the sub-prefixes to list further (full URLs)."""
+    """The top level of a prefix or glob in one listing: its matching files, and the sub-prefixes to list further
+    (full URLs). A store without ranged listing is listed this way (`io/ranges.py` splits the level otherwise)."""
     fs, path = get_filesystem(url, options)
-    root = glob_root(path) if is_glob(path) else path.rstrip("/")
-    keep = matcher(path)
     if not is_glob(path) and fs.isfile(path):
-        return _table(fs, {path: fs.info(path)}, keep), []
+        return level_parts(fs, path, {path: fs.info(path)})
     try:
-        entries = {e["name"]: e for e in fs.ls(root, detail=True)}
+        entries = {e["name"]: e for e in fs.ls(level_root(path), detail=True)}
     except FileNotFoundError:
         raise InputError(f"input {url!r} does not exist (no such file, prefix or glob match)") from None
+    return level_parts(fs, path, entries)
+
+
+def level_root(path: str) -> str:
+    """The folder whose top level a prefix or glob lists."""
+    return glob_root(path) if is_glob(path) else path.rstrip("/")
+
+
+def level_parts(fs: Any, path: str, entries: Mapping[str, Mapping[str, Any]]) -> tuple[pa.Table, list[str]]:
+    """Some or all entries of the top level of a prefix or glob `path` ({path: info}, as fsspec lists them): the
+    matching files as a listing, and the sub-prefixes that can hold a match (full URLs, sorted)."""
+    root = level_root(path)
     dirs = [full_url(fs, p) for p, e in entries.items() if e.get("type") == "directory" and p.rstrip("/") != root]
     if is_glob(path):
         depth = path.count("/") - root.count("/")
         dirs = [d for d in dirs if depth > 1 or "**" in path]  # a one-level glob matches no file in a sub-prefix
-    return _table(fs, entries, keep), sorted(dirs)
+    return _table(fs, entries, matcher(path)), sorted(dirs)
 
 
 def list_tree(url: str, options: Mapping[str, Any] | None = None, pattern: str | None = None) -> pa.Table:

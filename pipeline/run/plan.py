@@ -268,6 +268,8 @@ def plan_run(job: JobConfig, folder: OutputFolder, echo: Echo, *, dry_run: bool 
                    rows_duplicated=counts.dup_done, rows_repaired=repaired.removed if repaired else 0, rows_stale=stale,
                    committed=len(prior.shards) if prior else None,
                    stamp=run_stamp() if job.incremental else "")
+    if inputs.listing and inputs.listing.note():
+        echo(inputs.listing.note())
     if job.incremental:
         echo(f"incremental: {samples} of {inputs.objects_listed} objects are new or changed since the last successful run"
              + (f"; {plan.committed} shard(s) committed by earlier runs are not read again" if plan.committed else ""))

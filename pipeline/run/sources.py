@@ -1,5 +1,6 @@
 """The job's inputs as Ray Data datasets: manifests read by Ray Data's readers, prefixes and globs listed in
-parallel by sub-prefix, S3 Inventory reports read as listings; incremental runs keep only objects absent from the
+parallel (a top level in bounded parts, `pipeline/io/ranges.py`, then by sub-prefix), S3 Inventory reports read as
+listings; incremental runs keep only objects absent from the
 state (an anti-join). Rows reach the driver only as counts; ids are derived in the workers (`pipeline/io/inputs`).
 """
 
@@ -12,19 +13,43 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from pipeline.config import JobConfig
+from pipeline.errors import InputError
 from pipeline.io.inputs import (
     LISTING_SCHEMA, MANIFEST_TEXT_TYPES, add_counts, check_manifest_columns, input_kind,
     manifest_base, manifest_rows, media_rows, skipped_counts,
 )
 from pipeline.io.output import OutputFolder
 from pipeline.io.listing import inventory_listing, inventory_spec, list_level, list_tree, manifest_files
+from pipeline.io.ranges import KeyRange, level_mode, list_range, look_up_names, scan_names
 from pipeline.io.schema import OUTPUT_SCHEMA, WRITE_FIELDS
 from pipeline.io.storage import MANIFEST_EXTENSIONS, extension, get_filesystem
 
 LIST_CPUS = 0.25  # listing a prefix waits on the object store, not the CPU
+LIST_KEYS = 100_000  # entries one listing task holds at most (~10 MB as a listing block), whatever the prefix's size
+LIST_WORKERS = 32  # listing tasks in flight (Ray runs as many as LIST_CPUS allow)
 FIELD_TYPES = {f.name: f.type for f in [*OUTPUT_SCHEMA, *WRITE_FIELDS]}  # columns older shards may lack
 SHARD_COLUMN, POSITION_COLUMN, SIZE_COLUMN = "__shard", "__position", "__size"  # where a row is (`source`)
 SAMPLE_KEYS = ("id", "uri", "uris", "question", "questions")  # what ids and expected rows are derived from
+
+
+@dataclass
+class Listing:
+    """A listed prefix or glob as a dataset, and how its top level was listed (for the plan's output)."""
+
+    rows: Any  # ray.data.Dataset of (uri, version), materialized
+    mode: str  # ranges | scan | whole (see pipeline/io/ranges.py)
+    tasks: int  # tasks that listed the top level
+    largest: int  # most entries one of them held
+    ranged: bool = True  # False: the store ignored StartAfter, one task listed the whole level
+
+    def note(self) -> str | None:
+        """A line for the plan's output when the top level was split, or could not be."""
+        if self.mode == "whole" or not self.ranged:
+            why = "the store ignores StartAfter" if self.mode == "ranges" else "this store has no ranged listing"
+            return f"listing: {why}: its top level was listed by one task"
+        if self.tasks > 1:
+            return f"listing: the top level in {self.tasks} parts of at most {self.largest} entries ({self.mode})"
+        return None
 
 
 @dataclass
@@ -36,6 +61,7 @@ class Inputs:
     skipped: dict[str, int] = field(default_factory=dict)  # listed files that are not media, by extension
     objects_listed: int | None = None  # incremental: media objects in the listing
     keys: Any = None  # the samples with only the columns ids come from (a manifest's read pruned to them)
+    listing: Listing | None = None  # a listed prefix or glob: how its top level was listed
 
 
 def arrow_fs(url: str, options: Any) -> tuple[Any, str]:
@@ -117,21 +143,92 @@ def _list_prefixes(batch: dict[str, Any], options: Any, pattern: str) -> pa.Tabl
     return pa.concat_tables(tables) if tables else LISTING_SCHEMA.empty_table()
 
 
-def list_objects(job: JobConfig) -> Any:
-    """A prefix or glob listed in parallel: the top level in one task, then one task per sub-prefix; the listing
-    (uri, version) stays in the object store (materialized: the plan and the run both read it). The driver gets
-    the sub-prefix names only: the top level's files (all of a flat prefix) stay an object-store block."""
+def listing_limits() -> tuple[int, int]:
+    """Entries one listing task holds at most, and listing tasks in flight (INTERNVL_BATCH_LIST_KEYS and
+    INTERNVL_BATCH_LIST_WORKERS override them: tests make the cap small, the bench the workers few)."""
+    import os
+
+    return (int(os.environ.get("INTERNVL_BATCH_LIST_KEYS", LIST_KEYS)),
+            int(os.environ.get("INTERNVL_BATCH_LIST_WORKERS", LIST_WORKERS)))
+
+
+def _list_ranges(job: JobConfig, cap: int, workers: int) -> tuple[list[Any], list[str], Listing]:
+    """An S3 prefix's top level by key ranges: each task lists one range and hands back the rest of it split; the
+    driver keeps the blocks' references, the ranges to list and the sub-prefix names."""
     import ray
 
-    top, names = ray.remote(num_cpus=LIST_CPUS, num_returns=2)(list_level).remote(job.input, job.storage)
-    prefixes = ray.get(names)
-    listing = ray.data.from_arrow_refs([top])
+    task = ray.remote(num_cpus=LIST_CPUS, num_returns=2)(list_range)
+    todo, running, blocks, dirs = [KeyRange()], {}, [], set()
+    tasks, largest, ranged = 0, 0, True
+    while todo or running:
+        while todo and len(running) < workers:
+            block, meta = task.remote(job.input, job.storage, todo.pop(), cap)
+            running[meta] = block
+            tasks += 1
+        done, _ = ray.wait(list(running), num_returns=1)
+        blocks.append(running.pop(done[0]))
+        meta = ray.get(done[0])
+        dirs.update(meta["dirs"])  # a sub-prefix cut by a range boundary is named by both ranges
+        todo += meta["rest"]
+        largest, ranged = max(largest, meta["keys"]), ranged and meta["ranged"]
+    return blocks, sorted(dirs), Listing(None, "ranges", tasks, largest, ranged)
+
+
+def _scan_folder(job: JobConfig, cap: int, workers: int) -> tuple[list[Any], list[str], Listing]:
+    """A local folder's top level: one task reads its names in blocks, tasks look each block up in parallel."""
+    import ray
+
+    scan = ray.remote(num_cpus=LIST_CPUS, num_returns="streaming",
+                      _generator_backpressure_num_objects=2 * workers)(scan_names)
+    look_up = ray.remote(num_cpus=LIST_CPUS, num_returns=2)(look_up_names)
+    running, blocks, dirs, held = {}, [], [], [0]
+
+    def collect(n: int) -> None:
+        done, _ = ray.wait(list(running), num_returns=n)
+        for ref in done:
+            blocks.append(running.pop(ref))
+            meta = ray.get(ref)
+            dirs.extend(meta["dirs"])
+            held[0] = max(held[0], meta["keys"])
+
+    for names in scan.remote(job.input, job.storage, cap):
+        if len(running) >= workers:
+            collect(1)
+        block, meta = look_up.remote(names, job.input, job.storage)
+        running[meta] = block
+    collect(len(running))
+    return blocks, sorted(dirs), Listing(None, "scan", len(blocks), held[0])
+
+
+def list_objects(job: JobConfig) -> Listing:
+    """A prefix or glob listed in parallel: its top level in parts of at most LIST_KEYS entries (by key range on S3,
+    by blocks of one streaming read of a local folder, or in one task on other stores), then one task per
+    sub-prefix. The listing (uri, version) stays in the object store (materialized: the plan and the run both read
+    it); the driver gets the sub-prefix names and the parts' references only."""
+    import ray
+
+    cap, workers = listing_limits()
+    mode = level_mode(job.input, job.storage)
+    try:
+        if mode == "ranges":
+            blocks, prefixes, listing = _list_ranges(job, cap, workers)
+        elif mode == "scan":
+            blocks, prefixes, listing = _scan_folder(job, cap, workers)
+        else:
+            top, names = ray.remote(num_cpus=LIST_CPUS, num_returns=2)(list_level).remote(job.input, job.storage)
+            blocks, prefixes, listing = [top], ray.get(names), Listing(None, "whole", 1, 0)
+    except InputError as err:  # raised in a task: Ray's wrapper (and a failed argument's) only say where
+        while isinstance(getattr(err, "cause", None), InputError):
+            err = err.cause
+        raise InputError(str(err)) from None
+    rows = ray.data.from_arrow_refs(blocks or [ray.put(LISTING_SCHEMA.empty_table())])
     if prefixes:  # sub-prefix names only: the objects under them are listed by the tasks
         sub = ray.data.from_items([{"prefix": p} for p in prefixes], override_num_blocks=min(len(prefixes), 256))
         pattern = job.input if any(ch in job.input for ch in "*?[") else None
-        listing = listing.union(sub.map_batches(_list_prefixes, fn_kwargs={"options": job.storage, "pattern": pattern},
-                                                batch_size=1, batch_format="numpy", num_cpus=LIST_CPUS))
-    return listing.materialize()
+        rows = rows.union(sub.map_batches(_list_prefixes, fn_kwargs={"options": job.storage, "pattern": pattern},
+                                          batch_size=1, batch_format="numpy", num_cpus=LIST_CPUS))
+    listing.rows = rows.materialize()
+    return listing
 
 
 def read_inventory(job: JobConfig) -> Any:
@@ -178,16 +275,17 @@ def read_inputs(job: JobConfig, folder: OutputFolder, partitions: int) -> Inputs
     kind = input_kind(job.input, job.input_format)
     if kind == "manifest":
         return read_manifest(job)
-    listing = list_objects(job) if kind == "files" else read_inventory(job)
+    listed_by = list_objects(job) if kind == "files" else None
+    listing = listed_by.rows if listed_by else read_inventory(job)
     skipped = count_skipped(listing)
     media = {"batch_format": "pyarrow", "batch_size": None}
     if kind == "files" and only_manifests(job, listing, skipped):
         return read_manifest(job)
     if not job.incremental:
         samples = listing.map_batches(media_rows, **media)
-        return Inputs(samples=samples, keys=samples, kind=kind, skipped=skipped)
+        return Inputs(samples=samples, keys=samples, kind=kind, skipped=skipped, listing=listed_by)
     listed = listing.map_batches(media_rows, **media).count()
     samples = new_objects(folder, listing, partitions).map_batches(media_rows, fn_kwargs={"versioned": True}, **media)
     samples = samples.materialize()
-    return Inputs(samples=samples, keys=samples, kind=kind, skipped=skipped, objects_listed=listed)
+    return Inputs(samples=samples, keys=samples, kind=kind, skipped=skipped, objects_listed=listed, listing=listed_by)
 
