@@ -125,7 +125,7 @@ def record_state(job: JobConfig, plan: RunPlan) -> str:
     stamp = plan.stamp
     if not plan.samples:
         return record_run(job.output, stamp, 0, job.storage)
-    taken = plan.inputs.samples.select_columns(["uri", "source_version"]).rename_columns({"source_version": "version"})
+    taken = plan.inputs.state_rows()
     fs, path = arrow_fs(delta_url(job.output, stamp), job.storage)
     taken.write_parquet(path, filesystem=fs)
     deltas = state_deltas(job.output, job.storage)

@@ -27,6 +27,7 @@ from pipeline.io.retry import pending_files
 from pipeline.io.schema import reserved_columns
 from pipeline.io.shards import clear_results, existing_results, shard_files, shard_urls
 from pipeline.io.storage import get_filesystem
+from pipeline.io.webdataset import has_braces, probe_shards
 from pipeline.model.checkpoints import check_checkpoint
 from pipeline.run import ids
 from pipeline.run.sources import Inputs, read_inputs
@@ -96,6 +97,8 @@ def probe_input(job: JobConfig) -> None:
         manifest_files(job.input, job.storage)
     elif kind == "inventory":
         inventory_spec(job.input, job.storage)
+    elif kind == "webdataset" and has_braces(job.input):
+        probe_shards(job.input, job.storage)
     else:
         fs, path = get_filesystem(job.input, job.storage)
         if not fs.exists(glob_root(path) if is_glob(path) else path):
