@@ -237,6 +237,15 @@ def index_shards(batch: pa.Table, *, options: Mapping[str, Any] | None = None, v
     return pa.concat_tables(tables) if tables else index_schema(versioned).empty_table()
 
 
+def typed_text_columns(table: pa.Table) -> pa.Table:
+    """The text columns typed as strings where a batch holds no value at all (numpy batches infer those as null):
+    every shard of an output keeps one schema, so it reads back as one table."""
+    for name in TEXT_MEMBERS:
+        if name in table.column_names and pa.types.is_null(table.schema.field(name).type):
+            table = table.set_column(table.column_names.index(name), name, table.column(name).cast(pa.string()))
+    return table
+
+
 def sample_media(cell: Mapping[str, Any] | None, options: Mapping[str, Any] | None = None) -> list[tuple[str, bytes]]:
     """A sample's media members (name, bytes), each read by its byte range: what the CPU stage decodes in place of
     reading `uri`. The index's verdict on the sample is raised here as the sample's error."""

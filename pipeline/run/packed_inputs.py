@@ -1,7 +1,7 @@
 """Inputs whose media are packed inside other files, read where they live, as Ray Data datasets: WebDataset tar
 shards (indexed in Ray tasks, one shard a task) and Parquet manifests carrying the pictures themselves
-(`image_column`). The pure work is in
-`pipeline/io/webdataset.py` and `pipeline/io/image_column.py`; the driver sees shard and file names only.
+(`image_column`). The pure work is in `pipeline/io/webdataset.py` and `pipeline/io/image_column.py`; the driver
+sees shard and file names only (docs/inputs.md).
 """
 
 from __future__ import annotations
@@ -13,9 +13,12 @@ from pipeline.errors import InputError
 from pipeline.io.image_column import check_image_column, image_rows, read_key_rows
 from pipeline.io.listing import manifest_files
 from pipeline.io.storage import extension
-from pipeline.io.webdataset import (expand_braces, has_braces, index_shards, is_shard, shard_listing,
-                                    stat_shards)
+from pipeline.io.webdataset import expand_braces, has_braces, index_shards, is_shard, shard_listing, stat_shards
 from pipeline.run.sources import LIST_CPUS, Inputs, count_skipped, list_objects, new_objects, read_files
+
+# Most blocks the shard listing is cut into before indexing (one task a block): enough to keep a large cluster busy,
+# few enough that Ray Data's per-block bookkeeping in the driver stays small.
+INDEX_BLOCKS = 4096
 
 
 def list_shards(job: JobConfig) -> tuple[Any, dict[str, int]]:
@@ -40,12 +43,13 @@ def read_webdataset(job: JobConfig, partitions: int) -> Inputs:
     text members, never a picture."""
     shards, skipped = list_shards(job)
     listed, taken = None, None
-    versioned = {"options": job.storage, "versioned": job.incremental}
     if job.incremental:
         listed = shards.count()
         shards = taken = new_objects(job, shards, partitions).materialize()
-    index = shards.map_batches(index_shards, fn_kwargs=versioned, batch_format="pyarrow", batch_size=1,
-                               num_cpus=LIST_CPUS).materialize()
+    # a task indexes the shards of one block: blocks of one shard (up to INDEX_BLOCKS of them) spread the work
+    shards = shards.repartition(max(1, min(shards.count(), INDEX_BLOCKS)))
+    index = shards.map_batches(index_shards, fn_kwargs={"options": job.storage, "versioned": job.incremental},
+                               batch_format="pyarrow", batch_size=1, num_cpus=LIST_CPUS).materialize()
     return Inputs(samples=index, keys=index.select_columns(["id", "uri"]), kind="webdataset", skipped=skipped,
                   objects_listed=listed, taken=taken)
 

@@ -93,6 +93,8 @@ def probe_input(job: JobConfig) -> None:
     if job.incremental and kind == "manifest":
         raise JobError("incremental: needs a prefix, glob or inventory input (object versions come from the listing), "
                        "not a manifest")
+    if job.image_column and kind != "manifest":
+        raise InputError(f"image_column: needs a Parquet manifest as input; {job.input!r} is read as {kind}")
     if kind == "manifest":
         manifest_files(job.input, job.storage)
     elif kind == "inventory":

@@ -21,10 +21,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import JobConfig, max_attempt, rung_overrides
+from pipeline.io.inputs import input_kind
 from pipeline.io.passed import passed_name
 from pipeline.io.retry import retryable, write_pending
 from pipeline.io.schema import OUTPUT_SCHEMA, RETRY_FIELDS, TODO_COLUMN, Totals
 from pipeline.io.shards import shard_name, write_shard
+from pipeline.io.webdataset import typed_text_columns
 from pipeline.stages.base import require_columns
 from pipeline.stages.model_stage import BATCH_COLUMN, BATCH_TYPE
 
@@ -68,6 +70,7 @@ class WriteShards:
         self.degraded = json.dumps(overrides, sort_keys=True) if overrides else None
         # error types put aside for another try: only while the ladder has a rung left
         self.retry_errors = job.retry.errors if job.retry and attempt < max_attempt(job.retry) else []
+        self.shards_input = input_kind(job.input, job.input_format) == "webdataset"  # its text columns have a type
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         require_columns(batch.column_names, "write", OUTPUT_SCHEMA.names)
@@ -75,6 +78,8 @@ class WriteShards:
         if BATCH_COLUMN in batch.column_names:
             batches = [b for b in batch.column(BATCH_COLUMN).to_pylist() if b is not None]
             batch = batch.drop_columns([BATCH_COLUMN])
+        if self.shards_input:
+            batch = typed_text_columns(batch)
         if TODO_COLUMN in batch.column_names:  # a resumed sample: only the rows its input row says are missing
             todo = batch.column(TODO_COLUMN).to_pylist()
             keep = [t is None or i in t for i, t in zip(batch.column("id").to_pylist(), todo)]

@@ -114,7 +114,12 @@ def test_the_cpu_stage_decodes_the_column_as_it_decodes_a_uri(tmp_path):
         cell_media(None, "image")
 
 
-def test_image_column_only_for_manifests():
+def test_image_column_only_for_manifests(tmp_path):
+    from pipeline.run.plan import probe_input
+
     with pytest.raises(JobError, match="image_column: only for a Parquet manifest"):
         parse_job({"task": "caption", "input": "s3://b/x/", "input_format": "files", "output": "o", "model": "m",
                    "image_column": "image"})
+    auto = parse_job({"task": "caption", "input": str(tmp_path), "output": "o", "model": "m", "image_column": "image"})
+    with pytest.raises(InputError, match="image_column: needs a Parquet manifest as input"):
+        probe_input(auto)  # preflight: before any work

@@ -155,3 +155,18 @@ def test_a_shard_that_cannot_be_read_is_one_error_row(tmp_path):
         assert [(r["id"], r["uri"], r[WDS_COLUMN]["error_type"]) for r in rows] == [(derive_id(url), url, kind)], name
     listed = stat_shards(pa.table({"uri": [str(tmp_path / "empty.tar"), str(tmp_path / "missing.tar")]}))
     assert listed.column("version").to_pylist()[1] is None  # a brace pattern's missing shard: kept, as a not_found row
+
+
+def test_text_columns_keep_their_type_in_a_shard_where_no_row_has_them(tmp_path):
+    """A shard of samples without a .txt member: numpy batches make the column null-typed, the writer types it, so
+    the output's shards read back as one table."""
+    import pyarrow.parquet as pq
+
+    from pipeline.stages.write import WriteShards
+    from tests.outputs import done_rows
+
+    job = _job(tmp_path)
+    for ids, txt in ((["a"], pa.array([None])), (["b"], pa.array(["caption"]))):
+        WriteShards(job, ["id", "uri", "txt"])(done_rows(ids, [f"/x/{i}" for i in ids]).append_column("txt", txt))
+    shards = sorted((tmp_path / "out").glob("part-*.parquet"))
+    assert [pq.read_schema(f).field("txt").type for f in shards] == [pa.string(), pa.string()]
