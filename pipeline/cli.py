@@ -19,6 +19,8 @@ err_console = Console(stderr=True, soft_wrap=True)
 RETRY_HELP = ("Try the output's error rows again (types: the job's retry.errors, else the default list), also those "
               "that have been through the whole retry ladder; each id stays once in the output.")
 VERBOSE_HELP = "Also show the libraries' progress bars and Ray Data's info lines on stderr."
+UPDATE_HELP = ("Resume an output written with other settings (prompt, tiling, generation, model, engine...): its rows "
+               "of other settings are re-run and replaced in place, each old row kept until its new one is written.")
 console = Console(soft_wrap=True)
 
 
@@ -35,6 +37,11 @@ def summary_table(summary: RunSummary) -> Table:
     if summary.rows_retried or len(summary.rows_by_attempt) > 1:
         table.add_row("retried", f"{summary.rows_retried} rows; by attempt "
                       + ", ".join(f"{a}: {n}" for a, n in sorted(summary.rows_by_attempt.items(), key=lambda x: int(x[0]))))
+    if summary.rows_updated or summary.rows_update_failed:
+        table.add_row("updated", f"{summary.rows_updated} rows replaced in place"
+                      + (f", {summary.rows_update_failed} kept (new row failed)" if summary.rows_update_failed else ""))
+    if summary.rows_repaired:
+        table.add_row("repaired", f"{summary.rows_repaired} duplicate rows removed")
     table.add_row("tiles", str(summary.tiles))
     table.add_row("generated tokens", str(summary.generated_tokens))
     table.add_row("wall time", f"{summary.wall_s:.1f} s")
@@ -57,6 +64,7 @@ def run(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key: --set compute.batch_size=16")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help=VERBOSE_HELP)] = False,
     retry_errors: Annotated[bool, typer.Option("--retry-errors", help=RETRY_HELP)] = False,
+    update: Annotated[bool, typer.Option("--update", help=UPDATE_HELP)] = False,
 ) -> None:
     """Run a job file."""
     from pipeline.errors import RunError
@@ -70,7 +78,7 @@ def run(
         raise typer.Exit(2) from None
     try:
         with quiet_run(verbose):
-            summary = run_job(job, echo=console.print, retry_errors=retry_errors)
+            summary = run_job(job, echo=console.print, retry_errors=retry_errors, update=update)
     except JobError as err:
         err_console.print(f"[red]error:[/red] {err}", highlight=False)
         raise typer.Exit(2) from None
@@ -81,11 +89,40 @@ def run(
 
 
 @app.command()
+def repair(
+    target: Annotated[str, typer.Argument(help="An output folder or s3:// prefix, or a job file (its output).")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key of the job file.")] = None,
+) -> None:
+    """Keep one row per id in an output that holds some twice (no model is loaded); updates its _SUCCESS.json."""
+    from pipeline.errors import RunError
+    from pipeline.io.output import OutputFolder
+    from pipeline.run.quiet import quiet_run
+    from pipeline.run.runner import repair_output_folder
+
+    try:
+        if target.endswith((".yaml", ".yml")):
+            job = load_job(Path(target), set_ or [])
+            folder, ttl = OutputFolder(job.output, job.storage, passed_url=job.output_passed), job.lock_ttl_s
+        else:
+            folder, ttl = OutputFolder(target), 300.0
+            folder = OutputFolder(target, passed_url=(folder.job_record() or {}).get("output_passed"))
+        with quiet_run(False):
+            repair_output_folder(folder, ttl_s=ttl, echo=console.print)
+    except JobError as err:
+        err_console.print(f"[red]error:[/red] {err}", highlight=False)
+        raise typer.Exit(2) from None
+    except RunError as err:
+        err_console.print(f"[red]failed:[/red] {err}", highlight=False)
+        raise typer.Exit(1) from None
+
+
+@app.command()
 def plan(
     job_file: Annotated[Path, typer.Argument(help="Job YAML file.")],
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key: --set compute.batch_size=16")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as one JSON object (and nothing else on stdout).")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help=VERBOSE_HELP)] = False,
+    update: Annotated[bool, typer.Option("--update", help=UPDATE_HELP)] = False,
 ) -> None:
     """Dry run: validate, list, resume and estimate what a run would do, without loading a model or writing."""
     import json
@@ -96,7 +133,8 @@ def plan(
     try:
         job = load_job(job_file, set_ or [])
         with quiet_run(verbose):
-            report = plan_job(job, echo=(lambda line: err_console.print(line, highlight=False)) if as_json else console.print)
+            report = plan_job(job, echo=(lambda line: err_console.print(line, highlight=False)) if as_json else console.print,
+                              update=update)
     except JobError as err:
         err_console.print(f"[red]error:[/red] {err}", highlight=False)
         raise typer.Exit(2) from None

@@ -89,7 +89,12 @@ class ConversionError(ValueError):
 
 
 class LockedError(RuntimeError):
-    """Another run holds the output's lock."""
+    """Another run holds the output's lease."""
+
+
+class LeaseLostError(LockedError):
+    """This run no longer holds the output's lease (taken over, removed, or not renewed in time): it writes nothing
+    more."""
 
 
 class SecretError(ValueError):

@@ -7,9 +7,8 @@ from collections.abc import Sequence
 import pyarrow as pa
 
 from pipeline.config import JobConfig
-from pipeline.io.markers import JOB_FILE, write_marker
+from pipeline.io.output import OutputFolder
 from pipeline.io.schema import OUTPUT_SCHEMA
-from pipeline.io.shards import write_shard
 
 
 def done_rows(ids: Sequence[str], uris: Sequence[str], *, sample_ids: Sequence[str] | None = None,
@@ -25,5 +24,6 @@ def done_rows(ids: Sequence[str], uris: Sequence[str], *, sample_ids: Sequence[s
 
 def write_done(job: JobConfig, rows: pa.Table, *, rows_per_shard: int = 100_000) -> list[str]:
     """Write rows under the job's output with the project's writer, after its _JOB.json (as a run would)."""
-    write_marker(job.output, JOB_FILE, {"fingerprint": job.fingerprint(), "task": job.task, "model": job.model}, job.storage)
-    return [write_shard(rows.slice(s, rows_per_shard), job.output, job.storage) for s in range(0, rows.num_rows, rows_per_shard)]
+    folder = OutputFolder(job.output, job.storage)
+    folder.write_json("_JOB.json", {"fingerprint": job.fingerprint(), "task": job.task, "model": job.model})
+    return [folder.write_shard(rows.slice(s, rows_per_shard)) for s in range(0, rows.num_rows, rows_per_shard)]

@@ -49,8 +49,9 @@ OUTPUT_SCHEMA = pa.schema([
     ("infer_ms", pa.float64()),
 ])
 
-# What the write stage adds to every row: which try wrote it (1 = the first) and the retry rung's overrides (JSON).
-RETRY_FIELDS = [pa.field("attempt", pa.int32()), pa.field("degraded", pa.string())]
+# What the write stage adds to every row: which try wrote it (1 = the first), the retry rung's overrides (JSON), and
+# the id of the settings that made it (config/fingerprint.settings_id; the full settings: _settings/<id>.json).
+WRITE_FIELDS = [pa.field("attempt", pa.int32()), pa.field("degraded", pa.string()), pa.field("settings", pa.string())]
 
 # What the CPU stage adds to each input row.
 PREPROCESS_SCHEMA = pa.schema([
@@ -94,7 +95,7 @@ TODO_COLUMN = "__todo"
 INPUT_COLUMNS = frozenset({"id", "uri", "uris", "question", "questions"})
 # Columns every job writes; a score job also writes its score columns (see `reserved_columns`).
 RESERVED_COLUMNS = (frozenset(OUTPUT_SCHEMA.names) | frozenset(PREPROCESS_SCHEMA.names)
-                    | frozenset(f.name for f in RETRY_FIELDS)) - INPUT_COLUMNS
+                    | frozenset(f.name for f in WRITE_FIELDS)) - INPUT_COLUMNS
 
 
 def column(base: str, criterion: Any) -> str:

@@ -6,6 +6,7 @@ A leaf module (no torch, no conversion), so both `checkpoints` and `convert` nam
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import uuid
@@ -46,3 +47,22 @@ def publish(dest: Path, build: Callable[[Path], object]) -> None:
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+DIGESTS = DEFAULT_CACHE.parent / "digests.json"
+
+
+def digest_cache() -> dict[str, str]:
+    """Checkpoint files' sha256 seen on this node, by `path:size:mtime_ns` (model/checkpoints.file_digest)."""
+    try:
+        return json.loads(DIGESTS.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def save_digest_cache(store: dict[str, str]) -> None:
+    """Write the digests whole (a temporary file renamed into place: concurrent runs never read half a file)."""
+    DIGESTS.parent.mkdir(parents=True, exist_ok=True)
+    tmp = DIGESTS.with_name(f".{DIGESTS.name}.{uuid.uuid4().hex[:8]}")
+    tmp.write_text(json.dumps(store))
+    os.replace(tmp, DIGESTS)

@@ -6,14 +6,16 @@ No torch at import, so the driver can check a job's model before any replica sta
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ModelLoadError
 from pipeline.io.storage import get_filesystem, is_remote, prefix_version
-from pipeline.model.cache import converted_entry, publish, remote_entry
+from pipeline.model.cache import converted_entry, digest_cache, publish, remote_entry, save_digest_cache
 
 # What a hub snapshot fetches: configs, weights, tokenizer and chat-template files (code only where the job trusts
 # the checkpoint's tokenizer code); never other weight formats or repository extras.
@@ -106,3 +108,49 @@ def prepare_checkpoint(model: str, *, cache_dir: str | Path | None = None, optio
     else:
         local = resolve_checkpoint(model, cache_dir=cache_dir, options=options)
     return native_checkpoint(local, cache_dir=cache_dir, trust_remote_code=trust_remote_code)
+
+
+def checkpoint_id(model: str, revision: str | None = None, options: Mapping[str, Any] | None = None) -> str:
+    """What identifies the weights a run loads, so that an output records them and a resumed run notices new
+    ones: a remote prefix's listing (every file's ETag, else size and mtime), a local folder's content (sha256 of
+    each file a replica reads, cached per file by path, size and mtime), a hub checkpoint's commit."""
+    if is_remote(model):
+        return f"objects:{prefix_version(model, options)}"
+    local = Path(model.removeprefix("file://")).expanduser()
+    if local.exists():
+        return f"sha256:{folder_digest(local)}"
+    if revision and re.fullmatch(r"[0-9a-f]{40}", revision):
+        return f"hub:{revision}"
+    return "hub:" + (hub_commit(model, revision) or f"{model}@{revision or 'main'}")
+
+
+def hub_commit(model: str, revision: str | None) -> str | None:
+    """The commit a hub id's revision points to in the local Hugging Face cache (None: not fetched here yet)."""
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    ref = Path(HF_HUB_CACHE) / f"models--{model.replace('/', '--')}" / "refs" / (revision or "main")
+    return ref.read_text().strip() if ref.is_file() else None
+
+
+def folder_digest(folder: Path) -> str:
+    """sha256 over the files of a checkpoint folder a replica reads (configs, weights, tokenizer), by relative path."""
+    files = sorted(p for pattern in HUB_FILES for p in folder.rglob(pattern) if p.is_file())
+    return hashlib.sha256(json.dumps([[str(p.relative_to(folder)), file_digest(p)] for p in files]).encode()).hexdigest()[:16]
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's content, remembered per (path, size, mtime) in the node cache: a checkpoint of tens of GB
+    is read once, not by every run."""
+    stat = path.stat()
+    key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    store = digest_cache()
+    known = store.get(key)
+    if known:
+        return known
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    store[key] = digest.hexdigest()
+    save_digest_cache(store)
+    return store[key]

@@ -8,6 +8,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline.config import JobConfig
+from pipeline.io.output import OutputFolder
 from pipeline.run.metrics import record_metrics
 from pipeline.model.engines import Engine
 from pipeline.run.resources import PREPROCESS_CPUS, WRITE_CPUS, Resources
@@ -46,9 +47,10 @@ def model_stage_class(task: str, engine: Engine) -> type:
     return AsyncGenerate if engine == "vllm" else Generate
 
 
-def write_batch(batch: pa.Table, job: JobConfig, input_columns: list[str], attempt: int = 1) -> pa.Table:
+def write_batch(batch: pa.Table, job: JobConfig, folder: OutputFolder, input_columns: list[str], attempt: int = 1,
+                settings_id: str | None = None, staged: bool = False) -> pa.Table:
     """Ray task body for the write stage; also counts what it wrote in the Prometheus metrics."""
-    stats = WriteShards(job, input_columns, attempt=attempt)(batch)
+    stats = WriteShards(job, folder, input_columns, attempt=attempt, settings_id=settings_id, staged=staged)(batch)
     record_metrics(ShardStats.from_row(stats.to_pylist()[0]))
     return stats
 
@@ -99,8 +101,9 @@ def read_rows(rows: Any, per_block: int, cpu_workers: int, cpu_task: dict[str, A
     return rows.repartition(target_num_rows_per_block=per_block), False
 
 
-def build_dataset(job: JobConfig, rows: Any, resources: Resources, *, input_columns: list[str] | None = None,
-                  attempt: int = 1) -> Any:
+def build_dataset(job: JobConfig, folder: OutputFolder, rows: Any, resources: Resources, *,
+                  input_columns: list[str] | None = None, attempt: int = 1, settings_id: str | None = None,
+                  staged: bool = False) -> Any:
     """The lazy Ray Data plan: input rows (an Arrow table or a dataset) -> tiles -> output rows (one per question)
     -> one stats row per shard. `attempt`: which try this is (a retry pass runs `job` with its rung applied)."""
     import ray
@@ -125,4 +128,6 @@ def build_dataset(job: JobConfig, rows: Any, resources: Resources, *, input_colu
     writer = {"batch_format": "pyarrow", "num_cpus": WRITE_CPUS, "compute": ray.data.TaskPoolStrategy(size=resources.replicas[1])}
     ds = ds.map_batches(_gather, batch_size=job.rows_per_shard, zero_copy_batch=True, **writer)
     columns = input_columns if input_columns is not None else (rows.column_names if isinstance(rows, pa.Table) else ["id", "uri"])
-    return ds.map_batches(write_batch, fn_kwargs={"job": job, "input_columns": columns, "attempt": attempt}, batch_size=None, **writer)
+    write = {"job": job, "folder": folder, "input_columns": columns, "attempt": attempt, "settings_id": settings_id,
+             "staged": staged}
+    return ds.map_batches(write_batch, fn_kwargs=write, batch_size=None, **writer)

@@ -12,8 +12,10 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline.config import JobConfig
-from pipeline.errors import JobError, RunError
-from pipeline.io.markers import JOB_FILE, SUCCESS_FILE, remove_marker, write_marker
+from pipeline.config.fingerprint import Resolved, identity, output_fingerprint, settings, settings_id
+from pipeline.errors import JobError, LeaseLostError, RunError
+from pipeline.io.output import OutputFolder
+from pipeline.model.checkpoints import checkpoint_id
 from pipeline.model.engines import vllm_installed
 from pipeline.run.dataset import build_dataset
 from pipeline.run.plan import RunPlan
@@ -46,12 +48,14 @@ def init_ray() -> None:
     ray.data.DataContext.get_current().enable_progress_bars = sys.stdout.isatty()
 
 
-def mark_output(job: JobConfig) -> None:
-    """Record which configuration this output belongs to, and that it is being extended (no _SUCCESS.json)."""
+def mark_output(job: JobConfig, folder: OutputFolder, resolved: Resolved) -> None:
+    """Record which job and settings this output belongs to, and that it is being extended (no _SUCCESS.json)."""
+    values = settings(job, resolved)
     try:
-        write_marker(job.output, JOB_FILE, {"fingerprint": job.fingerprint(), "task": job.task, "model": job.model,
-                                            "model_revision": job.model_revision}, job.storage)
-        remove_marker(job.output, SUCCESS_FILE, job.storage)
+        folder.begin({"fingerprint": output_fingerprint(job, resolved), "job_fingerprint": job.fingerprint(),
+                      "settings": values, "settings_id": settings_id(values), "identity": identity(job),
+                      "task": job.task, "model": job.model, "model_revision": job.model_revision,
+                      "output_passed": job.output_passed})
     except PermissionError as err:
         raise JobError(f"output {job.output!r}: access denied ({err}); check the AWS credentials") from None
 
@@ -103,14 +107,26 @@ def todo_rows(plan: RunPlan) -> Any:
     return pa.concat_tables(tables, promote_options="default") if tables else plan.todo
 
 
-def execute(job: JobConfig, plan: RunPlan, echo: Callable[[str], None], *, started: float, attempt: int = 1,
-            tally: RunTally | None = None) -> RunTally:
+def resolve(job: JobConfig) -> Resolved:
+    """What this run resolves that the job file leaves open: engine and dtype on the connected cluster, and the
+    checkpoint's content."""
+    resources = cluster_resources(job)
+    dtype = job.compute.dtype if job.compute.dtype != "auto" else ("bfloat16" if resources.on_gpu else "float32")
+    return Resolved(engine=resources.engine, dtype=dtype,
+                    checkpoint=checkpoint_id(job.model, job.model_revision, job.storage))
+
+
+def execute(job: JobConfig, folder: OutputFolder, plan: RunPlan, echo: Callable[[str], None], *, started: float,
+            resolved: Resolved, attempt: int = 1, tally: RunTally | None = None, staged: bool = False) -> RunTally:
     """Run the Ray Data plan over the samples left to do; the written shards' stats, summed as they arrive.
-    `attempt` > 1: a retry pass, `job` with its rung applied (the output was marked by the first pass)."""
+    `attempt` > 1: a retry pass, `job` with its rung applied (the output was marked by the first pass). `staged`:
+    an update, whose rows wait in `_update/` until run/update.py places them."""
     import ray
 
     if attempt == 1:
-        mark_output(job)
+        mark_output(job, folder, resolved)
+    values = settings(job, resolved)
+    folder.record_settings(settings_id(values), values)
     resources = cluster_resources(job)
     budget = object_store_budget(job, resources, ray.cluster_resources().get("object_store_memory"))
     configure_data_context(budget)
@@ -124,7 +140,8 @@ def execute(job: JobConfig, plan: RunPlan, echo: Callable[[str], None], *, start
     tally = tally if tally is not None else RunTally()
     written = 0
     try:
-        dataset = build_dataset(job, todo_rows(plan), resources, input_columns=plan.input_columns, attempt=attempt)
+        dataset = build_dataset(job, folder, todo_rows(plan), resources, input_columns=plan.input_columns,
+                                attempt=attempt, settings_id=settings_id(values), staged=staged)
         for row in dataset.iter_rows():  # one row per shard
             shard = ShardStats.from_row(row)
             tally.add(shard.rows, shard.tiles, shard.generated_tokens, shard.batches, shard=bool(shard.file),
@@ -138,6 +155,9 @@ def execute(job: JobConfig, plan: RunPlan, echo: Callable[[str], None], *, start
         from ray.exceptions import RayActorError
 
         kept = f"The {written} rows written so far are kept"
+        lost = find_cause(err, LeaseLostError)
+        if lost is not None:
+            raise RunError(f"{lost} {kept}; the run that took the output over finishes it.") from err
         died = find_cause(err, RayActorError)
         if died is not None and died.actor_init_failed:  # a model stage actor's constructor: the replica's load
             # Ray keeps only the text of an actor's creation error: its last line names the exception raised there.

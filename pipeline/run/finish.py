@@ -8,7 +8,7 @@ output's ids. The driver holds totals only, and names one missing and one duplic
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,18 +16,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import Criterion, JobConfig
+from pipeline.config.fingerprint import Resolved, output_fingerprint
 from pipeline.errors import ErrorType, RunError
-from pipeline.io.incremental import COMPACT_AFTER, delta_url, record_run, remove_deltas, state_deltas
-from pipeline.io.markers import SUCCESS_FILE
-from pipeline.io.passed import check_passed
-from pipeline.io.retry import attempts_of
+from pipeline.io.output import OutputFolder
+from pipeline.io.output.pending import attempts_of
+from pipeline.io.output.state import COMPACT_AFTER
 from pipeline.io.schema import Totals, column
-from pipeline.io.shards import shard_urls
-from pipeline.io.storage import get_filesystem
 from pipeline.model.scoring import HISTOGRAM_BINS, histogram
 from pipeline.run import ids
 from pipeline.run.plan import RunPlan, expected_rows
-from pipeline.run.sources import arrow_fs, read_files, read_shards
+from pipeline.run.repair import repair_output
+from pipeline.run.update import Placed
+from pipeline.run.sources import read_files, read_shards
 from pipeline.run.summary import RunSummary, RunTally
 
 ERROR_KINDS = [e.value for e in ErrorType] + ["unknown"]
@@ -69,12 +69,12 @@ def block_totals(batch: pa.Table, score_columns: Sequence[tuple[str, str]], with
     return pa.table({k: pa.array([v], pa.int64()) for k, v in row.items()})
 
 
-def summarize_output(output: str, options: Mapping[str, Any] | None = None, *, criteria: Sequence[Criterion] = (),
-                     with_passed: bool = False) -> OutputCounts:
-    """Counts over every shard under `output` (so the summary reports what is really there)."""
+def summarize_output(folder: OutputFolder, *, criteria: Sequence[Criterion] = (), with_passed: bool = False) -> OutputCounts:
+    """Counts over every shard of the output (so the summary reports what is really there)."""
     from ray.data.aggregate import Sum
 
-    files = shard_urls(output, options)
+    files = folder.shards()
+    options = folder.storage
     if not files:
         return OutputCounts(rows_passed=0 if with_passed else None)
     score_columns = [((c.name or "score"), column("score", c)) for c in criteria]
@@ -96,13 +96,16 @@ def summarize_output(output: str, options: Mapping[str, Any] | None = None, *, c
     )
 
 
-def check_ids(job: JobConfig, plan: RunPlan, rows_out: int) -> None:
+def count_output_ids(job: JobConfig, folder: OutputFolder, plan: RunPlan) -> ids.IdCounts:
+    """The plan's expected rows and the output's ids, grouped by id."""
+    expected = plan.inputs.keys.map_batches(expected_rows, fn_kwargs={"job": job}, batch_format="pyarrow", batch_size=None)
+    files = folder.shards()
+    return ids.count_ids(expected, ids.read_ids(files, job.storage) if files else None, ids.partitions_for(job))
+
+
+def check_ids(job: JobConfig, plan: RunPlan, counts: ids.IdCounts, rows_out: int) -> None:
     """Every expected row is in the output exactly once, and the output holds rows_in rows; else RunError naming
     one missing and one duplicated id."""
-    expected = plan.inputs.keys.map_batches(expected_rows, fn_kwargs={"job": job}, batch_format="pyarrow", batch_size=None)
-    files = shard_urls(job.output, job.storage)
-    partitions = ids.partitions_for(job)
-    counts = ids.count_ids(expected, ids.read_ids(files, job.storage) if files else None, partitions)
     unexpected = counts.unexpected if not job.incremental else 0  # earlier incremental runs' rows stay
     if rows_out == plan.rows_in and not counts.missing and not counts.dup_done and not unexpected:
         return
@@ -118,50 +121,61 @@ def check_ids(job: JobConfig, plan: RunPlan, rows_out: int) -> None:
                    f"ids{'; ' + ', '.join(named) if named else ''}); _SUCCESS.json not written")
 
 
-def record_state(job: JobConfig, plan: RunPlan) -> str:
+def _write_delta(batch: pa.Table, folder: OutputFolder, stamp: str) -> pa.Table:
+    """Ray task body: one block of (uri, version) rows as one file of the run's state delta (through the folder, so
+    the write is fenced)."""
+    if batch.num_rows:
+        folder.state.write_part(stamp, batch)
+    return pa.table({"rows": pa.array([batch.num_rows], pa.int64())})
+
+
+def write_delta(folder: OutputFolder, rows: Any, stamp: str) -> int:
+    """A dataset of (uri, version) rows written as the state delta `stamp`; how many rows."""
+    return int(rows.map_batches(_write_delta, fn_kwargs={"folder": folder, "stamp": stamp}, batch_format="pyarrow",
+                                batch_size=None).sum("rows") or 0)
+
+
+def record_state(folder: OutputFolder, plan: RunPlan) -> str:
     """Incremental: write the objects this run took as the state's delta (compacting the state now and then)."""
     import ray
 
     stamp = plan.stamp
-    if not plan.samples:
-        return record_run(job.output, stamp, 0, job.storage)
-    taken = plan.inputs.state_rows()
-    fs, path = arrow_fs(delta_url(job.output, stamp), job.storage)
-    taken.write_parquet(path, filesystem=fs)
-    deltas = state_deltas(job.output, job.storage)
+    folder.state.keep_legacy()  # an early version's _INCREMENTAL.json becomes the first delta
+    if plan.samples:
+        write_delta(folder, plan.inputs.state_rows(), stamp)
+    deltas = folder.state.deltas()
     if len(deltas) > COMPACT_AFTER:  # one delta instead of many: written first, then the merged ones removed
-        merged = read_files([f for files in deltas.values() for f in files], job.storage)
-        fs, path = arrow_fs(delta_url(job.output, f"{stamp}-compacted"), job.storage)
-        merged.repartition(max(1, int(ray.cluster_resources().get("CPU", 1)))).write_parquet(path, filesystem=fs)
-        remove_deltas(list(deltas), job.storage)
-    return record_run(job.output, stamp, plan.samples, job.storage)
+        merged = read_files([f for files in deltas.values() for f in files], folder.storage)
+        write_delta(folder, merged.repartition(max(1, int(ray.cluster_resources().get("CPU", 1)))), f"{stamp}-compacted")
+        folder.state.remove_deltas(list(deltas))
+    return folder.state.record_run(stamp, plan.samples)
 
 
-def write_success(output: str, summary: RunSummary, options: Mapping[str, Any] | None = None) -> None:
-    """Write _SUCCESS.json last: its presence means every shard is in place."""
-    fs, path = get_filesystem(output, options)
-    with fs.open(f"{path.rstrip('/')}/{SUCCESS_FILE}", "w") as f:
-        f.write(summary.to_json())
-
-
-def finish(job: JobConfig, plan: RunPlan, tally: RunTally, *, started: float) -> RunSummary:
+def finish(job: JobConfig, folder: OutputFolder, plan: RunPlan, tally: RunTally, *, started: float,
+           resolved: Resolved, echo: Callable[[str], None] = print, placed: Placed | None = None) -> RunSummary:
     """Account for every row of the plan, then write _SUCCESS.json (incremental: record the objects taken)."""
     criteria = job.score_criteria() if job.task == "score" else []
-    counts = summarize_output(job.output, job.storage, criteria=criteria, with_passed=job.has_filter)
+    id_counts = count_output_ids(job, folder, plan)
+    repaired = plan.rows_repaired
+    if id_counts.dup_done:  # written twice during the run (a writer that lost its lease, a copy): keep one row each
+        repaired += repair_output(folder, echo, partitions=ids.partitions_for(job)).removed
+        id_counts = count_output_ids(job, folder, plan)
+    counts = summarize_output(folder, criteria=criteria, with_passed=job.has_filter)
     busy, replicas = tally.replica_usage()
     summary = RunSummary(
         rows_in=plan.rows_in, **counts.summary_fields(), wall_s=time.perf_counter() - started,
-        fingerprint=job.fingerprint(), task=job.task, model=job.model, output=job.output,
+        fingerprint=output_fingerprint(job, resolved), task=job.task, model=job.model, output=job.output,
         skipped_inputs=plan.skipped, rows_this_run=tally.rows,
         tiles_this_run=tally.tiles, tokens_this_run=tally.generated_tokens,
-        model_busy_fraction=busy, replicas=replicas, rows_retried=tally.deferred,
+        model_busy_fraction=busy, replicas=replicas, rows_retried=tally.deferred, rows_repaired=repaired,
+        rows_updated=placed.replaced if placed else 0, rows_update_failed=placed.kept if placed else 0,
     )
-    check_ids(job, plan, counts.rows)
-    problem = check_passed(job.output, job.output_passed, counts.rows_passed or 0, job.storage) if job.output_passed else None
+    check_ids(job, plan, id_counts, counts.rows)
+    problem = folder.check_passed(counts.rows_passed or 0) if job.output_passed else None
     if problem:
         raise RunError(f"accounting failed for output_passed: {problem}; _SUCCESS.json not written")
     if job.incremental:
-        record_state(job, plan)
+        record_state(folder, plan)
         summary.objects_taken = plan.samples
-    write_success(job.output, summary, job.storage)
+    folder.finish(summary.to_json())
     return summary

@@ -1,7 +1,8 @@
 """Inputs whose media are packed inside other files, read where they live, as Ray Data datasets: WebDataset tar
 shards (indexed in Ray tasks, one shard a task) and Parquet manifests carrying the pictures themselves
-(`image_column`). The pure work is in `pipeline/io/webdataset.py` and `pipeline/io/image_column.py`; the driver
-sees shard and file names only (docs/inputs.md).
+(`image_column`); `read_job_inputs` is where the plan reads any job's inputs (the others: `sources.py`). The pure
+work is in `pipeline/io/webdataset.py` and `pipeline/io/image_column.py`; the driver sees shard and file names only
+(docs/inputs.md).
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ from typing import Any
 from pipeline.config import JobConfig
 from pipeline.errors import InputError
 from pipeline.io.image_column import check_image_column, image_rows, read_key_rows
+from pipeline.io.inputs import input_kind
 from pipeline.io.listing import manifest_files
+from pipeline.io.output import OutputFolder
 from pipeline.io.storage import extension
 from pipeline.io.webdataset import expand_braces, has_braces, index_shards, is_shard, shard_listing, stat_shards
-from pipeline.run.sources import LIST_CPUS, Inputs, count_skipped, list_objects, new_objects, read_files
+from pipeline.run.sources import LIST_CPUS, Inputs, count_skipped, list_objects, new_objects, read_files, read_inputs
 
 # Most blocks the shard listing is cut into before indexing (one task a block): enough to keep a large cluster busy,
 # few enough that Ray Data's per-block bookkeeping in the driver stays small.
@@ -37,7 +40,7 @@ def list_shards(job: JobConfig) -> tuple[Any, dict[str, int]]:
     return listing.map_batches(shard_listing, batch_format="pyarrow", batch_size=None).materialize(), skipped
 
 
-def read_webdataset(job: JobConfig, partitions: int) -> Inputs:
+def read_webdataset(job: JobConfig, folder: OutputFolder, partitions: int) -> Inputs:
     """Every sample of the shards (incremental: of the shards new or changed since the last successful run) as input
     rows; the index is materialized (the plan, the run and its retries read it) and holds offsets and the small
     text members, never a picture."""
@@ -45,7 +48,7 @@ def read_webdataset(job: JobConfig, partitions: int) -> Inputs:
     listed, taken = None, None
     if job.incremental:
         listed = shards.count()
-        shards = taken = new_objects(job, shards, partitions).materialize()
+        shards = taken = new_objects(folder, shards, partitions).materialize()
     # a task indexes the shards of one block: blocks of one shard (up to INDEX_BLOCKS of them) spread the work
     shards = shards.repartition(max(1, min(shards.count(), INDEX_BLOCKS)))
     index = shards.map_batches(index_shards, fn_kwargs={"options": job.storage, "versioned": job.incremental},
@@ -77,3 +80,14 @@ def read_image_manifest(job: JobConfig) -> Inputs:
     keys = items.map_batches(_key_rows, fn_kwargs={"column": column, "options": job.storage}, batch_size=1,
                              batch_format="numpy", num_cpus=LIST_CPUS)
     return Inputs(samples=rows, keys=keys, kind="manifest", gather=False)
+
+
+def read_job_inputs(job: JobConfig, folder: OutputFolder, partitions: int) -> Inputs:
+    """The job's samples as a dataset: shards and Parquet pictures read here, every other input by
+    `sources.read_inputs`."""
+    kind = input_kind(job.input, job.input_format)
+    if kind == "webdataset":
+        return read_webdataset(job, folder, partitions)
+    if kind == "manifest" and job.image_column:
+        return read_image_manifest(job)
+    return read_inputs(job, folder, partitions)

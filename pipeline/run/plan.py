@@ -8,7 +8,8 @@ found by a join. The driver keeps counts only.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,21 +17,22 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import JobConfig
+from pipeline.config.fingerprint import Resolved, changes, identity, output_fingerprint, settings
 from pipeline.credentials import is_missing_credentials, missing_credentials_message
 from pipeline.errors import InputError, JobError, ModelLoadError
-from pipeline.io.incremental import run_stamp
 from pipeline.io.inputs import duplicate_id_error, input_kind
 from pipeline.io.listing import inventory_spec, is_glob, glob_root, manifest_files
-from pipeline.io.markers import JOB_FILE, read_marker
-from pipeline.io.passed import remove_orphans
-from pipeline.io.retry import pending_files
+from pipeline.io.output import OutputFolder
+from pipeline.io.output.layout import JOB_FILE, RETRY_DIR
+from pipeline.io.output.state import run_stamp
 from pipeline.io.schema import reserved_columns
-from pipeline.io.shards import clear_results, existing_results, shard_files, shard_urls
 from pipeline.io.storage import get_filesystem
 from pipeline.io.webdataset import has_braces, probe_shards
 from pipeline.model.checkpoints import check_checkpoint
 from pipeline.run import ids
-from pipeline.run.sources import Inputs, read_inputs
+from pipeline.run.repair import KEEP_RULE, repair_output
+from pipeline.run.packed_inputs import read_job_inputs
+from pipeline.run.sources import Inputs, read_shards
 
 Echo = Callable[[str], None]
 
@@ -47,7 +49,9 @@ class RunPlan:
     samples_todo: int  # samples with rows still to write
     todo: Any = None  # ray.data.Dataset of those samples (TODO_COLUMN: the rows left of a partly written sample)
     input_columns: list[str] = field(default_factory=list)
-    rows_duplicated: int = 0  # ids the output already holds more than once (the run then fails its accounting)
+    rows_duplicated: int = 0  # ids the output holds more than once (a dry run; a run repairs them first)
+    rows_repaired: int = 0  # duplicate rows a run removed before planning
+    rows_stale: int = 0  # an update: rows made with other settings, re-run and replaced in place
     rows_waiting: int = 0  # of rows_done, those set aside for a retry pass (in `_retry/`, not in the output yet)
     stamp: str = ""  # incremental: this run's name in the state
     estimate: dict[str, Any] = field(default_factory=dict)
@@ -64,27 +68,47 @@ class RunPlan:
         """What `internvl-batch plan --json` prints, and every run starts with."""
         return {"samples": self.samples, "rows": self.rows_expected, "rows_done": self.rows_done,
                 "rows_todo": self.rows_todo, "samples_todo": self.samples_todo, "rows_in": self.rows_in,
-                "rows_waiting": self.rows_waiting,
+                "rows_waiting": self.rows_waiting, "rows_stale": self.rows_stale, "rows_duplicated": self.rows_duplicated,
                 "skipped": self.skipped, "objects_listed": self.inputs.objects_listed, "estimate": self.estimate}
 
 
-def preflight(job: JobConfig, echo: Echo, *, dry_run: bool = False) -> None:
-    """Check the output's state and the model, and probe the input; every failure is a JobError naming its cause."""
-    try:
-        check_output_state(job, echo, dry_run=dry_run)
+def output_folder(job: JobConfig) -> OutputFolder:
+    """The job's output folder (and its passed subset), not yet fenced by a lease."""
+    return OutputFolder(job.output, job.storage, passed_url=job.output_passed)
+
+
+def preflight(job: JobConfig, echo: Echo) -> None:
+    """Check the model and probe the input, before the output is touched; every failure is a JobError naming its
+    cause. (The output's state is checked once the run holds the output's lease: `check_output_state`.)"""
+    with job_errors(job):
         check_checkpoint(job.model, job.storage)
         probe_input(job)
+
+
+@contextmanager
+def job_errors(job: JobConfig) -> Iterator[None]:
+    """Failures of the checks before a run (model, input, output, credentials) as JobErrors naming their cause."""
+    try:
+        with storage_errors(f"{job.input!r} / {job.output!r}"):
+            yield
     except ModelLoadError as err:
         raise JobError(str(err)) from None
     except InputError as err:
         raise JobError(f"input: {err}") from None
+
+
+@contextmanager
+def storage_errors(where: str) -> Iterator[None]:
+    """Access denied and missing credentials reaching `where` as JobErrors saying what to check."""
+    try:
+        yield
     except PermissionError as err:
-        raise JobError(f"access denied ({err}) reading {job.input!r} or {job.output!r}; check the AWS credentials "
+        raise JobError(f"access denied ({err}) reading or writing {where}; check the AWS credentials "
                        "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, profile or role)") from None
     except Exception as err:  # noqa: BLE001 - botocore's NoCredentialsError, without importing botocore here
         if not is_missing_credentials(err):
             raise
-        raise JobError(f"{job.input!r} / {job.output!r}: {missing_credentials_message()}") from None
+        raise JobError(f"{where}: {missing_credentials_message()}") from None
 
 
 def probe_input(job: JobConfig) -> None:
@@ -107,39 +131,55 @@ def probe_input(job: JobConfig) -> None:
             raise InputError(f"input {job.input!r} does not exist (no such file, prefix or glob match)")
 
 
-def check_output_state(job: JobConfig, echo: Echo, *, dry_run: bool = False) -> None:
-    """Overwrite clears (a dry run only says so); otherwise an output may only be resumed by the configuration that
-    started it."""
-    targets = [job.output] + ([job.output_passed] if job.output_passed else [])
+def check_output_state(job: JobConfig, folder: OutputFolder, resolved: Resolved, echo: Echo, *, dry_run: bool = False,
+                       update: bool = False) -> None:
+    """Overwrite clears (a dry run only says so); otherwise an output may only be resumed by the job and settings
+    that started it (`update`: by other settings too, whose rows the run then re-runs in place; never by another
+    task, question count or columns)."""
     if job.overwrite:
-        for target in targets:
+        for target in [job.output] + ([job.output_passed] if job.output_passed else []):
             if dry_run:
-                found = len(existing_results(target, job.storage))
+                found = len(folder.results(target))
                 if found:
                     echo(f"overwrite: would remove {found} earlier result files from {target}")
                 continue
-            removed = clear_results(target, job.storage)
+            removed = folder.clear(target)
             if removed:
                 echo(f"overwrite: removed {removed} earlier result files from {target}")
         return
-    marker = read_marker(job.output, JOB_FILE, job.storage)
+    marker = folder.job_record()
     if marker is None:
-        if shard_files(job.output, job.storage):
+        if folder.shards():
             raise JobError(f"output {job.output!r} holds Parquet files of an unknown run (no {JOB_FILE}); "
                            "choose another output or pass --set overwrite=true to replace them")
         return
-    if marker.get("fingerprint") != job.fingerprint():
-        raise JobError(
-            f"output {job.output!r} holds results of another configuration (fingerprint {marker.get('fingerprint')}, "
-            f"model {marker.get('model')!r}; this job: {job.fingerprint()}, model {job.model!r}). Model, revision, "
-            "prompt, questions, schema, tiling, video sampling and generation must match to resume; choose another output "
-            "or pass --set overwrite=true to start a new run there"
-        )
-    if job.output_passed:
-        orphans = remove_orphans(job.output, job.output_passed, job.storage)
+    problem = output_mismatch(marker, job, resolved, update=update)
+    if problem:
+        raise JobError(f"output {job.output!r} {problem}; choose another output, pass --update to re-run the rows "
+                       "whose settings changed in place, or --set overwrite=true to start a new run there")
+    if job.output_passed and not dry_run:
+        orphans = folder.remove_passed_orphans()
         if orphans:
             echo(f"resume: removed {orphans} passed shard(s) of rows an earlier run did not finish writing; "
                  "they are processed again")
+
+
+def output_mismatch(marker: dict[str, Any], job: JobConfig, resolved: Resolved, *, update: bool = False) -> str | None:
+    """Why a run of `job` may not write into an output whose `_JOB.json` is `marker` (None: it may). An output of an
+    earlier version (no settings recorded) is resumed by the same job file."""
+    if "settings" not in marker:
+        if marker.get("fingerprint") == job.fingerprint():
+            return None
+        return (f"holds results of another configuration (fingerprint {marker.get('fingerprint')}, model "
+                f"{marker.get('model')!r}; this job: {job.fingerprint()}, model {job.model!r}; written by an earlier "
+                "version, which did not record its settings)")
+    if marker.get("fingerprint") == output_fingerprint(job, resolved):
+        return None
+    if update:
+        changed = changes(marker.get("identity") or {}, identity(job))
+        return f"holds results of another kind of job ({'; '.join(changed)}): --update cannot change that" if changed else None
+    changed = changes(marker["settings"], settings(job, resolved)) or ["the job's own fingerprint"]
+    return f"holds results of other settings: {'; '.join(changed)}"
 
 
 def question_counts(job: JobConfig, rows: pa.Table) -> list[int]:
@@ -168,21 +208,34 @@ def expected_rows(batch: pa.Table, job: JobConfig) -> pa.Table:
                      "first": pa.array([int(k == 0) for rows in per_sample for k in range(len(rows))], pa.int64())})
 
 
-def done_ids(job: JobConfig, *, dry_run: bool = False) -> tuple[Any, Any]:
+def done_ids(job: JobConfig, folder: OutputFolder, *, dry_run: bool = False,
+             current: list[str] | None = None) -> tuple[Any, Any, int]:
     """The ids already in the output, and those set aside for a retry pass (done for the first pass), as datasets,
-    or None (none there; a dry run of an overwrite)."""
+    or None (none there; a dry run of an overwrite); and how many rows are stale. `current` (an update): only rows
+    made with one of these settings ids count as done; the others are stale, to be re-run and replaced."""
     if dry_run and job.overwrite:
-        return None, None
-    files = shard_urls(job.output, job.storage)
-    waiting = [f for attempt in pending_files(job.output, job.storage).values() for f in attempt]
-    return (ids.read_ids(files, job.storage) if files else None), (ids.read_ids(waiting, job.storage) if waiting else None)
+        return None, None, 0
+    files = folder.shards()
+    pending = [f for attempt in folder.pending.files().values() for f in attempt]
+    waiting = ids.read_ids(pending, job.storage) if pending else None
+    if not files:
+        return None, waiting, 0
+    if current is None:
+        return ids.read_ids(files, job.storage), waiting, 0
+    rows = read_shards(files, job.storage, ["id", "settings"]).materialize()
+    now = pa.array(current, pa.string())
+    done = rows.map_batches(lambda b: b.filter(pc.is_in(pc.fill_null(b.column("settings"), ""), value_set=now)),
+                            batch_format="pyarrow", batch_size=None).select_columns(["id"]).materialize()
+    return done, waiting, rows.count() - done.count()
 
 
-def plan_run(job: JobConfig, echo: Echo, *, dry_run: bool = False) -> RunPlan:
-    """Resume as Ray Data work: which samples still have rows to write, and which of their rows are already there."""
+def plan_run(job: JobConfig, folder: OutputFolder, echo: Echo, *, dry_run: bool = False,
+             current: list[str] | None = None) -> RunPlan:
+    """Resume as Ray Data work: which samples still have rows to write, and which of their rows are already there.
+    `current` (an update): the settings ids of rows that count as done; rows of other settings are re-run."""
     partitions = ids.partitions_for(job)
     try:
-        inputs = read_inputs(job, partitions)
+        inputs = read_job_inputs(job, folder, partitions)
     except InputError as err:
         raise JobError(f"input: {err}") from None
     schema = inputs.samples.schema()  # None when nothing is new (an incremental run with no new object)
@@ -191,8 +244,13 @@ def plan_run(job: JobConfig, echo: Echo, *, dry_run: bool = False) -> RunPlan:
     if clash:
         raise JobError(f"input {job.input!r} has columns this {job.task} job writes itself: {', '.join(clash)}; rename them")
     expected = inputs.keys.map_batches(expected_rows, fn_kwargs={"job": job}, batch_format="pyarrow", batch_size=None)
-    done, waiting = done_ids(job, dry_run=dry_run)
+    done, waiting, stale = done_ids(job, folder, dry_run=dry_run, current=current)
     counts = ids.count_ids(expected, done, partitions, keep=done is not None or waiting is not None, waiting=waiting)
+    repaired = None
+    if counts.dup_done and not dry_run:  # ids the output holds twice: keep one row each, then count again
+        repaired = repair_output(folder, echo, partitions=partitions)
+        done, waiting, stale = done_ids(job, folder, current=current)
+        counts = ids.count_ids(expected, done, partitions, keep=True, waiting=waiting)
     if counts.dup_expected:
         raise JobError(f"input: {duplicate_id_error(job.input, ids.first_duplicate_sample(counts.table))}")
     samples = counts.samples
@@ -206,33 +264,39 @@ def plan_run(job: JobConfig, echo: Echo, *, dry_run: bool = False) -> RunPlan:
                                                 multi_row=multi_row(job, columns))
     plan = RunPlan(inputs=inputs, samples=samples, rows_in=rows_in, rows_expected=counts.rows_expected,
                    rows_done=counts.rows_done, samples_todo=samples_todo, todo=todo, input_columns=columns,
-                   rows_duplicated=counts.dup_done, stamp=run_stamp() if job.incremental else "")
+                   rows_duplicated=counts.dup_done, rows_repaired=repaired.removed if repaired else 0, rows_stale=stale,
+                   stamp=run_stamp() if job.incremental else "")
     if job.incremental:
         echo(f"incremental: {samples} of {inputs.objects_listed} objects are new or changed since the last successful run")
     echo(f"{samples} samples ({rows_in} output rows) from {job.input}"
          + (f"; skipped non-media files {inputs.skipped}" if inputs.skipped else ""))
     plan.rows_waiting = counts.rows_waiting
+    if stale:
+        echo(f"update: {stale} row(s) in {job.output} were made with other settings; "
+             + ("a run with --update re-runs them and replaces them in place" if dry_run else
+                "they are re-run and replaced in place (each old row stays until its new one is written)"))
     if plan.rows_done:
         echo(f"resuming: {plan.rows_done - plan.rows_waiting} of {plan.rows_expected} rows are already in {job.output}"
              + (f", {plan.rows_waiting} wait for a retry" if plan.rows_waiting else "")
              + f"; {samples_todo} samples to process")
-    waiting = waiting_rows(job) if plan.rows_waiting else {}
+    waiting = waiting_rows(folder) if plan.rows_waiting else {}
     if waiting:
         echo("retry: " + ", ".join(f"{n} row(s) wait for attempt {a}" for a, n in waiting.items())
-             + f" (in {job.output.rstrip('/')}/_retry)")
+             + f" (in {folder.child(RETRY_DIR)})")
     if plan.rows_duplicated:
-        echo(f"warning: {plan.rows_duplicated} ids appear more than once in {job.output}; the run's accounting will fail")
+        echo(f"{plan.rows_duplicated} ids appear more than once in {job.output}; a run repairs them first, keeping "
+             f"{KEEP_RULE}")
     return plan
 
 
-def waiting_rows(job: JobConfig) -> dict[int, int]:
+def waiting_rows(folder: OutputFolder) -> dict[int, int]:
     """Rows set aside for a retry pass, by attempt (from the files' footers)."""
     import pyarrow.parquet as pq
 
     counts = {}
-    for attempt, files in pending_files(job.output, job.storage).items():
-        fs, _ = get_filesystem(files[0], job.storage)
-        counts[attempt] = sum(pq.ParquetFile(get_filesystem(f, job.storage)[1], filesystem=fs).metadata.num_rows
+    for attempt, files in folder.pending.files().items():
+        fs, _ = get_filesystem(files[0], folder.storage)
+        counts[attempt] = sum(pq.ParquetFile(get_filesystem(f, folder.storage)[1], filesystem=fs).metadata.num_rows
                               for f in files)
     return counts
 

@@ -1,6 +1,6 @@
 """Retries as Ray Data work: error rows of retryable types are tried again, each rung of the job's ladder in turn.
 
-A run's first pass puts such rows aside (`pipeline/io/retry.py`), then one pass per attempt runs the job with that
+A run's first pass puts such rows aside (`pipeline/io/output/pending.py`), then one pass per attempt runs the job with that
 attempt's rung applied over the samples whose rows wait for it, exactly like a resume: the rows to do are the
 pending rows not yet in the output (or in a later attempt's folder), found by the id grouping of `run/ids.py`. A
 finished job's error rows are first copied aside and their shards rewritten without them (`prepare_retries`).
@@ -18,11 +18,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.config.fingerprint import Resolved
 from pipeline.config import DEFAULT_RETRY_ERRORS, JobConfig, max_attempt, rung_job, rung_overrides
 from pipeline.errors import JobError, RunError
-from pipeline.io.retry import (FROM, attempts_of, clear_pending, pending_files, pending_rewrites, read_pending_ids,
-                               retryable, supersede, write_pending)
-from pipeline.io.shards import shard_urls
+from pipeline.io.output import OutputFolder
+from pipeline.io.output.pending import attempts_of, read_ids, retryable
 from pipeline.io.storage import get_filesystem
 from pipeline.run import ids
 from pipeline.run.plan import RunPlan, multi_row
@@ -47,7 +47,7 @@ def describe(job: JobConfig, attempt: int) -> str:
 # --- setting a finished job's error rows aside ---------------------------------------------------------------
 
 
-def _set_aside(batch: dict[str, Any], job: JobConfig, errors: list[str], again: bool) -> pa.Table:
+def _set_aside(batch: dict[str, Any], job: JobConfig, folder: OutputFolder, errors: list[str], again: bool) -> pa.Table:
     """Ray task body: copy one output shard's retryable error rows to `_retry/attempt-<a+1>/from-<shard>`."""
     copied = 0
     last = max_attempt(job.retry)
@@ -61,8 +61,7 @@ def _set_aside(batch: dict[str, Any], job: JobConfig, errors: list[str], again: 
         rows = table.filter(_to_retry(table, errors, last, again))
         attempts = attempts_of(rows)
         for a in sorted(set(attempts.to_pylist())):
-            write_pending(rows.filter(pc.equal(attempts, a)), job.output, a + 1, job.storage,
-                          name=FROM + path.rsplit("/", 1)[-1])
+            folder.pending.write_from(rows.filter(pc.equal(attempts, a)), a + 1, path)
         copied += rows.num_rows
     return pa.table({"rows": pa.array([copied], pa.int64())})
 
@@ -73,37 +72,38 @@ def _to_retry(table: pa.Table, errors: list[str], last: int, again: bool) -> pa.
     return mask if again else pc.and_(mask, pc.less(attempts_of(table), last))
 
 
-def _rewrite(batch: dict[str, Any], job: JobConfig) -> pa.Table:
+def _rewrite(batch: dict[str, Any], folder: OutputFolder) -> pa.Table:
     """Ray task body: rewrite one output shard without the rows copied out of it."""
     for shard, files in zip(batch["shard"], batch["files"]):
-        supersede(job.output, str(shard), read_pending_ids([str(f) for f in files], job.storage), job.storage,
-                  output_passed=job.output_passed)
+        folder.pending.supersede(str(shard), read_ids([str(f) for f in files], folder.storage))
     return pa.table({"shards": pa.array([len(batch["shard"])], pa.int64())})
 
 
-def complete_rewrites(job: JobConfig) -> int:
+def complete_rewrites(folder: OutputFolder) -> int:
     """Rewrite every output shard that still holds rows copied aside (a crash may leave some); how many."""
     import ray
 
-    todo = pending_rewrites(job.output, job.storage)
+    todo = folder.pending.rewrites_left()
     if not todo:
         return 0
     items = ray.data.from_items([{"shard": s, "files": f} for s, f in todo.items()], override_num_blocks=min(len(todo), 256))
-    items.map_batches(_rewrite, fn_kwargs={"job": job}, batch_size=1, batch_format="numpy", num_cpus=LIST_CPUS).materialize()
+    items.map_batches(_rewrite, fn_kwargs={"folder": folder}, batch_size=1, batch_format="numpy",
+                      num_cpus=LIST_CPUS).materialize()
     return len(todo)
 
 
-def prepare_retries(job: JobConfig, echo: Echo, *, retry_errors: bool = False) -> None:
+def prepare_retries(job: JobConfig, folder: OutputFolder, echo: Echo, *, resolved: Resolved,
+                    retry_errors: bool = False) -> None:
     """Before a run plans: finish the shard rewrites a crashed run left; then, for a job with a `retry` section (or
     with `--retry-errors`), set the output's retryable error rows aside for this run's retry passes."""
     from pipeline.run.execute import mark_output
 
-    if pending_rewrites(job.output, job.storage):
-        mark_output(job)  # the output changes: no _SUCCESS.json until this run ends
-        echo(f"retry: completed {complete_rewrites(job)} shard rewrite(s) an earlier run left unfinished")
+    if folder.pending.rewrites_left():
+        mark_output(job, folder, resolved)  # the output changes: no _SUCCESS.json until this run ends
+        echo(f"retry: completed {complete_rewrites(folder)} shard rewrite(s) an earlier run left unfinished")
     if not (retry_errors or job.retry):
         return
-    files = shard_urls(job.output, job.storage)
+    files = folder.shards()
     if not files:
         return
     if job.incremental:
@@ -114,14 +114,14 @@ def prepare_retries(job: JobConfig, echo: Echo, *, retry_errors: bool = False) -
         return
     errors = list(job.retry.errors) if job.retry else list(DEFAULT_RETRY_ERRORS)
     items = ray_items(files)
-    copied = items.map_batches(_set_aside, fn_kwargs={"job": job, "errors": errors, "again": retry_errors},
+    copied = items.map_batches(_set_aside, fn_kwargs={"job": job, "folder": folder, "errors": errors, "again": retry_errors},
                                batch_size=1, batch_format="numpy", num_cpus=LIST_CPUS).sum("rows") if items else 0
     if not copied:
         return
-    mark_output(job)
+    mark_output(job, folder, resolved)
     echo(f"retry: {copied} error row(s) of types {', '.join(errors)} set aside to try again")
     crash_point("retry-set-aside")
-    complete_rewrites(job)
+    complete_rewrites(folder)
 
 
 def ray_items(files: list[str]) -> Any:
@@ -139,13 +139,13 @@ def _expected(batch: pa.Table) -> pa.Table:
     return pa.table({"id": batch.column("id"), "sample_id": sample, "first": pa.array([0] * batch.num_rows, pa.int64())})
 
 
-def retry_plan(job: JobConfig, plan: RunPlan, attempt: int, pending: dict[int, list[str]]) -> RunPlan:
+def retry_plan(job: JobConfig, folder: OutputFolder, plan: RunPlan, attempt: int, pending: dict[int, list[str]]) -> RunPlan:
     """The samples whose rows wait for attempt `attempt`: pending rows not already in the output or in a later
     attempt's folder (a crashed pass wrote them), joined with the run's inputs."""
     partitions = ids.partitions_for(job)
     expected = read_shards(pending[attempt], job.storage, ["id", "sample_id"]).map_batches(
         _expected, batch_format="pyarrow", batch_size=None)
-    files = shard_urls(job.output, job.storage)
+    files = folder.shards()
     later = [f for a, fs in pending.items() if a > attempt for f in fs]  # a crashed pass put them there already
     counts = ids.count_ids(expected, ids.read_ids(files, job.storage) if files else None, partitions, keep=True,
                            waiting=ids.read_ids(later, job.storage) if later else None)
@@ -158,22 +158,24 @@ def retry_plan(job: JobConfig, plan: RunPlan, attempt: int, pending: dict[int, l
         if found != samples_todo:  # a pending row whose sample is not in this run's input: never drop it
             raise RunError(f"retry: {samples_todo - found} sample(s) waiting for attempt {attempt} are not in the input "
                            f"{job.input!r} any more (e.g. one of {ids.first_where(counts.table, 'missing')!r}); their rows "
-                           f"stay in {job.output}/_retry/attempt-{attempt}")
+                           f"stay in {folder.pending.url(attempt)}")
     return RunPlan(inputs=plan.inputs, samples=plan.samples, rows_in=plan.rows_in, rows_expected=counts.rows_expected,
                    rows_done=counts.rows_done, samples_todo=samples_todo, todo=todo, input_columns=plan.input_columns)
 
 
-def retry_passes(job: JobConfig, plan: RunPlan, echo: Echo, *, started: float, tally: RunTally) -> None:
+def retry_passes(job: JobConfig, folder: OutputFolder, plan: RunPlan, echo: Echo, *, started: float,
+                 resolved: Resolved, tally: RunTally) -> None:
     """One pass per attempt with rows waiting for it, lowest first; each pass's folder is deleted once it is done."""
     from pipeline.run.execute import execute
 
-    while pending := pending_files(job.output, job.storage):
+    while pending := folder.pending.files():
         attempt = next(iter(pending))
-        step = retry_plan(job, plan, attempt, pending)
+        step = retry_plan(job, folder, plan, attempt, pending)
         if step.rows_todo:
             echo(f"retry: attempt {attempt} ({describe(job, attempt)}): {step.rows_todo} row(s) of {step.samples_todo} "
                  "sample(s)")
-            execute(rung_job(job, attempt), step, echo, started=started, attempt=attempt, tally=tally)
+            execute(rung_job(job, attempt), folder, step, echo, started=started, resolved=resolved, attempt=attempt,
+                    tally=tally)
             crash_point("retry-pass-written")
-        clear_pending(job.output, attempt, job.storage)
+        folder.pending.clear(attempt)
 

@@ -13,17 +13,18 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from pipeline.config import JobConfig
-from pipeline.io.incremental import legacy_state, state_deltas
 from pipeline.io.inputs import (
     LISTING_SCHEMA, MANIFEST_TEXT_TYPES, add_counts, check_manifest_columns, input_kind, is_media,
     manifest_base, manifest_rows, media_rows, skipped_counts,
 )
+from pipeline.io.output import OutputFolder
 from pipeline.io.listing import inventory_listing, inventory_spec, list_level, list_tree, manifest_files
-from pipeline.io.schema import RETRY_FIELDS
+from pipeline.io.schema import OUTPUT_SCHEMA, WRITE_FIELDS
 from pipeline.io.storage import extension, get_filesystem
 
 LIST_CPUS = 0.25  # listing a prefix waits on the object store, not the CPU
-RETRY_TYPES = {f.name: f.type for f in RETRY_FIELDS}
+FIELD_TYPES = {f.name: f.type for f in [*OUTPUT_SCHEMA, *WRITE_FIELDS]}  # columns older shards may lack
+SHARD_COLUMN, POSITION_COLUMN = "__shard", "__position"
 SAMPLE_KEYS = ("id", "uri", "uris", "question", "questions")  # what ids and expected rows are derived from
 
 
@@ -72,7 +73,7 @@ def read_files(files: list[str], options: Any, *, columns: list[str] | None = No
     return ds.select_columns(columns) if columns else ds
 
 
-def _read_shards(batch: dict[str, Any], options: Any, columns: list[str]) -> pa.Table:
+def _read_shards(batch: dict[str, Any], options: Any, columns: list[str], source: bool = False) -> pa.Table:
     import pyarrow.parquet as pq
 
     tables = []
@@ -82,19 +83,25 @@ def _read_shards(batch: dict[str, Any], options: Any, columns: list[str]) -> pa.
         table = pq.read_table(path, columns=[c for c in columns if c in names], filesystem=fs)
         for c in columns:  # a column later versions added (`attempt`): null in shards written before
             if c not in names:
-                table = table.append_column(c, pa.nulls(table.num_rows, RETRY_TYPES.get(c, pa.string())))
-        tables.append(table.select(columns))
+                table = table.append_column(c, pa.nulls(table.num_rows, FIELD_TYPES.get(c, pa.string())))
+        table = table.select(columns)
+        if source:
+            n = table.num_rows
+            table = table.append_column(SHARD_COLUMN, pa.array([path.rsplit("/", 1)[-1]] * n, pa.string()))
+            table = table.append_column(POSITION_COLUMN, pa.array(range(n), pa.int64()))
+        tables.append(table)
     return pa.concat_tables(tables)
 
 
-def read_shards(files: list[str], options: Any, columns: list[str]) -> Any:
+def read_shards(files: list[str], options: Any, columns: list[str], *, source: bool = False) -> Any:
     """Output shards read one task per file with fsspec: every file is read or the read fails (Ray Data's own listing
-    silently skips a file an object store reports as empty, which an accounting must never do)."""
+    silently skips a file an object store reports as empty, which an accounting must never do). `source`: each row
+    also says which shard it is in and where (SHARD_COLUMN, POSITION_COLUMN)."""
     import ray
 
     items = ray.data.from_items([{"path": f} for f in files], override_num_blocks=min(len(files), 1024))
-    return items.map_batches(_read_shards, fn_kwargs={"options": options, "columns": columns}, batch_size=1,
-                             batch_format="numpy", num_cpus=LIST_CPUS)
+    return items.map_batches(_read_shards, fn_kwargs={"options": options, "columns": columns, "source": source},
+                             batch_size=1, batch_format="numpy", num_cpus=LIST_CPUS)
 
 
 def read_manifest(job: JobConfig) -> Inputs:
@@ -141,17 +148,15 @@ def read_inventory(job: JobConfig) -> Any:
                             batch_format="pyarrow", batch_size=None).materialize()
 
 
-def new_objects(job: JobConfig, listing: Any, partitions: int) -> Any:
+def new_objects(folder: OutputFolder, listing: Any, partitions: int) -> Any:
     """Incremental: listing rows whose (uri, version) no successful run has taken (anti-join with the state)."""
     import ray
 
-    deltas = [f for files in state_deltas(job.output, job.storage).values() for f in files]
-    legacy = legacy_state(job.output, job.storage)
+    deltas = folder.state.files()
+    legacy = None if deltas else folder.state.legacy()
     if not deltas and legacy is None:
         return listing
-    state = read_files(deltas, job.storage) if deltas else ray.data.from_arrow(legacy)
-    if deltas and legacy is not None:
-        state = state.union(ray.data.from_arrow(legacy))
+    state = read_files(deltas, folder.storage) if deltas else ray.data.from_arrow(legacy)
     return listing.join(state, join_type="left_anti", num_partitions=partitions, on=("uri", "version"))
 
 
@@ -165,13 +170,9 @@ def count_skipped(listing: Any, keep: Callable[[str], bool] = is_media) -> dict[
     return add_counts({}, pa.concat_tables(tables)) if tables else {}
 
 
-def read_inputs(job: JobConfig, partitions: int) -> Inputs:
+def read_inputs(job: JobConfig, folder: OutputFolder, partitions: int) -> Inputs:
     """The job's samples as a dataset (incremental: only new or changed objects, materialized)."""
     kind = input_kind(job.input, job.input_format)
-    if kind == "webdataset" or (kind == "manifest" and job.image_column):
-        from pipeline.run.packed_inputs import read_image_manifest, read_webdataset
-
-        return read_webdataset(job, partitions) if kind == "webdataset" else read_image_manifest(job)
     if kind == "manifest":
         return read_manifest(job)
     listing = list_objects(job) if kind == "files" else read_inventory(job)
@@ -181,7 +182,7 @@ def read_inputs(job: JobConfig, partitions: int) -> Inputs:
         samples = listing.map_batches(media_rows, **media)
         return Inputs(samples=samples, keys=samples, kind=kind, skipped=skipped)
     listed = listing.map_batches(media_rows, **media).count()
-    samples = new_objects(job, listing, partitions).map_batches(media_rows, fn_kwargs={"versioned": True}, **media)
+    samples = new_objects(folder, listing, partitions).map_batches(media_rows, fn_kwargs={"versioned": True}, **media)
     samples = samples.materialize()
     return Inputs(samples=samples, keys=samples, kind=kind, skipped=skipped, objects_listed=listed)
 

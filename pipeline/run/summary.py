@@ -90,6 +90,9 @@ class RunSummary:
     # Retries: rows this run set aside to try again (each is counted again by the pass that retried it), and the
     # output's rows by the attempt that wrote them ("1": first tries).
     rows_retried: int = 0
+    rows_repaired: int = 0  # duplicate rows this run removed from the output (one row kept per id)
+    rows_updated: int = 0  # --update: rows of other settings this run replaced in place
+    rows_update_failed: int = 0  # --update: rows whose new row failed, so their old row stays
     rows_by_attempt: dict[str, int] = field(default_factory=dict)
     finished_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 

@@ -6,9 +6,9 @@ A resumed sample whose rows are partly written carries, in its input row, the id
 A score job with `output_passed` also writes the passing rows, with only their input columns, as a shard of the
 same name there: a manifest ready for the next stage.
 
-Every row records which try wrote it (`attempt`, 1 = the first) and the retry rung's overrides (`degraded`, JSON;
-null on a first try). With a `retry` section, an error row of a retryable type that has a rung left goes to the
-output's `_retry/` folder instead (`pipeline/io/retry.py`), to be tried again by the run's next pass.
+Every row records which try wrote it (`attempt`, 1 = the first), the retry rung's overrides (`degraded`, JSON;
+null on a first try) and the id of the settings that made it (`settings`). With a `retry` section, an error row of a retryable type that has a rung left goes to the
+output's `_retry/` folder instead (`pipeline/io/output/pending.py`), to be tried again by the run's next pass.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ import pyarrow.compute as pc
 
 from pipeline.config import JobConfig, max_attempt, rung_overrides
 from pipeline.io.inputs import input_kind
-from pipeline.io.passed import passed_name
-from pipeline.io.retry import retryable, write_pending
-from pipeline.io.schema import OUTPUT_SCHEMA, RETRY_FIELDS, TODO_COLUMN, Totals
-from pipeline.io.shards import shard_name, write_shard
+from pipeline.io.output import OutputFolder
+from pipeline.io.output.pending import retryable
+from pipeline.io.output.staged import INPUT_COLUMNS_KEY
+from pipeline.io.schema import OUTPUT_SCHEMA, TODO_COLUMN, WRITE_FIELDS, Totals
 from pipeline.io.webdataset import typed_text_columns
 from pipeline.stages.base import require_columns
 from pipeline.stages.model_stage import BATCH_COLUMN, BATCH_TYPE
@@ -62,14 +62,18 @@ SHARD_STATS_SCHEMA = pa.schema([
 class WriteShards:
     """Reads the output columns; writes them, skipping rows a resumed run finds already written."""
 
-    def __init__(self, job: JobConfig, input_columns: list[str] | None = None, *, attempt: int = 1) -> None:
+    def __init__(self, job: JobConfig, folder: OutputFolder, input_columns: list[str] | None = None, *,
+                 attempt: int = 1, settings_id: str | None = None, staged: bool = False) -> None:
         self.job = job
+        self.folder = folder
+        self.settings_id = settings_id
+        self.staged = staged  # an update: every row waits in _update/ until it is placed (run/update.py)
         self.input_columns = [c for c in input_columns or ["id", "uri"] if c != TODO_COLUMN]
         self.attempt = attempt
         overrides = rung_overrides(job.retry, attempt)
         self.degraded = json.dumps(overrides, sort_keys=True) if overrides else None
-        # error types put aside for another try: only while the ladder has a rung left
-        self.retry_errors = job.retry.errors if job.retry and attempt < max_attempt(job.retry) else []
+        # error types put aside for another try: only while the ladder has a rung left (an update does not retry)
+        self.retry_errors = job.retry.errors if job.retry and attempt < max_attempt(job.retry) and not staged else []
         self.shards_input = input_kind(job.input, job.input_format) == "webdataset"  # its text columns have a type
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -85,25 +89,27 @@ class WriteShards:
             keep = [t is None or i in t for i, t in zip(batch.column("id").to_pylist(), todo)]
             batch = batch.drop_columns([TODO_COLUMN]).filter(pa.array(keep, pa.bool_()))
         n = batch.num_rows
-        batch = batch.append_column(RETRY_FIELDS[0], pa.array([self.attempt] * n, pa.int32()))
-        batch = batch.append_column(RETRY_FIELDS[1], pa.array([self.degraded] * n, pa.string()))
+        for f, value in zip(WRITE_FIELDS, (self.attempt, self.degraded, self.settings_id)):
+            batch = batch.append_column(f, pa.array([value] * n, f.type))
         stats = ShardStats.count(batch, batches=batches)
         if batch.num_rows == 0:
+            return stats.to_table()
+        if self.staged:  # which columns are the input's: the passed subset's rows are made when they are placed
+            meta = {INPUT_COLUMNS_KEY: json.dumps(self.input_columns)}
+            stats.file = self.folder.staged.write(batch.replace_schema_metadata(meta))
             return stats.to_table()
         if self.retry_errors:
             again = retryable(batch, self.retry_errors)
             if pc.any(again).as_py():
                 aside = batch.filter(again)
-                write_pending(aside, self.job.output, self.attempt + 1, self.job.storage)
+                self.folder.pending.write(aside, self.attempt + 1)
                 stats.deferred = aside.num_rows
                 batch = batch.filter(pc.invert(again))
                 if batch.num_rows == 0:
                     return stats.to_table()
-        name = shard_name(batch.column("id").to_pylist())
-        if self.job.output_passed:  # first: a passed shard without its output shard is removed on resume (io/passed)
-            kept = batch.filter(pc.fill_null(batch.column("passed"), False))
-            if kept.num_rows:
-                columns = [c for c in self.input_columns if c in kept.column_names]
-                write_shard(kept.select(columns), self.job.output_passed, self.job.storage, name=passed_name(name))
-        stats.file = write_shard(batch, self.job.output, self.job.storage, name=name)
+        passed = None
+        if self.job.output_passed:  # the passing rows, with their input columns: a manifest for the next stage
+            passed = batch.filter(pc.fill_null(batch.column("passed"), False))
+            passed = passed.select([c for c in self.input_columns if c in passed.column_names])
+        stats.file = self.folder.write_shard(batch, passed)
         return stats.to_table()

@@ -66,7 +66,7 @@ def test_duplicate_id_across_two_manifest_files_is_refused_naming_it(ray_local, 
 
 
 def test_resume_keeps_half_written_multi_question_samples_exactly_once(ray_local, tiny_model, tmp_path):
-    from pipeline.run.plan import plan_run
+    from pipeline.run.plan import output_folder, plan_run
 
     manifest = tmp_path / "m.jsonl"
     manifest.write_text("\n".join(json.dumps({"id": f"s{i}", "uri": f"/x/{i}.jpg", "questions": ["q1", "q2"]})
@@ -74,24 +74,25 @@ def test_resume_keeps_half_written_multi_question_samples_exactly_once(ray_local
     job = parse_job({"task": "vqa", "input": str(manifest), "output": str(tmp_path / "out"), "model": str(tiny_model)})
     written = [f"s{i}#{k}" for i in range(8) for k in (0, 1)] + ["s8#0"]  # s8 half written, s9 not started
     write_done(job, done_rows(written, ["/x/0.jpg"] * len(written), sample_ids=[w.split("#")[0] for w in written]))
-    plan = plan_run(job, lambda _: None)
+    plan = plan_run(job, output_folder(job), lambda _: None)
     assert (plan.rows_expected, plan.rows_done, plan.rows_todo, plan.samples_todo) == (20, 17, 3, 2)
     todo = {r["id"]: sorted(r[TODO_COLUMN]) for r in plan.todo.take_all()}
     assert todo == {"s8": ["s8#1"], "s9": ["s9#0", "s9#1"]}
 
 
 def test_accounting_catches_a_missing_and_a_duplicated_row(ray_local, tiny_model, tmp_path):
-    from pipeline.run.finish import check_ids, summarize_output
-    from pipeline.run.plan import plan_run
+    from pipeline.run.finish import check_ids, count_output_ids, summarize_output
+    from pipeline.run.plan import output_folder, plan_run
 
     manifest = tmp_path / "m.jsonl"
     manifest.write_text("\n".join(json.dumps({"id": f"m-{i}", "uri": f"/x/{i}.jpg"}) for i in range(50)))
     job = make_job(tiny_model, str(manifest), str(tmp_path / "out"))
     ids = [f"m-{i}" for i in range(50)]
     write_done(job, done_rows(ids, [f"/x/{i}.jpg" for i in range(50)]), rows_per_shard=25)
-    plan = plan_run(job, lambda _: None)
+    folder = output_folder(job)
+    plan = plan_run(job, folder, lambda _: None)
     assert plan.rows_todo == 0
-    check_ids(job, plan, summarize_output(job.output).rows)  # complete: passes
+    check_ids(job, plan, count_output_ids(job, folder, plan), summarize_output(folder).rows)  # complete: passes
 
     first = sorted((tmp_path / "out").glob("part-*.parquet"))[0]
     table = pq.read_table(first)
@@ -99,10 +100,10 @@ def test_accounting_catches_a_missing_and_a_duplicated_row(ray_local, tiny_model
     pq.write_table(table.filter(pa.compute.not_equal(table.column("id"), missing)), first)  # inject a missing row
     kept = sorted(set(ids) - set(table.column("id").to_pylist()))[0]
     write_done(job, done_rows([kept], ["/x/again.jpg"]))  # and a duplicated one: rows in = rows out still
-    counts = summarize_output(job.output)
+    counts = summarize_output(folder)
     assert counts.rows == 50
     with pytest.raises(RunError) as err:
-        check_ids(job, plan, counts.rows)
+        check_ids(job, plan, count_output_ids(job, folder, plan), counts.rows)
     assert f"1 missing (e.g. {missing!r})" in str(err.value) and f"1 written more than once (e.g. {kept!r})" in str(err.value)
     assert "_SUCCESS.json not written" in str(err.value)
 

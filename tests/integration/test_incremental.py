@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.errors import LockedError
-from pipeline.io.incremental import new_or_changed
-from pipeline.io.lock import run_lock
+from pipeline.io.output import OutputFolder
+from pipeline.io.output.lease import renewed
 from pipeline.io.storage import object_version
 from tests.conftest import pattern_image
 from tests.helpers import output_rows
@@ -30,15 +30,14 @@ def png(w: int, h: int) -> bytes:
 def test_pure_helpers():
     assert object_version({"ETag": '"abc"', "size": 3}) == "abc"
     assert object_version({"size": 3, "mtime": 12.5}) == "3-12.5"
-    assert new_or_changed({"a": "1", "b": "2", "c": "3"}, {"a": "1", "b": "x"}) == ["b", "c"]
 
 
 def test_local_lock_is_exclusive(tmp_path):
-    with run_lock(str(tmp_path)):
+    folder = OutputFolder(str(tmp_path))
+    with renewed(folder.take_lease(30)):
         with pytest.raises(LockedError, match="another run holds"):
-            with run_lock(str(tmp_path)):
-                pass
-    with run_lock(str(tmp_path)):  # released after the first run
+            folder.take_lease(30)
+    with renewed(folder.take_lease(30)):  # released after the first run
         pass
 
 
@@ -71,7 +70,7 @@ def test_add_three_change_one_processes_exactly_four(s3_server, ray_local, tiny_
     assert third.exit_code == 0 and "0 of 8 objects are new or changed" in third.output
 
     # a second run while one holds the lock (a scheduled run that overlaps) is refused and says so
-    with run_lock("s3://bucket/nightly/out/"):
+    with renewed(OutputFolder("s3://bucket/nightly/out/").take_lease(60)):
         overlapping = CliRunner().invoke(app, ["run", str(path)])
     assert overlapping.exit_code == 2 and "another run holds" in overlapping.output
     assert fs.glob("bucket/nightly/out/_state/*/*.parquet") and not fs.exists("bucket/nightly/out/_INCREMENTAL.json")

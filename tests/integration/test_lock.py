@@ -1,6 +1,7 @@
-"""The incremental lock is a lease: refused while it lives (naming its holder, age and expiry), taken over once a
-dead run's lease has expired, and of several runs racing for one expired lock exactly one wins — on disk and on a
-real S3 server (SeaweedFS conditional writes)."""
+"""The output's lease: refused while it lives (naming its holder, age and expiry), renewed by conditional writes,
+taken over once a dead run stopped renewing it (judged on the store's clock), exactly one winner among runs racing
+for an expired lease, and the fence: a run that lost its lease writes nothing more — on disk and on a real S3
+server (SeaweedFS conditional writes)."""
 
 from __future__ import annotations
 
@@ -11,17 +12,21 @@ import subprocess
 import sys
 import time
 
+import pyarrow as pa
 import pytest
 
-from pipeline.errors import LockedError
-from pipeline.io.lock import LOCK_FILE, TAKEOVER_DIR, lease, run_lock
-from pipeline.io.markers import write_marker
+from pipeline.errors import LeaseLostError, LockedError
+from pipeline.io.output import OutputFolder
+from pipeline.io.output.layout import LOCK_FILE, shard_name
+from pipeline.io.output.lease import acquire, check, new_content, renew, renewed
+from pipeline.io.output.lockstore import lock_store
 from tests.conftest import REPO
 
 HOLD = """
 import sys, time
-from pipeline.io.lock import run_lock
-with run_lock(sys.argv[1], ttl_s=float(sys.argv[2])):
+from pipeline.io.output import OutputFolder
+from pipeline.io.output.lease import renewed
+with renewed(OutputFolder(sys.argv[1]).take_lease(float(sys.argv[2]))):
     print("held", flush=True)
     time.sleep(600)
 """
@@ -29,7 +34,7 @@ with run_lock(sys.argv[1], ttl_s=float(sys.argv[2])):
 RACE = """
 import sys, time
 from pipeline.errors import LockedError
-from pipeline.io.lock import acquire
+from pipeline.io.output.lease import acquire
 time.sleep(max(0.0, float(sys.argv[2]) - time.time()))  # all start together
 try:
     acquire(sys.argv[1], 60.0)
@@ -41,40 +46,7 @@ except LockedError as err:
 
 def _python(code: str, *args: str, **kw) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", code, *args], cwd=REPO, text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, **kw)
-
-
-def test_a_live_lease_refuses_with_its_holder_and_is_released(tmp_path):
-    with run_lock(str(tmp_path), ttl_s=30):
-        with pytest.raises(LockedError, match=r"host .*, pid %d, since .*, \d+ s ago; its lease expires .*in \d+ s" % os.getpid()):
-            with run_lock(str(tmp_path)):
-                pass
-    assert not (tmp_path / LOCK_FILE).exists()
-
-
-def test_a_lock_without_a_lease_still_needs_a_person(tmp_path):
-    """A lock written before leases existed (no expiry) is never taken over: the message says to delete it."""
-    (tmp_path / LOCK_FILE).write_text(json.dumps({"host": "node-7", "pid": 999999, "since": "2026-01-01T02:00:00Z"}))
-    with pytest.raises(LockedError, match=r"host node-7, pid 999999.*no expiry.*delete the lock file"):
-        with run_lock(str(tmp_path)):
-            pass
-
-
-def test_the_heartbeat_renews_the_lease(tmp_path):
-    with run_lock(str(tmp_path), ttl_s=0.6) as held:
-        time.sleep(1.5)  # over two leases: renewed meanwhile, so still ours and still valid
-        current = json.loads((tmp_path / LOCK_FILE).read_text())
-        assert current["token"] == held["token"] and current["expires_s"] > time.time()
-
-
-def _killed_holder(output: str, ttl: float) -> None:
-    """A process that takes the lock, then is SIGKILLed: it leaves its lease behind."""
-    holder = _python(HOLD, output, str(ttl), env={**os.environ, "PYTHONPATH": str(REPO)})
-    try:
-        assert holder.stdout.readline().strip() == "held", holder.stderr.read()
-    finally:
-        os.kill(holder.pid, signal.SIGKILL)  # our own child
-        holder.wait()
+                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)}, **kw)
 
 
 def _output(where: str, tmp_path, request) -> str:
@@ -85,30 +57,88 @@ def _output(where: str, tmp_path, request) -> str:
     return str(tmp_path / "out")
 
 
+def test_a_live_lease_refuses_with_its_holder_and_is_released(tmp_path):
+    folder = OutputFolder(str(tmp_path))
+    with renewed(folder.take_lease(30)):
+        with pytest.raises(LockedError, match=r"host .*, pid %d, since .*, \d+ s ago; renewed 0 time\(s\), last \d+ s "
+                                              r"ago; its lease expires in \d+ s" % os.getpid()):
+            folder.take_lease(30)
+    assert not (tmp_path / LOCK_FILE).exists() and os.listdir(tmp_path) == []  # nothing left behind
+
+
+def test_a_lock_without_a_lease_still_needs_a_person(tmp_path):
+    """A lock written before leases existed (no length) is never taken over: the message says to delete it."""
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"host": "node-7", "pid": 999999, "since": "2026-01-01T02:00:00Z"}))
+    with pytest.raises(LockedError, match=r"host node-7, pid 999999.*no lease.*delete the lock file"):
+        OutputFolder(str(tmp_path)).take_lease(30)
+
+
+def test_the_heartbeat_renews_the_lease_by_conditional_writes(tmp_path):
+    folder = OutputFolder(str(tmp_path))
+    held = folder.take_lease(0.6)
+    with renewed(held) as beat:
+        time.sleep(1.5)  # over two leases: renewed meanwhile, so still ours and still fresh
+        current = json.loads((tmp_path / LOCK_FILE).read_text())
+        assert current["token"] == held.ref.token and current["renewals"] >= 2
+        check(held.ref)
+        assert renew(held) is None  # a renewal from a stale version is refused: the version moved on
+    assert beat.lost is None and not (tmp_path / LOCK_FILE).exists()
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("where", ["disk", "s3"])
-def test_a_killed_runs_lock_refuses_until_it_expires_then_is_taken_over(where, tmp_path, request):
+def test_the_fence_stops_a_run_whose_lease_was_taken_over_or_went_stale(where, tmp_path, request):
     output = _output(where, tmp_path, request)
+    held = OutputFolder(output).take_lease(3.0)  # S3 times have a resolution of one second
+    mine = OutputFolder(output).fenced(held)
+    mine.write_shard(pa.table({"id": ["a"]}))  # fresh: writes go ahead
+    time.sleep(3.2)  # not renewed for over 2/3 of its length: a stalled run stops writing before anyone may take over
+    with pytest.raises(LeaseLostError, match=r"last renewed \d+ s ago \(lease 3 s\): the run stalled"):
+        mine.write_shard(pa.table({"id": ["b"]}))
+    time.sleep(1.2)
+    other = acquire(f"{output}/{LOCK_FILE}", 30)  # expired on the store's clock: taken over
+    with pytest.raises(LeaseLostError, match=r"taken over by host .*, pid %d" % os.getpid()):
+        mine.finish("{}")
+    assert renew(held) is None  # and its heartbeat would find it lost
+    assert [u.rsplit("/", 1)[-1] for u in OutputFolder(output).shards()] == [shard_name(["a"])]  # "b" never landed
+    assert OutputFolder(output).success() is None
+    OutputFolder(output).fenced(other).write_shard(pa.table({"id": ["b"]}))  # the new holder writes
+
+
+def _killed_holder(output: str, ttl: float) -> None:
+    """A process that takes the lease, then is SIGKILLed: it leaves its lease behind."""
+    holder = _python(HOLD, output, str(ttl))
+    try:
+        assert holder.stdout.readline().strip() == "held", holder.stderr.read()
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)  # our own child
+        holder.wait()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("where", ["disk", "s3"])
+def test_a_killed_runs_lease_refuses_until_it_expires_then_is_taken_over(where, tmp_path, request):
+    output = _output(where, tmp_path, request)
+    folder = OutputFolder(output)
     _killed_holder(output, ttl=4.0)
     with pytest.raises(LockedError, match=r"another run holds .*_LOCK \(host .*, pid \d+, .*its lease expires"):
-        with run_lock(output):
-            pass
+        folder.take_lease(30)
     time.sleep(4.5)
-    with run_lock(output) as held:  # expired: taken over, and this run completes holding it
-        assert held["pid"] == os.getpid()
-    with run_lock(output):  # released normally afterwards
+    with renewed(folder.take_lease(30)) as beat:  # expired: taken over, and this run completes holding it
+        assert beat.held.content["pid"] == os.getpid()
+    with renewed(folder.take_lease(30)):  # released normally afterwards
         pass
 
 
 @pytest.mark.integration
 @pytest.mark.parametrize("where", ["disk", "s3"])
-def test_runs_racing_for_an_expired_lock_exactly_one_wins(where, tmp_path, request):
+def test_runs_racing_for_an_expired_lease_exactly_one_wins(where, tmp_path, request):
     output = _output(where, tmp_path, request)
-    write_marker(output, LOCK_FILE, lease(1.0, now=time.time() - 10))  # a dead run's lease, expired 9 s ago
-    start = str(time.time() + 3.0)
-    racers = [_python(RACE, output, start, env={**os.environ, "PYTHONPATH": str(REPO)}) for _ in range(4)]
+    if where == "disk":
+        os.makedirs(output)
+    assert lock_store(f"{output}/{LOCK_FILE}").create(new_content(1.0, "run")) is not None  # a dead run's lease
+    start = str(time.time() + 3.0)  # by then 3 s old on the store's clock: expired
+    racers = [_python(RACE, f"{output}/{LOCK_FILE}", start) for _ in range(4)]
     outcomes = [r.communicate(timeout=120)[0].strip() for r in racers]
     assert sum(o == "won" for o in outcomes) == 1, outcomes
     assert all(o == "won" or o.startswith("refused") for o in outcomes), outcomes
-    if where == "disk":
-        assert len(os.listdir(tmp_path / "out" / TAKEOVER_DIR)) == 1

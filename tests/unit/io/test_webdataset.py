@@ -162,11 +162,12 @@ def test_text_columns_keep_their_type_in_a_shard_where_no_row_has_them(tmp_path)
     the output's shards read back as one table."""
     import pyarrow.parquet as pq
 
+    from pipeline.io.output import OutputFolder
     from pipeline.stages.write import WriteShards
     from tests.outputs import done_rows
 
     job = _job(tmp_path)
     for ids, txt in ((["a"], pa.array([None])), (["b"], pa.array(["caption"]))):
-        WriteShards(job, ["id", "uri", "txt"])(done_rows(ids, [f"/x/{i}" for i in ids]).append_column("txt", txt))
+        WriteShards(job, OutputFolder(job.output), ["id", "uri", "txt"])(done_rows(ids, [f"/x/{i}" for i in ids]).append_column("txt", txt))
     shards = sorted((tmp_path / "out").glob("part-*.parquet"))
     assert [pq.read_schema(f).field("txt").type for f in shards] == [pa.string(), pa.string()]

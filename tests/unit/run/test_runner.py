@@ -234,6 +234,7 @@ def test_writer_keeps_only_the_rows_a_resumed_sample_is_missing(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from pipeline.io.output import OutputFolder
     from pipeline.io.schema import TODO_COLUMN
     from pipeline.stages.write import WriteShards
     from tests.outputs import done_rows
@@ -241,7 +242,7 @@ def test_writer_keeps_only_the_rows_a_resumed_sample_is_missing(tmp_path):
     rows = done_rows(["s#0", "s#1", "t"], ["/x/s.jpg", "/x/s.jpg", "/x/t.jpg"], sample_ids=["s", "s", "t"])
     rows = rows.append_column(TODO_COLUMN, pa.array([["s#1"], ["s#1"], None], pa.list_(pa.string())))
     job = parse_job({**BASE, "output": str(tmp_path)})
-    stats = WriteShards(job, ["id", "uri", TODO_COLUMN])(rows).to_pylist()[0]
+    stats = WriteShards(job, OutputFolder(str(tmp_path)), ["id", "uri", TODO_COLUMN])(rows).to_pylist()[0]
     written = pq.read_table(tmp_path / stats["file"])
     assert stats["rows"] == 2 and written.column("id").to_pylist() == ["s#1", "t"]
     assert TODO_COLUMN not in written.column_names
