@@ -95,10 +95,12 @@ def test_webdataset_shards_on_s3_killed_and_resumed(s3_server, ray_local, model_
     env = {**clean_env(), **s3_server.env()}
     first = start_job(job, tmp_path, env=env)
     try:
-        wait_for(lambda: len(_shards(fs, out)) >= 1, 300, "a first shard")
+        wait_for(lambda: len(_shards(fs, out)) >= 1 or first.poll() is not None, 600, "a first shard")
     finally:
-        os.kill(first.pid, signal.SIGKILL)  # the driver; its local Ray goes with it
+        if first.poll() is None:
+            os.kill(first.pid, signal.SIGKILL)  # the driver; its local Ray goes with it
         first.wait(60)
+    assert first.returncode == -signal.SIGKILL, first.stdout.read()  # killed, not ended by itself
     before: dict[str, str] = {}
     wait_for(lambda: (before.update(_shards(fs, out)) or True) and time.sleep(3) is None and _shards(fs, out) == before,
              60, "the killed run's workers to stop writing")
