@@ -54,6 +54,7 @@ def index_schema(versioned: bool = False) -> pa.Schema:
 
 
 def has_braces(url: str) -> bool:
+    """Whether `input` names its shards by a brace pattern (`{00000..00099}`), not a glob or prefix."""
     return BRACES.search(url) is not None
 
 
@@ -125,7 +126,8 @@ class _Sample:
     error: tuple[ErrorType, str] | None = None
 
     def fail(self, error_type: ErrorType, message: str) -> None:
-        if self.error is None:  # the first problem names the sample's error
+        """Mark the sample bad (the first problem found names its error)."""
+        if self.error is None:
             self.error = (error_type, message)
 
 
@@ -176,8 +178,9 @@ def _walk(tar: tarfile.TarFile, f: Any, size: int, samples: dict[str, _Sample]) 
 
 
 def read_shard_index(url: str, options: Mapping[str, Any] | None = None) -> tuple[list[_Sample], str | None]:
-    """The samples of one shard in tar order, and why it ends early (None: it ends properly). A shard that cannot be
-    opened raises MediaError."""
+    """The samples of one shard in tar order, and why it ends early (None: it ends properly). A shard that is missing
+    or not a tar raises MediaError (its error row); a storage failure raises InputError (the plan fails: an error
+    row would stand for samples that exist, under an id no later run expects)."""
     fs, path = get_filesystem(url, options)
     samples: dict[str, _Sample] = {}
     try:
@@ -189,8 +192,8 @@ def read_shard_index(url: str, options: Mapping[str, Any] | None = None) -> tupl
         raise MediaError(ErrorType.NOT_FOUND, f"no such shard: {url}") from None
     except tarfile.ReadError as err:
         raise MediaError(ErrorType.READ_ERROR, f"shard {url} is not a readable tar: {err}") from None
-    except OSError as err:
-        raise MediaError(ErrorType.READ_ERROR, f"could not read shard {url}: {type(err).__name__}: {err}") from None
+    except OSError as err:  # a storage failure, not a bad shard: the plan fails (as a listing would) and is rerun
+        raise InputError(f"could not read shard {url}: {type(err).__name__}: {err}") from None
     return list(samples.values()), cut
 
 
@@ -199,6 +202,7 @@ def index_shard(url: str, version: str | None, options: Mapping[str, Any] | None
     """One shard as input rows (index_schema): one per sample; a shard that cannot be read is one error row."""
 
     def row_id(uri: str) -> str:
+        """The row's id: from its uri, and the shard's version in incremental runs."""
         return derive_id(f"{uri}@{version}" if versioned else uri)
 
     rows = []

@@ -6,11 +6,13 @@ from __future__ import annotations
 import io
 import json
 
+import fsspec
 import pyarrow as pa
 import pytest
 from PIL import Image
 
 from pipeline.config import parse_job
+from pipeline.errors import InputError
 from pipeline.io.inputs import derive_id, input_kind
 from pipeline.io.webdataset import (WDS_COLUMN, expand_braces, index_shard, sample_media, shard_listing, split_key,
                                     stat_shards)
@@ -146,6 +148,18 @@ def test_a_truncated_shard_keeps_the_samples_before_the_cut(tmp_path):
         assert [r["status"] for r in out] == ["ok", "ok", "error"], name
 
 
+class UnreachableStore(fsspec.AbstractFileSystem):
+    """A store whose every read fails as a dropped connection does."""
+
+    protocol = "unreachable"
+
+    def _open(self, path, mode="rb", **kwargs):
+        raise ConnectionResetError("connection reset by peer")
+
+
+fsspec.register_implementation("unreachable", UnreachableStore, clobber=True)
+
+
 def test_a_shard_that_cannot_be_read_is_one_error_row(tmp_path):
     (tmp_path / "empty.tar").write_bytes(b"")
     (tmp_path / "text.tar").write_bytes(b"hello, not a tar" * 100)
@@ -153,6 +167,8 @@ def test_a_shard_that_cannot_be_read_is_one_error_row(tmp_path):
         url = str(tmp_path / name)
         rows = index_shard(url, None).to_pylist()
         assert [(r["id"], r["uri"], r[WDS_COLUMN]["error_type"]) for r in rows] == [(derive_id(url), url, kind)], name
+    with pytest.raises(InputError, match="could not read shard .*ConnectionResetError"):
+        index_shard("unreachable://bucket/0.tar", None)  # a storage failure fails the plan: no row stands for it
     listed = stat_shards(pa.table({"uri": [str(tmp_path / "empty.tar"), str(tmp_path / "missing.tar")]}))
     assert listed.column("version").to_pylist()[1] is None  # a brace pattern's missing shard: kept, as a not_found row
 
