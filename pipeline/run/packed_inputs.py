@@ -65,7 +65,8 @@ def _key_rows(batch: dict[str, Any], column: str, options: Any) -> Any:
 
 def read_image_manifest(job: JobConfig) -> Inputs:
     """A Parquet manifest with the pictures in `image_column`: rows (bytes included) streamed by Ray Data's Parquet
-    reader to the CPU stage; the id pass one task per file, reading the pictures' paths only where they have them."""
+    reader to the CPU stage; the id pass one task per file, reading the pictures' paths only where they have them
+    (pyarrow prunes to a nested leaf such as `image.path`; Ray Data's reader selects whole top-level columns only)."""
     import ray
 
     files = manifest_files(job.input, job.storage)
