@@ -2,7 +2,7 @@
 
 Not a measurement (there is no GPU here): FLOPs are counted from the published architecture (InternViT-300M-448px-V2_5:
 24 layers, width 1024, MLP 4096, 1025 tokens a tile; Qwen2.5-0.5B: 24 layers, width 896, MLP 4864, 14 query and
-2 key/value heads of 128; pixel shuffle to 256 tokens a tile), 2 FLOPs per multiply-add, attention included.
+2 key/value heads of 64; pixel shuffle to 256 tokens a tile), 2 FLOPs per multiply-add, attention included.
 The GPU side assumes 989 dense bf16 TFLOP/s (H100 SXM) at a model FLOPs utilisation you choose (default 40%).
 The CPU side takes per-core rates of our exact CPU stage (images/s of CPU time, one thread): the defaults were
 measured on the 2-core development machine with --measure (512x512 -> 1 tile, 1920x1280 -> 7, 4032x3024 -> 13,
@@ -31,7 +31,7 @@ def projector_flops(tokens: int = 256, vit_width: int = 1024, lm_width: int = 89
 
 
 def lm_prefill_flops(tokens: int, layers: int = 24, width: int = 896, mlp: int = 4864, heads: int = 14,
-                     kv_heads: int = 2, head_dim: int = 128) -> float:
+                     kv_heads: int = 2, head_dim: int = 64) -> float:
     """Prompt tokens through Qwen2.5-0.5B (logits only for the last position, as generate computes them)."""
     q, kv = heads * head_dim, kv_heads * head_dim
     per_token = 2 * (width * q + 2 * width * kv + q * width + 3 * width * mlp)

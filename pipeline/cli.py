@@ -22,6 +22,7 @@ VERBOSE_HELP = "Also show the libraries' progress bars and Ray Data's info lines
 UPDATE_HELP = ("Resume an output written with other settings (prompt, tiling, generation, model, engine...): its rows "
                "of other settings are re-run and replaced in place, each old row kept until its new one is written.")
 console = Console(soft_wrap=True)
+LOW_BUSY = 0.8  # the model waited for tiles a fifth of its time or more: worth saying why
 
 
 def summary_table(summary: RunSummary) -> Table:
@@ -48,9 +49,10 @@ def summary_table(summary: RunSummary) -> Table:
     table.add_row("samples/s", f"{summary.samples_per_s:.2f}")
     table.add_row("tokens/s", f"{summary.generated_tokens / summary.wall_s:.1f}" if summary.wall_s else "-")
     table.add_row("tiles/s", f"{summary.tiles / summary.wall_s:.1f}" if summary.wall_s else "-")
-    if summary.model_busy_fraction is not None:
-        table.add_row("model busy", f"{summary.model_busy_fraction:.0%} of {len(summary.replicas)} replica(s)' time "
-                      "(low: the CPU stage cannot keep up)")
+    busy = summary.model_busy_fraction
+    if busy is not None:
+        table.add_row("model busy", f"{busy:.0%} of {len(summary.replicas)} replica(s)' time"
+                      + (" (low: the CPU stage cannot keep up)" if busy < LOW_BUSY else ""))
     for name, usage in summary.replicas.items():
         table.add_row(f"  replica {name}", f"{usage.get('images_per_s', 0):.2f} images/s, "
                       f"{usage.get('tokens_per_s', 0):.1f} output tokens/s while busy")
@@ -170,7 +172,7 @@ def make_tiny_model_cmd(
     text_head_dim: Annotated[int, typer.Option(help="Text attention head size: 32 (2 heads; vLLM serves it) or 16 "
                                                     "(4 heads, the earlier layout).")] = 32,
     trained: Annotated[bool, typer.Option("--trained", help="The committed trained checkpoint: it sees the shapes of "
-                                                              "pipeline/embedded/world.py (see README).")] = False,
+                                                              "pipeline/embedded/world/ (see README).")] = False,
 ) -> None:
     """Write a tiny seeded native InternVL checkpoint (real 448 px tiles, 256 tokens per tile) for tests and demos."""
     from pipeline.embedded.tiny_model import make_tiny_model

@@ -38,7 +38,7 @@ _DESCRIPTIONS = {
                          "budget even at `min_tiles` (an image) or at one frame (a video)",
     ErrorType.TIMEOUT: "decoding took longer than `decode.timeout_s`",
     ErrorType.CRASHED: "the decoder crashed `decode.attempts` times on this file",
-    ErrorType.BAD_INPUT: "e.g. a vqa row without a question",
+    ErrorType.BAD_INPUT: "e.g. a vqa row without a question, or a URI the job may not read (`allowed_inputs`)",
     ErrorType.UNSUPPORTED: "e.g. a video where no decoder is installed",
     ErrorType.MODEL_ERROR: "one sample does not fit in device (or host) memory even alone, or the model raised on it alone "
                            "(the message names the exception; the batch's other samples complete)",

@@ -1,4 +1,5 @@
-"""A small HTTP proxy in front of an S3 server that answers 503 SlowDown to a share of requests (tests only)."""
+"""A small HTTP proxy in front of an S3 server that answers 503 SlowDown to a share of requests and records every
+request's path (tests only)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ class FlakyProxy:
         self.random = random.Random(seed)
         self.lock = threading.Lock()
         self.counts = {"forwarded": 0, "failed": 0}
+        self.paths: list[str] = []  # every request's path (path-style: /bucket/key), in order
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -32,6 +34,7 @@ class FlakyProxy:
             def _handle(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 with proxy.lock:
+                    proxy.paths.append(self.path)
                     fail = proxy.random.random() < proxy.failure_rate
                     proxy.counts["failed" if fail else "forwarded"] += 1
                 if fail:

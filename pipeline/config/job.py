@@ -15,6 +15,7 @@ from pydantic import Field, PrivateAttr, ValidationError, ValidationInfo, field_
 
 from pipeline.config.compute import ComputeConfig
 from pipeline.config.fingerprint import fingerprint as job_fingerprint
+from pipeline.config.inputs import ALLOWED_INPUTS_HELP, HttpConfig, check_allowed_inputs
 from pipeline.config.jobfile import format_validation_error, label_words, load_yaml
 from pipeline.config.overrides import apply_overrides
 from pipeline.config.retry import RetryConfig, rung_overrides
@@ -74,6 +75,9 @@ class JobConfig(_Section):
     lock_ttl_s: float = Field(300.0, ge=10, description="Length of the output's lease (`_LOCK`, held by every run that writes), in seconds: renewed every third of it while the run lives; a run stops writing once it has not renewed it for two thirds of it; a later run takes over a lease not renewed for its whole length (its run died).")
     overwrite: bool = Field(False, description="Replace results already in `output` (otherwise such a run is refused).")
     storage: dict[str, Any] = Field(default_factory=dict, description="Extra fsspec/s3fs options, e.g. endpoint_url. No credentials.")
+    allowed_inputs: list[str] = Field(default_factory=list, description=ALLOWED_INPUTS_HELP)
+    http: HttpConfig = Field(default_factory=HttpConfig, description="How http(s) URIs are fetched: timeout, retries with "
+                                                                     "backoff for 429 and 5xx, requests per host.")
     model_cache: str | None = Field(None, description="Local folder where s3:// checkpoints are copied (default ~/.cache/internvl-batch/models).")
     retry: RetryConfig | None = Field(None, description="Retry failed samples with lighter settings (a ladder of partial overrides); not part of the fingerprint.")
     _criteria: list[Criterion] = PrivateAttr(default_factory=list)
@@ -90,6 +94,11 @@ class JobConfig(_Section):
     @classmethod
     def _label_words(cls, value: Any) -> Any:
         return label_words(value)
+
+    @field_validator("allowed_inputs")
+    @classmethod
+    def _allowed_inputs(cls, value: list[str]) -> list[str]:
+        return check_allowed_inputs(value)
 
     @field_validator("storage")
     @classmethod

@@ -48,7 +48,7 @@ def _rows(folder: Path) -> list[dict]:
 def run_demo(
     *, workdir: Path | None = None, use_s3: bool | None = None, echo: Callable[[str], None] = print
 ) -> tuple[RunSummary, str]:
-    """With the trained tiny model (written once): draw held-out samples of its world (world.py), caption and
+    """With the trained tiny model (written once): draw held-out samples of its world (`world`), caption and
     question images and videos, ask which of two images shows a shape, score yes/no questions and keep the red
     shapes; print rows next to the truth and the accuracy measured. Returns the first job's summary and results."""
     from pipeline.embedded import meaning as M

@@ -1,6 +1,6 @@
 """Held-out samples of the tiny model's world, the jobs that ask about them, and how right the answers are.
 
-Used by `internvl-batch demo` and tests/integration/test_meaning.py: samples are drawn fresh (world.py, a seed no
+Used by `internvl-batch demo` and tests/integration/test_meaning.py: samples are drawn fresh (`world`, a seed no
 training run uses), written as files with a manifest, run through the real pipeline (`run_job`), and the output rows
 compared with the truth. Nothing here knows the model.
 """

@@ -209,9 +209,9 @@ TRAINED_DIR = Path(__file__).resolve().parent / "tiny_trained"
 
 
 def write_trained_tiny_model(out_dir: str | Path) -> Path:
-    """Copy the committed trained checkpoint (train_tiny.py, the world of world.py) to ``out_dir``, with its
-    processor settings. The weights are committed gzipped (1.4 MB instead of 10: the constructed encoder is mostly
-    zeros) and written out plain."""
+    """Copy the committed trained checkpoint to ``out_dir``, with its processor settings: plain weights, no training
+    code needed (training/train_tiny.py in a checkout made them; the world is pipeline/embedded/world). The weights are
+    committed gzipped (1.4 MB instead of 10: the constructed encoder is mostly zeros) and written out plain."""
     import gzip
     import shutil
 
@@ -233,7 +233,7 @@ def make_tiny_model(out_dir: str | Path, *, seed: int = 0, text_head_dim: int = 
                     trained: bool = False) -> Path:
     """Write a deterministic tiny InternVL checkpoint, tokenizer, chat template and processor settings to
     ``out_dir``: seeded random weights, or with ``trained`` the committed checkpoint that sees the world of
-    world.py."""
+    pipeline/embedded/world."""
     if trained:
         return write_trained_tiny_model(out_dir)
     out_dir = Path(out_dir)

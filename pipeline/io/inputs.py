@@ -5,27 +5,20 @@ and any passthrough columns of a manifest. Ids are given by the manifest or deri
 so they stay the same across runs: resume keys on them.
 
 Everything here works on one batch of rows at a time (pure functions over Arrow tables): the run reads inputs
-with Ray Data and calls these in its workers (`pipeline/run/sources.py`); `list_inputs` composes the same
-functions in-process for small inputs (tests, tools).
+with Ray Data and calls these in its workers (`pipeline/run/sources.py`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
-import pyarrow.json as pajson
-import pyarrow.parquet as pq
 
 from pipeline.errors import InputError
 from pipeline.io.schema import RESERVED_COLUMNS
-from pipeline.io.storage import IMAGE_EXTENSIONS, MANIFEST_EXTENSIONS, extension, get_filesystem
+from pipeline.io.storage import IMAGE_EXTENSIONS, MANIFEST_EXTENSIONS, extension
 from pipeline.media.video import VIDEO_EXTENSIONS
 
 MEDIA_EXTENSIONS = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS
@@ -33,14 +26,6 @@ INVENTORY_MANIFEST = "manifest.json"
 # A listing (of a prefix, a glob or an inventory report): one row per object, its version for incremental runs.
 LISTING_SCHEMA = pa.schema([("uri", pa.string()), ("version", pa.string())])
 SKIPPED_SCHEMA = pa.schema([("ext", pa.string()), ("n", pa.int64())])
-
-
-@dataclass(frozen=True)
-class InputListing:
-    """The rows to process, and what was left out of a listing and why."""
-
-    table: pa.Table
-    skipped: dict[str, int]  # extension -> count of listed files that are not media
 
 
 def derive_id(uri: str, question: str | None = None) -> str:
@@ -67,29 +52,12 @@ def input_kind(url: str, input_format: str = "auto") -> str:
 
 def manifest_base(url: str) -> str:
     """The folder relative manifest URIs resolve against: a file's folder, a folder itself, a glob's static part."""
-    if extension(url) in MANIFEST_EXTENSIONS and not any(ch in url for ch in "*?["):
+    if any(ch in url for ch in "*?["):
+        static = url.split("*", 1)[0].split("?", 1)[0].split("[", 1)[0]
+        return static.rstrip("/") if static.endswith("/") else (static.rsplit("/", 1)[0] if "/" in static else ".")
+    if extension(url) in MANIFEST_EXTENSIONS:
         return url.rsplit("/", 1)[0] if "/" in url else "."
-    static = url.split("*", 1)[0].split("?", 1)[0].split("[", 1)[0]
-    return static.rstrip("/") if static.endswith("/") else (static.rsplit("/", 1)[0] if "/" in static else ".")
-
-
-def read_manifest(url: str, options: Mapping[str, Any] | None = None) -> pa.Table:
-    """Read one .parquet / .jsonl / .csv manifest into an Arrow table (in-process; the run reads with Ray Data)."""
-    fs, path = get_filesystem(url, options)
-    try:
-        with fs.open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise InputError(f"manifest {url!r} does not exist") from None
-    ext = extension(url)
-    try:
-        if ext == ".parquet":
-            return pq.read_table(io.BytesIO(data))
-        if ext == ".jsonl":
-            return pajson.read_json(io.BytesIO(data))
-        return pacsv.read_csv(io.BytesIO(data), convert_options=pacsv.ConvertOptions(column_types=MANIFEST_TEXT_TYPES))
-    except (pa.ArrowInvalid, OSError) as err:
-        raise InputError(f"manifest {url!r} could not be parsed as {ext}: {err}") from None
+    return url.rstrip("/") or "/"  # a folder, with or without its trailing '/'
 
 
 # Manifest columns read as text whatever they look like (a CSV id column of digits stays an id, not a number).
@@ -204,20 +172,3 @@ def add_counts(totals: dict[str, int], table: pa.Table) -> dict[str, int]:
         totals[ext] = totals.get(ext, 0) + int(n)
     return dict(sorted(totals.items()))
 
-
-def list_inputs(url: str, options: Mapping[str, Any] | None = None) -> InputListing:
-    """Rows of a small prefix, glob or single manifest, in-process (tests, tools; a run uses Ray Data): listings
-    sorted by URI, manifests in their order; a duplicate id is refused by name. A listing takes the files
-    `is_media` accepts; other extensions are counted in `skipped`."""
-    from pipeline.io.listing import list_tree
-
-    if is_manifest(url):
-        table = manifest_rows(read_manifest(url, options), url, manifest_base(url))
-        ids = table.column("id")
-        if pc.count_distinct(ids).as_py() != table.num_rows:
-            seen: set[str] = set()
-            dup = next(i for i in ids.to_pylist() if i in seen or seen.add(i))
-            raise duplicate_id_error(url, dup)
-        return InputListing(table=table, skipped={})
-    listing = list_tree(url, options).sort_by("uri")
-    return InputListing(table=media_rows(listing), skipped=add_counts({}, skipped_counts(listing)))

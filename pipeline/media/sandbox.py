@@ -1,17 +1,21 @@
 """Run a decoder in a persistent child process, so a segfault or a hang costs one error row, never the worker.
 
 `Sandbox(fn, timeout_s=..., attempts=...)` starts one child process on its first call and reuses it for every
-later call. `fn` must be a function defined at the top level of an importable module (not `__main__`); its
-arguments, return value and exceptions cross the process boundary as pickles (protocol 5: large buffers such as
-numpy arrays travel out of band and land straight in fresh, writable memory).
+later call. `fn` must be a function defined at the top level of an importable module (not `__main__`). Its
+arguments go to the child as pickles (protocol 5; the caller is trusted). What comes back never is: a decoder
+exploited by a hostile file may control the child, so a reply is a JSON header plus raw array buffers
+(`media/replies.py`) that the caller checks and copies, and a reply outside that format is refused
+(`MediaError("decode_error", ...)`, the child killed). `fn` may return None, bools, numbers, strings, bytes,
+numeric numpy arrays (out of band: they land in fresh, writable memory) and lists, tuples and str-keyed dicts of
+those.
 
 - A call that does not finish within `timeout_s` kills the child and raises `MediaError("timeout", ...)`;
   the next call starts a fresh child. A timed-out call is not retried.
 - A child that dies during a call (segfault, abort, `os._exit`, OOM kill) is restarted and the call retried,
   `attempts` tries in all; then `MediaError("crashed", ...)` names the signal or exit code.
-- An exception raised by `fn` is re-raised with its type (the child's traceback as its `__cause__`); a
-  `MediaError` keeps its `error_type` and message; an exception that cannot cross becomes
-  `MediaError("decode_error", ...)`.
+- An exception raised by `fn` is re-raised in the caller (the child's traceback as its `__cause__`): a
+  `MediaError` keeps its `error_type` and message, a builtin exception (ValueError, OSError...) its type and args;
+  any other becomes `MediaError("decode_error", "Type: message")`.
 
 How the child starts: `sys.executable -c "...import pipeline.media.sandbox..."` through `subprocess` (fork + exec in
 C, safe in a process with threads such as a Ray worker), given the caller's `sys.path`. Not multiprocessing:
@@ -40,6 +44,7 @@ from multiprocessing.connection import wait
 from typing import Any
 
 from pipeline.errors import MediaError
+from pipeline.media.replies import MAX_PARTS, BadReply, check_frame, decode_reply, encode_reply, remote_exception
 
 _STARTUP_TIMEOUT_S = 120.0  # a child not ready by then is broken (an import that hangs), not slow
 _STOP_GRACE_S = 1.0  # close(): time the child gets to exit on end of file before it is killed
@@ -57,7 +62,7 @@ class _RemoteTraceback(Exception):
         return f'\n"""\n{self.args[0]}"""'
 
 
-# --- framing: a part count, the part sizes, then the parts (the pickle, then its out-of-band buffers) ---
+# --- framing: a part count, the part sizes, then the parts (a pickle or a reply's JSON header, then buffers) ---
 
 
 def _dumps(obj: Any) -> Parts:
@@ -85,12 +90,27 @@ def _recv_exact(sock: socket.socket, size: int) -> bytearray:
     return buf
 
 
-def _recv(sock: socket.socket) -> Any:
-    """Read and unpickle one message."""
+def _recv_parts(sock: socket.socket, *, checked: bool = False) -> list[bytearray]:
+    """Read one message's parts; `checked`: its announced count and sizes are within the limits of a reply before
+    any memory is taken for them."""
     (count,) = _COUNT.unpack(_recv_exact(sock, _COUNT.size))
+    if checked and count > MAX_PARTS:
+        raise BadReply(f"{count} parts announced (at most {MAX_PARTS})")
     sizes = struct.unpack(f"<{count}Q", _recv_exact(sock, 8 * count))
-    parts = [_recv_exact(sock, size) for size in sizes]
+    if checked:
+        check_frame(sizes)
+    return [_recv_exact(sock, size) for size in sizes]
+
+
+def _recv_request(sock: socket.socket) -> Any:
+    """The child: read and unpickle what the caller sent (the function, then each call's arguments)."""
+    parts = _recv_parts(sock)
     return pickle.loads(parts[0], buffers=parts[1:])
+
+
+def _recv_reply(sock: socket.socket) -> dict[str, Any]:
+    """The caller: read one reply of the child and check it (BadReply if it breaks the format); nothing unpickled."""
+    return decode_reply(_recv_parts(sock, checked=True))
 
 
 # --- the child ---
@@ -111,15 +131,18 @@ def _harden_child(caller_pid: int) -> None:
         os._exit(1)
 
 
-def _error_reply(err: Exception) -> tuple[Any, ...]:
+def _error_reply(err: Exception) -> list[bytes | memoryview]:
+    """An exception of fn as a reply: a MediaError by type and message, a builtin exception by name and args (the
+    caller makes it again), any other as a decode_error naming its type."""
     tb = "".join(traceback.format_exception(err))
-    if isinstance(err, MediaError):  # its pickle would not unpickle: MediaError takes two arguments
-        return ("media_error", err.error_type, str(err), tb)
-    try:
-        pickle.loads(pickle.dumps(err, protocol=5))
-    except Exception:  # noqa: BLE001 - any failure to round-trip means "send it as text"
-        return ("media_error", "decode_error", f"{type(err).__name__}: {err}", tb)
-    return ("error", err, tb)
+    if type(err).__module__ == "builtins":
+        try:
+            return encode_reply({"reply": "error", "type": type(err).__name__, "args": list(err.args), "traceback": tb})
+        except TypeError:  # args the format cannot carry: the message alone
+            return encode_reply({"reply": "error", "type": type(err).__name__, "args": [str(err)], "traceback": tb})
+    error_type, message = ((str(err.error_type), str(err)) if isinstance(err, MediaError)
+                           else ("decode_error", f"{type(err).__name__}: {err}"))
+    return encode_reply({"reply": "media_error", "error_type": error_type, "message": message, "traceback": tb})
 
 
 def _child_main(fd: int, caller_pid: int) -> None:
@@ -127,20 +150,21 @@ def _child_main(fd: int, caller_pid: int) -> None:
     _harden_child(caller_pid)
     sock = socket.socket(fileno=fd)
     try:
-        fn = _recv(sock)  # imports fn's module; a failure here is reported by the caller as a failed start
-        _send(sock, _dumps(("ready", os.getpid())))
+        fn = _recv_request(sock)  # imports fn's module; a failure here is reported by the caller as a failed start
+        _send(sock, encode_reply({"reply": "ready", "pid": os.getpid()}))
         while True:
             try:
-                args, kwargs = _recv(sock)
+                args, kwargs = _recv_request(sock)
             except EOFError:
                 return  # the caller closed the sandbox, or died
             try:
-                reply = _dumps(("ok", fn(*args, **kwargs)))
-            except Exception as err:  # noqa: BLE001 - every exception of fn (or of pickling its value) goes back
+                reply = encode_reply({"reply": "ok", "value": fn(*args, **kwargs)})
+            except Exception as err:  # noqa: BLE001 - every exception of fn (or of encoding its value) goes back
                 try:
-                    reply = _dumps(_error_reply(err))
-                except Exception as inner:  # noqa: BLE001 - e.g. an unpicklable attribute of the exception
-                    reply = _dumps(("media_error", "decode_error", f"{type(err).__name__}: {err}", repr(inner)))
+                    reply = _error_reply(err)
+                except Exception as inner:  # noqa: BLE001 - e.g. a message that is not text
+                    reply = encode_reply({"reply": "media_error", "error_type": "decode_error",
+                                          "message": f"{type(err).__name__}", "traceback": repr(inner)})
             _send(sock, reply)
     except (BrokenPipeError, ConnectionResetError):
         return
@@ -231,8 +255,9 @@ class Sandbox:
 
     # --- internals ---
 
-    def _call_once(self, request: Parts) -> tuple[Any, ...]:
-        """Send one request and read its reply; raise _ChildDied, or MediaError('timeout')."""
+    def _call_once(self, request: Parts) -> dict[str, Any]:
+        """Send one request and read its reply; raise _ChildDied, or MediaError('timeout' or 'decode_error': a reply
+        outside the format, whose child is killed)."""
         if self._proc is not None and self._proc.poll() is not None:
             self._stop()  # died between calls (e.g. killed from outside): not this call's fault
         if self._proc is None:
@@ -252,9 +277,12 @@ class Sandbox:
             if sock not in ready:  # exited, yet its socket is open (a copy leaked into another process)
                 raise self._died()
             try:
-                return _recv(sock)
+                return _recv_reply(sock)
             except (EOFError, OSError):
                 raise self._died() from None
+            except BadReply as err:  # the child is not the program we started any more: end it, use nothing it sent
+                self._stop(kill_first=True)
+                raise MediaError("decode_error", f"the decoder process sent a reply that was refused: {err}") from None
         except (MediaError, _ChildDied):
             raise
         except BaseException:  # e.g. KeyboardInterrupt mid-call: the child's state is unknown, so drop it
@@ -262,14 +290,20 @@ class Sandbox:
             raise
 
     @staticmethod
-    def _unpack(reply: tuple[Any, ...]) -> Any:
-        if reply[0] == "ok":
-            return reply[1]
-        if reply[0] == "media_error":
-            _, error_type, message, tb = reply
-            raise MediaError(error_type, message) from _RemoteTraceback(tb)
-        _, err, tb = reply
-        raise err from _RemoteTraceback(tb)
+    def _unpack(reply: dict[str, Any]) -> Any:
+        if reply["reply"] == "ok":
+            return reply["value"]
+        cause = _RemoteTraceback(reply["traceback"])
+        if reply["reply"] == "error":
+            err = remote_exception(reply["type"], reply["args"])
+            if err is not None:
+                raise err from cause
+            raise MediaError("decode_error", f"{reply['type']}: {reply['args']}") from cause
+        try:
+            error_type = MediaError(reply["error_type"], reply["message"])
+        except ValueError:  # not an error type of ours
+            raise MediaError("decode_error", f"{reply['error_type']}: {reply['message']}") from cause
+        raise error_type from cause
 
     def _start(self) -> None:
         parent_sock, child_sock = socket.socketpair()
@@ -295,13 +329,13 @@ class Sandbox:
             ready = wait(self._waitables(), timeout=_STARTUP_TIMEOUT_S)
             timed_out = not ready
             if parent_sock in ready:
-                reply = _recv(parent_sock)
-        except (EOFError, OSError):
+                reply = _recv_reply(parent_sock)
+        except (EOFError, OSError, BadReply):
             pass
         except BaseException:
             self._stop(kill_first=True)
             raise
-        if not (isinstance(reply, tuple) and reply[:1] == ("ready",)):
+        if not (isinstance(reply, dict) and reply["reply"] == "ready"):
             exit_code = self._stop(grace=0.0 if timed_out else _DEATH_GRACE_S, kill_first=timed_out)
             how = f"{_describe_exit(exit_code)} before it was ready"
             if timed_out:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.errors import MediaError
+from pipeline.media.replies import reply_type
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v"})
 
@@ -34,6 +35,7 @@ class VideoLimits:
     max_pixels: int = 3840 * 2160
 
 
+@reply_type  # sample_with_* may run in the decode sandbox (media/sandbox.py)
 @dataclass(frozen=True)
 class SampledFrames:
     """The frames picked from one video and what the output records about them."""

@@ -8,6 +8,7 @@ hub id (a snapshot in the Hugging Face cache, fetched where a network exists); o
 from __future__ import annotations
 
 import contextlib
+import inspect
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from pipeline.media.tiling import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.model.batching import equal_length_groups
 from pipeline.model.checkpoints import prepare_checkpoint
 from pipeline.model.device import DevicePlan, local_plan
+from pipeline.model.gpu_memory import VISION_CHUNK_TILES
+from pipeline.model.logprobs import ChosenLogprobs
 from pipeline.model.prompts import ImageTokens, chat_messages, expand_image_placeholders
 from pipeline.model.sampling import RowSampler
 from pipeline.model.scoring import answer_logprob
@@ -98,6 +101,13 @@ def context_length(config: Any) -> int | None:
     return int(value) if value else None
 
 
+def cache_keyword(model: Any) -> str:
+    """The name transformers gives the KV cache in a model's forward and output: `cache` where the installed
+    transformers has it (5.2x; `past_key_values` is deprecated there and removed in 5.40), else `past_key_values`
+    (earlier 5.x, e.g. the vLLM lane's, which vLLM 0.32 holds below 5.20)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 class Prompter:
     """Prompt building, which needs only the tokenizer (with its chat template) and the tokens per tile."""
 
@@ -149,6 +159,7 @@ class InternVLEngine(Prompter):
         self._mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=plan.device).view(1, 3, 1, 1)
         self._std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=plan.device).view(1, 3, 1, 1)
         self._grammar: Any = None
+        self.cache_name = cache_keyword(model)
 
     @property
     def grammar(self) -> Any:
@@ -192,14 +203,21 @@ class InternVLEngine(Prompter):
         x = x.to(torch.float32).div_(255.0).sub_(self._mean).div_(self._std)
         return x.to(self.plan.dtype)
 
-    def image_features(self, samples: Sequence[np.ndarray]) -> list[torch.Tensor]:
-        """Vision tower + projector over all tiles of all samples at once; one (tiles x 256, hidden) block each."""
-        pixels = np.concatenate(list(samples), axis=0)
-        features = self.model.model.get_image_features(
-            pixel_values=self.normalize(pixels),
-            vision_feature_layer=self.model.config.vision_feature_layer,
-            vision_feature_select_strategy=self.model.config.vision_feature_select_strategy,
-        ).pooler_output
+    def image_features(self, samples: Sequence[np.ndarray], chunk_tiles: int = VISION_CHUNK_TILES) -> list[torch.Tensor]:
+        """Vision tower + projector over all tiles of all samples; one (tiles x 256, hidden) block each. Tiles go
+        through in chunks of `chunk_tiles`, normalised chunk by chunk, so the activation peak is one chunk's however
+        many tiles a batch holds (model/gpu_memory.py sizes the GPU from it); tiles never attend to each other in the
+        tower, so the features are those of one pass over all tiles."""
+        pixels, config = np.concatenate(list(samples), axis=0), self.model.config
+        features: torch.Tensor | None = None
+        for start in range(0, len(pixels), chunk_tiles):
+            chunk = self.model.model.get_image_features(
+                pixel_values=self.normalize(pixels[start:start + chunk_tiles]),
+                vision_feature_layer=config.vision_feature_layer,
+                vision_feature_select_strategy=config.vision_feature_select_strategy).pooler_output
+            if features is None:  # filled in place: no second copy of all features, as a concatenation would make
+                features = chunk.new_empty((len(pixels), *chunk.shape[1:]))
+            features[start:start + len(chunk)] = chunk
         blocks = torch.split(features, [len(s) for s in samples], dim=0)
         return [b.reshape(-1, b.shape[-1]) for b in blocks]
 
@@ -294,28 +312,28 @@ class InternVLEngine(Prompter):
             processors.append(RowSampler(seeds, temperature=temperature, top_p=top_p,
                                          top_k=self.model.generation_config.top_k))
             sampling = dict(greedy, do_sample=False)
-        if processors:
-            sampling["logits_processor"] = processors
+        recorder = ChosenLogprobs(self.model)  # reads the raw logits, so its place in the list does not matter
+        processors.append(recorder)
+        sampling["logits_processor"] = processors
         if min_new_tokens:  # else the generation config's
             sampling["min_new_tokens"] = min_new_tokens
-        out = self.model.generate(
-            inputs_embeds=embeds,
-            attention_mask=attention,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=self.pad_id,
-            eos_token_id=sorted(self.eos_ids),
-            output_logits=True,
-            return_dict_in_generate=True,
-            **sampling,
-        )
-        new_tokens = out.sequences.cpu()  # with inputs_embeds only, sequences hold just the new tokens
-        logprobs = torch.stack([torch.log_softmax(step.float(), dim=-1) for step in out.logits], dim=1).cpu()
+        with recorder:
+            sequences = self.model.generate(
+                inputs_embeds=embeds,
+                attention_mask=attention,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=self.pad_id,
+                eos_token_id=sorted(self.eos_ids),
+                **sampling,
+            )
+        logprobs = recorder.values(sequences)  # (rows, steps) floats: no vocabulary-wide array leaves the device
+        new_tokens = sequences.cpu()  # with inputs_embeds only, sequences hold just the new tokens
         results = []
         for row in range(len(prompts)):
             tokens = new_tokens[row].tolist()
             end = next((i + 1 for i, t in enumerate(tokens) if t in self.eos_ids), None)
             tokens = tokens[:end]
-            lp = [float(logprobs[row, i, t]) for i, t in enumerate(tokens)]
+            lp = logprobs[row, : len(tokens)].tolist()
             text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
             results.append(Generation(token_ids=tokens, logprobs=lp, text=text, finished=end is not None))
         return results
@@ -347,10 +365,10 @@ class InternVLEngine(Prompter):
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
         out = self.model(inputs_embeds=embeds, attention_mask=attention, position_ids=positions, use_cache=True,
                          logits_to_keep=1)
-        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1).cpu()
+        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
         pairs = [(i, j) for i, options in enumerate(labels) for j in range(len(options))]
         rows = torch.tensor([i for i, _ in pairs], device=attention.device)
-        cache = out.past_key_values
+        cache = getattr(out, self.cache_name)
         cache.reorder_cache(rows)  # one cached prompt per (prompt, label) pair
         width = max(len(labels[i][j]) for i, j in pairs)
         cont = torch.full((len(pairs), width), self.pad_id, dtype=torch.long)
@@ -363,12 +381,18 @@ class InternVLEngine(Prompter):
         start = attention[rows].sum(-1, keepdim=True)
         more = self.model(
             input_ids=cont, attention_mask=torch.cat([attention[rows], cont_mask], dim=-1),
-            position_ids=start + torch.arange(width, device=attention.device), past_key_values=cache,
+            position_ids=start + torch.arange(width, device=attention.device), **{self.cache_name: cache},
         )
-        rest = torch.log_softmax(more.logits.float(), dim=-1).cpu()
+        rest = torch.log_softmax(more.logits.float(), dim=-1)
         end = sorted(self.eos_ids)
+        # only the vocabulary columns the answers read (label and end tokens) leave the device
+        read = sorted({t for options in labels for seq in options for t in seq} | set(end))
+        column = {t: k for k, t in enumerate(read)}
+        index = torch.tensor(read, device=first.device)
+        first, rest = first.index_select(-1, index).cpu(), rest.index_select(-1, index).cpu()
         result: list[list[float]] = [[0.0] * len(options) for options in labels]
         for p, (i, j) in enumerate(pairs):
             seq = labels[i][j]
-            result[i][j] = answer_logprob([first[i], *rest[p, : len(seq)]], seq, end)
+            result[i][j] = answer_logprob([first[i], *rest[p, : len(seq)]], [column[t] for t in seq],
+                                          [column[e] for e in end])
         return result

@@ -42,9 +42,10 @@ def load(engine: Engine, job: JobConfig) -> Any:
     common = dict(device=job.compute.device, dtype=job.compute.dtype, revision=job.model_revision,
                   cache_dir=job.model_cache, storage_options=job.storage, trust_remote_code=job.trust_remote_code)
     if engine == "vllm":
+        from pipeline.model.gpu_memory import vllm_options  # on a GPU: vLLM's share beside our vision tower
         from pipeline.model.vllm_engine import VLLMEngine
 
-        return VLLMEngine.load(job.model, tp=job.compute.tp, options=job.compute.vllm.engine_options(), **common)
+        return VLLMEngine.load(job.model, tp=job.compute.tp, options=vllm_options(job), **common)
     from pipeline.model.engine import InternVLEngine
 
     return InternVLEngine.load(job.model, **common)

@@ -86,9 +86,8 @@ def read_image_manifest(job: JobConfig) -> Inputs:
 def read_job_inputs(job: JobConfig, folder: OutputFolder, partitions: int) -> Inputs:
     """The job's samples as a dataset: shards and Parquet pictures read here, every other input by
     `sources.read_inputs`."""
-    kind = input_kind(job.input, job.input_format)
-    if kind == "webdataset":
-        return read_webdataset(job, folder, partitions)
-    if kind == "manifest" and job.image_column:
+    if job.image_column:  # a manifest, or under `auto` a folder or glob of them (preflight refused anything else)
         return read_image_manifest(job)
+    if input_kind(job.input, job.input_format) == "webdataset":
+        return read_webdataset(job, folder, partitions)
     return read_inputs(job, folder, partitions)

@@ -30,9 +30,11 @@ from pipeline.io.storage import get_filesystem
 from pipeline.io.webdataset import has_braces, probe_shards
 from pipeline.model.checkpoints import check_checkpoint
 from pipeline.run import ids
+from pipeline.run.committed import Committed, read_committed
 from pipeline.run.repair import KEEP_RULE, repair_output
 from pipeline.run.packed_inputs import read_job_inputs
 from pipeline.run.sources import Inputs, read_shards
+from pipeline.run.totals import score_columns_of, totals_names
 
 Echo = Callable[[str], None]
 
@@ -52,6 +54,7 @@ class RunPlan:
     rows_duplicated: int = 0  # ids the output holds more than once (a dry run; a run repairs them first)
     rows_repaired: int = 0  # duplicate rows a run removed before planning
     rows_stale: int = 0  # an update: rows made with other settings, re-run and replaced in place
+    committed: int | None = None  # incremental: shards earlier successful runs committed, not read again
     rows_waiting: int = 0  # of rows_done, those set aside for a retry pass (in `_retry/`, not in the output yet)
     stamp: str = ""  # incremental: this run's name in the state
     estimate: dict[str, Any] = field(default_factory=dict)
@@ -114,11 +117,13 @@ def storage_errors(where: str) -> Iterator[None]:
 def probe_input(job: JobConfig) -> None:
     """The input exists (a manifest's files are listed, a prefix's first entry looked up), without listing it."""
     kind = input_kind(job.input, job.input_format)
+    if job.image_column:  # the pictures are in manifests: under `auto`, a folder or glob is one of manifests
+        if kind not in ("manifest", "files"):
+            raise InputError(f"image_column: needs a Parquet manifest as input; {job.input!r} is read as {kind}")
+        kind = "manifest"
     if job.incremental and kind == "manifest":
         raise JobError("incremental: needs a prefix, glob or inventory input (object versions come from the listing), "
                        "not a manifest")
-    if job.image_column and kind != "manifest":
-        raise InputError(f"image_column: needs a Parquet manifest as input; {job.input!r} is read as {kind}")
     if kind == "manifest":
         manifest_files(job.input, job.storage)
     elif kind == "inventory":
@@ -208,14 +213,15 @@ def expected_rows(batch: pa.Table, job: JobConfig) -> pa.Table:
                      "first": pa.array([int(k == 0) for rows in per_sample for k in range(len(rows))], pa.int64())})
 
 
-def done_ids(job: JobConfig, folder: OutputFolder, *, dry_run: bool = False,
-             current: list[str] | None = None) -> tuple[Any, Any, int]:
-    """The ids already in the output, and those set aside for a retry pass (done for the first pass), as datasets,
-    or None (none there; a dry run of an overwrite); and how many rows are stale. `current` (an update): only rows
-    made with one of these settings ids count as done; the others are stale, to be re-run and replaced."""
+def done_ids(job: JobConfig, folder: OutputFolder, *, dry_run: bool = False, current: list[str] | None = None,
+             files: list[str] | None = None) -> tuple[Any, Any, int]:
+    """The ids already in the output (in `files`, default every shard), and those set aside for a retry pass (done
+    for the first pass), as datasets, or None (none there; a dry run of an overwrite); and how many rows are stale.
+    `current` (an update): only rows made with one of these settings ids count as done; the others are stale, to be
+    re-run and replaced."""
     if dry_run and job.overwrite:
         return None, None, 0
-    files = folder.shards()
+    files = folder.shards() if files is None else files
     pending = [f for attempt in folder.pending.files().values() for f in attempt]
     waiting = ids.read_ids(pending, job.storage) if pending else None
     if not files:
@@ -244,11 +250,14 @@ def plan_run(job: JobConfig, folder: OutputFolder, echo: Echo, *, dry_run: bool 
     if clash:
         raise JobError(f"input {job.input!r} has columns this {job.task} job writes itself: {', '.join(clash)}; rename them")
     expected = inputs.keys.map_batches(expected_rows, fn_kwargs={"job": job}, batch_format="pyarrow", batch_size=None)
-    done, waiting, stale = done_ids(job, folder, dry_run=dry_run, current=current)
+    prior = committed_shards(job, folder) if current is None else None
+    added = prior.added(folder.shards(detail=True)) if prior else None  # a nightly run reads what is new only
+    done, waiting, stale = done_ids(job, folder, dry_run=dry_run, current=current, files=added)
     counts = ids.count_ids(expected, done, partitions, keep=done is not None or waiting is not None, waiting=waiting)
     repaired = None
     if counts.dup_done and not dry_run:  # ids the output holds twice: keep one row each, then count again
         repaired = repair_output(folder, echo, partitions=partitions)
+        prior = None
         done, waiting, stale = done_ids(job, folder, current=current)
         counts = ids.count_ids(expected, done, partitions, keep=True, waiting=waiting)
     if counts.dup_expected:
@@ -257,7 +266,7 @@ def plan_run(job: JobConfig, folder: OutputFolder, echo: Echo, *, dry_run: bool 
     if (inputs.objects_listed == 0) if job.incremental else samples == 0:
         skipped = f" (skipped: {inputs.skipped})" if inputs.skipped else ""
         raise JobError(f"input {job.input!r}: no images or videos found{skipped}")
-    rows_in = counts.rows_any if job.incremental else counts.rows_expected
+    rows_in = counts.rows_any + (prior.rows if prior else 0) if job.incremental else counts.rows_expected
     todo, samples_todo = inputs.samples, samples
     if counts.rows_done:
         todo, samples_todo = ids.todo_samples(inputs.samples, counts.table, counts.missing, partitions,
@@ -265,9 +274,11 @@ def plan_run(job: JobConfig, folder: OutputFolder, echo: Echo, *, dry_run: bool 
     plan = RunPlan(inputs=inputs, samples=samples, rows_in=rows_in, rows_expected=counts.rows_expected,
                    rows_done=counts.rows_done, samples_todo=samples_todo, todo=todo, input_columns=columns,
                    rows_duplicated=counts.dup_done, rows_repaired=repaired.removed if repaired else 0, rows_stale=stale,
+                   committed=len(prior.shards) if prior else None,
                    stamp=run_stamp() if job.incremental else "")
     if job.incremental:
-        echo(f"incremental: {samples} of {inputs.objects_listed} objects are new or changed since the last successful run")
+        echo(f"incremental: {samples} of {inputs.objects_listed} objects are new or changed since the last successful run"
+             + (f"; {plan.committed} shard(s) committed by earlier runs are not read again" if plan.committed else ""))
     echo(f"{samples} samples ({rows_in} output rows) from {job.input}"
          + (f"; skipped non-media files {inputs.skipped}" if inputs.skipped else ""))
     plan.rows_waiting = counts.rows_waiting
@@ -305,3 +316,12 @@ def multi_row(job: JobConfig, columns: list[str]) -> bool:
     """Whether a sample may produce several output rows (so it may be half written)."""
     return job.task != "score" and (len(job.questions or []) > 1 or "questions" in columns)
 
+
+
+def committed_shards(job: JobConfig, folder: OutputFolder) -> Committed | None:
+    """Incremental: the shards earlier successful runs committed, when the output's index holds (run/committed.py)."""
+    if not job.incremental:
+        return None
+    criteria = job.score_criteria() if job.task == "score" else []
+    names = totals_names(score_columns_of(criteria), job.has_filter)
+    return read_committed(folder, folder.shards(detail=True), names)

@@ -9,7 +9,8 @@
   Ray Data itself creates every actor-pool worker with its DataContext and map transformer as object-store
   arguments, whatever the stage's own constructor arguments (a bare ActorPoolStrategy map with no arguments prints
   it too), and those objects are owned and kept by this driver for the whole run, so the warned-of loss cannot
-  happen here. It is written by C++ straight to file descriptor 2, so that one line is filtered out there.
+  happen here. It is written by C++ straight to file descriptor 2, so that one line is filtered out there, by a
+  small process reading that descriptor's pipe (a process: if this one crashes, its last lines still get out).
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ from __future__ import annotations
 import logging
 import os
 import re
+import select
+import subprocess
 import sys
-import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
+_LINGERING: list[subprocess.Popen] = []  # filters still copying for processes that outlived the run
 _state = {"quiet": False}  # set by quiet_run for this process: execute applies quiet_ray_data once Ray Data is loaded
 
 RAY_AUTH_NOTICE = "ray._private.authentication.authentication_token_setup"  # the logger of that notice
@@ -58,56 +61,86 @@ def quiet_ray_data() -> None:
             handler.addFilter(lambda record: not record.name.startswith("ray.data._internal.progress"))
 
 
+# The filter process (stdlib only, started with -S: ~20 ms): argv = END marker (hex), the fd to acknowledge END on,
+# then the dropped patterns. It copies its stdin (this process's stderr) to its stdout (the real stderr) line by line.
+_FILTER_CODE = r"""
+import os, re, sys
+end, ack = bytes.fromhex(sys.argv[1]), int(sys.argv[2])
+dropped = [re.compile(p.encode("latin-1")) for p in sys.argv[3:]]
+alive = True  # whether the real stderr still takes writes (a closed one must not stop the pipe being drained)
+
+def write(data):
+    global alive
+    while data and alive:
+        try:
+            data = data[os.write(1, data):]
+        except OSError:
+            alive = False
+
+def copy(data, final=False):
+    *lines, rest = data.split(b"\n")
+    for line in lines:
+        if not any(p.search(line) for p in dropped):
+            write(line + b"\n")
+    if final:
+        write(rest)
+        return b""
+    return rest
+
+pending = b""
+while chunk := os.read(0, 65536):
+    pending += chunk
+    if end in pending:
+        before, pending = pending.split(end, 1)
+        copy(before, final=True)
+        os.write(ack, b"k")
+    pending = copy(pending)
+copy(pending, final=True)
+"""
+
+
 class _LineFilter:
-    """File descriptor 2 through a pipe; a thread copies every line to the real stderr except the dropped ones."""
+    """File descriptor 2 through a pipe into a filter process that copies every line to the real stderr except the
+    dropped ones. A process, not a thread of this one: when this process dies (a segfault, an abort), the filter
+    still reads the pipe to its end, so the last lines (the fatal error's trace) reach the real stderr."""
 
     END = b"\x00internvl-batch-stderr-end\x00"
+    ACK_TIMEOUT_S = 5.0
+    EXIT_WAIT_S = 0.5
 
     def __init__(self, dropped: Sequence[re.Pattern[bytes]]) -> None:
         self.dropped = dropped
-        self.done = threading.Event()
 
     def __enter__(self) -> _LineFilter:
         sys.stderr.flush()
         self.real = os.dup(2)
-        self.read, self.write = os.pipe()
+        read, self.write = os.pipe()
+        self.ack, ack_write = os.pipe()
+        patterns = [p.pattern.decode("latin-1") for p in self.dropped]
+        try:
+            # A session of its own: a terminal's Ctrl-C goes to the run, not to the filter that must copy its last words.
+            self.proc = subprocess.Popen([sys.executable, "-S", "-c", _FILTER_CODE, self.END.hex(), str(ack_write), *patterns],
+                                         stdin=read, stdout=self.real, stderr=subprocess.DEVNULL,
+                                         pass_fds=(ack_write,), start_new_session=True)
+        finally:
+            os.close(read)
+            os.close(ack_write)
         os.dup2(self.write, 2)
-        self.thread = threading.Thread(target=self._pump, name="stderr-filter", daemon=True)
-        self.thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         sys.stderr.flush()
         os.write(self.write, self.END)  # everything written before this point is copied out first
-        self.done.wait(timeout=5)
+        if select.select([self.ack], [], [], self.ACK_TIMEOUT_S)[0]:
+            os.read(self.ack, 1)
+        os.close(self.ack)
         os.dup2(self.real, 2)
-        os.close(self.write)  # processes started meanwhile may hold the pipe: the thread keeps copying for them
-
-    def _pump(self) -> None:
-        pending = b""
-        while chunk := os.read(self.read, 65536):
-            pending += chunk
-            if self.END in pending:
-                before, pending = pending.split(self.END, 1)
-                self._copy(before, final=True)
-                self.done.set()
-                continue
-            pending = self._copy(pending)
-        self._copy(pending, final=True)
-
-    def _copy(self, data: bytes, final: bool = False) -> bytes:
-        *lines, rest = data.split(b"\n")
-        for line in lines:
-            if not any(p.search(line) for p in self.dropped):
-                self._write(line + b"\n")
-        if final and rest:
-            self._write(rest)
-            return b""
-        return rest
-
-    def _write(self, data: bytes) -> None:
-        while data:
-            data = data[os.write(self.real, data):]
+        os.close(self.real)
+        os.close(self.write)
+        try:
+            self.proc.wait(self.EXIT_WAIT_S)
+        except subprocess.TimeoutExpired:  # processes started meanwhile hold the pipe: it copies for them until they end
+            _LINGERING.append(self.proc)
 
 
 @contextmanager

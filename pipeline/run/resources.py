@@ -1,18 +1,22 @@
-"""What a run asks of the cluster: replicas and their devices, CPU workers, the object-store budget for queued tiles.
+"""What a run asks of the cluster: replicas and their devices, CPU workers, the object-store budget for queued tiles,
+and how a vLLM replica's GPU is shared between our vision tower and vLLM.
 
-Pure arithmetic over the job and the cluster's totals; the Ray calls that read those totals are in run/execute.py.
+Pure arithmetic over the job and the cluster's totals; the Ray calls that read those totals are in run/execute.py
+(and, for the GPU's memory, run/estimate.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from pipeline.config import JobConfig
-from pipeline.errors import RunError
+from pipeline.errors import JobError, RunError
 from pipeline.media.tiling import TILE_SIZE
 from pipeline.model.device import wants_gpu
 from pipeline.model.engines import Engine, choose_engine
+from pipeline.model.gpu_memory import MemorySplit, describe_split, largest_sample_tiles, split_for_job
 from pipeline.run.replica import RANK_CPUS
 
 # A CPU preprocessing task; on CPU the replicas always leave room for one, or the run could not move.
@@ -116,7 +120,21 @@ def object_store_budget(job: JobConfig, resources: Resources, cluster_store: flo
     tiles than a run of ten thousand."""
     if job.compute.object_store_mb:
         return job.compute.object_store_mb * 1024**2
-    per_frame = job.video.tiles_per_frame + (job.tiling.thumbnail and job.video.tiles_per_frame > 1)
-    largest = max(job.tiling.max_tiles + job.tiling.thumbnail, job.video.num_frames * per_frame)
+    largest = largest_sample_tiles(job)
     queued = max(MIN_OBJECT_STORE, QUEUED_BATCHES * job.compute.batch_size * largest * TILE_BYTES * resources.replicas[1])
     return queued if cluster_store is None else min(queued, int(cluster_store / 2))
+
+
+def replica_memory(job: JobConfig, resources: Resources, *, config: Mapping[str, Any] | None,
+                   gpu_gib: float | None) -> MemorySplit | None:
+    """How one vLLM replica's GPU is shared between our vision tower and vLLM (model/gpu_memory.py), for a GPU of
+    gpu_gib and the checkpoint's config; None where there is no such split (the transformers engine, replicas on
+    CPU, an unknown GPU or config). A model that cannot fit is refused here, before anything runs, with its numbers."""
+    if resources.engine != "vllm" or not resources.on_gpu or config is None or gpu_gib is None:
+        return None
+    split = split_for_job(job, config, gpu_gib)
+    if not split.fits:
+        raise JobError(f"model {job.model!r} does not fit a {gpu_gib:g} GiB GPU at compute.tp={job.compute.tp}: "
+                       f"{split.reason}. The split: {describe_split(split)}. Use a larger compute.tp, GPUs with more "
+                       "memory, or a shorter compute.vllm.max_model_len")
+    return split

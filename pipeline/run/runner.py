@@ -14,7 +14,8 @@ from pipeline.io.output import OutputFolder
 from pipeline.io.output.lease import renewed
 from pipeline.run.execute import execute, init_ray, resolve
 from pipeline.io.output.layout import SUCCESS_FILE
-from pipeline.run.finish import finish, summarize_output
+from pipeline.run.finish import finish
+from pipeline.run.totals import summarize_output
 from pipeline.run.repair import Repair, repair_duplicates
 from pipeline.run.estimate import describe_estimate, estimate_plan
 from pipeline.run.plan import (RunPlan, check_output_state, job_errors, output_folder, plan_run, preflight,

@@ -20,11 +20,11 @@ from pipeline.io.inputs import (
 from pipeline.io.output import OutputFolder
 from pipeline.io.listing import inventory_listing, inventory_spec, list_level, list_tree, manifest_files
 from pipeline.io.schema import OUTPUT_SCHEMA, WRITE_FIELDS
-from pipeline.io.storage import extension, get_filesystem
+from pipeline.io.storage import MANIFEST_EXTENSIONS, extension, get_filesystem
 
 LIST_CPUS = 0.25  # listing a prefix waits on the object store, not the CPU
 FIELD_TYPES = {f.name: f.type for f in [*OUTPUT_SCHEMA, *WRITE_FIELDS]}  # columns older shards may lack
-SHARD_COLUMN, POSITION_COLUMN = "__shard", "__position"
+SHARD_COLUMN, POSITION_COLUMN, SIZE_COLUMN = "__shard", "__position", "__size"  # where a row is (`source`)
 SAMPLE_KEYS = ("id", "uri", "uris", "question", "questions")  # what ids and expected rows are derived from
 
 
@@ -73,7 +73,8 @@ def read_files(files: list[str], options: Any, *, columns: list[str] | None = No
     return ds.select_columns(columns) if columns else ds
 
 
-def _read_shards(batch: dict[str, Any], options: Any, columns: list[str], source: bool = False) -> pa.Table:
+def _read_shards(batch: dict[str, Any], options: Any, columns: list[str], source: bool = False,
+                 sizes: bool = False) -> pa.Table:
     import pyarrow.parquet as pq
 
     tables = []
@@ -89,18 +90,22 @@ def _read_shards(batch: dict[str, Any], options: Any, columns: list[str], source
             n = table.num_rows
             table = table.append_column(SHARD_COLUMN, pa.array([path.rsplit("/", 1)[-1]] * n, pa.string()))
             table = table.append_column(POSITION_COLUMN, pa.array(range(n), pa.int64()))
+        if sizes:
+            table = table.append_column(SIZE_COLUMN, pa.array([fs.size(path)] * table.num_rows, pa.int64()))
         tables.append(table)
     return pa.concat_tables(tables)
 
 
-def read_shards(files: list[str], options: Any, columns: list[str], *, source: bool = False) -> Any:
+def read_shards(files: list[str], options: Any, columns: list[str], *, source: bool = False, sizes: bool = False) -> Any:
     """Output shards read one task per file with fsspec: every file is read or the read fails (Ray Data's own listing
     silently skips a file an object store reports as empty, which an accounting must never do). `source`: each row
-    also says which shard it is in and where (SHARD_COLUMN, POSITION_COLUMN)."""
+    also says which shard it is in and where (SHARD_COLUMN, POSITION_COLUMN); `sizes`: and the shard's size in bytes
+    (SIZE_COLUMN)."""
     import ray
 
     items = ray.data.from_items([{"path": f} for f in files], override_num_blocks=min(len(files), 1024))
-    return items.map_batches(_read_shards, fn_kwargs={"options": options, "columns": columns, "source": source},
+    return items.map_batches(_read_shards, fn_kwargs={"options": options, "columns": columns, "source": source,
+                                                       "sizes": sizes},
                              batch_size=1, batch_format="numpy", num_cpus=LIST_CPUS)
 
 
@@ -170,6 +175,14 @@ def count_skipped(listing: Any, keep: Callable[[str], bool] = is_media) -> dict[
     return add_counts({}, pa.concat_tables(tables)) if tables else {}
 
 
+def only_manifests(job: JobConfig, listing: Any, skipped: dict[str, int]) -> bool:
+    """`input_format: auto` on a prefix whose listing holds manifest files and no media: a folder of manifests,
+    read as such (an incremental run needs media objects, so it is told there are none)."""
+    if job.input_format != "auto" or job.incremental or not skipped or not set(skipped) <= MANIFEST_EXTENSIONS:
+        return False
+    return listing.map_batches(media_rows, batch_format="pyarrow", batch_size=None).count() == 0
+
+
 def read_inputs(job: JobConfig, folder: OutputFolder, partitions: int) -> Inputs:
     """The job's samples as a dataset (incremental: only new or changed objects, materialized)."""
     kind = input_kind(job.input, job.input_format)
@@ -178,6 +191,8 @@ def read_inputs(job: JobConfig, folder: OutputFolder, partitions: int) -> Inputs
     listing = list_objects(job) if kind == "files" else read_inventory(job)
     skipped = count_skipped(listing)
     media = {"batch_format": "pyarrow", "batch_size": None}
+    if kind == "files" and only_manifests(job, listing, skipped):
+        return read_manifest(job)
     if not job.incremental:
         samples = listing.map_batches(media_rows, **media)
         return Inputs(samples=samples, keys=samples, kind=kind, skipped=skipped)

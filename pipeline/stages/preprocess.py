@@ -15,12 +15,20 @@ from pipeline.config import JobConfig
 from pipeline.errors import ErrorType, MediaError
 from pipeline.io.image_column import cell_media
 from pipeline.io.schema import PREPROCESS_SCHEMA, to_table
-from pipeline.io.storage import extension, read_bytes
+from pipeline.io.confine import InputRule, RefusedInput, input_rule
+from pipeline.io.fetch import read_input
+from pipeline.io.inputs import input_kind
+from pipeline.io.storage import extension
 from pipeline.io.webdataset import WDS_COLUMN, sample_media
 from pipeline.media.decode import image_tiles, video_tiles
 from pipeline.media.sandbox import isolated
 from pipeline.media.video import VIDEO_EXTENSIONS, looks_like_video
 from pipeline.stages.base import Batch, as_list, require_columns
+
+
+def job_input_rule(job: JobConfig) -> InputRule:
+    """Where the job's samples may be read from (io/confine.py): its input's own location and `allowed_inputs`."""
+    return input_rule(job.input, job.allowed_inputs, inventory=input_kind(job.input, job.input_format) == "inventory")
 
 
 class Preprocess:
@@ -40,6 +48,8 @@ class Preprocess:
         self.tiling = job.tiling
         self.video = job.video
         self.storage = dict(job.storage)
+        self.http = job.http.model_dump()
+        self.rule = job_input_rule(job)
         self.image_column = job.image_column
         decode = job.decode
         sandboxed = {"timeout_s": decode.timeout_s, "attempts": decode.attempts}
@@ -47,9 +57,12 @@ class Preprocess:
         self.video_tiles = isolated(video_tiles, **sandboxed) if decode.isolate in ("all", "video") else video_tiles
 
     def read(self, uri: str) -> bytes:
-        """Bytes of one object; missing objects and storage failures become classified errors."""
+        """Bytes of one object where the job's rule allows its URI (else bad_input, nothing read: io/confine.py);
+        missing objects and storage failures become classified errors."""
         try:
-            return read_bytes(uri, self.storage)
+            return read_input(uri, rule=self.rule, storage=self.storage, http=self.http)
+        except RefusedInput as err:
+            raise MediaError(ErrorType.BAD_INPUT, f"refused: {err}") from None
         except FileNotFoundError:
             raise MediaError(ErrorType.NOT_FOUND, f"no such object: {uri}") from None
         except (OSError, ValueError) as err:

@@ -11,12 +11,6 @@ from tests.conftest import pattern_image
 pytestmark = pytest.mark.gpu
 
 
-@pytest.fixture(scope="module", autouse=True)
-def needs_cuda():
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-
-
 def test_auto_plan_uses_bf16_on_cuda(tiny_model):
     engine = InternVLEngine.load(str(tiny_model), device="auto")
     assert engine.plan.device == "cuda" and engine.plan.dtype == torch.bfloat16

@@ -81,7 +81,8 @@ def test_resume_keeps_half_written_multi_question_samples_exactly_once(ray_local
 
 
 def test_accounting_catches_a_missing_and_a_duplicated_row(ray_local, tiny_model, tmp_path):
-    from pipeline.run.finish import check_ids, count_output_ids, summarize_output
+    from pipeline.run.finish import check_ids, count_output_ids
+    from pipeline.run.totals import summarize_output
     from pipeline.run.plan import output_folder, plan_run
 
     manifest = tmp_path / "m.jsonl"
@@ -92,7 +93,7 @@ def test_accounting_catches_a_missing_and_a_duplicated_row(ray_local, tiny_model
     folder = output_folder(job)
     plan = plan_run(job, folder, lambda _: None)
     assert plan.rows_todo == 0
-    check_ids(job, plan, count_output_ids(job, folder, plan), summarize_output(folder).rows)  # complete: passes
+    check_ids(job, count_output_ids(job, folder, plan), plan.rows_in, summarize_output(folder).rows)  # complete
 
     first = sorted((tmp_path / "out").glob("part-*.parquet"))[0]
     table = pq.read_table(first)
@@ -103,7 +104,7 @@ def test_accounting_catches_a_missing_and_a_duplicated_row(ray_local, tiny_model
     counts = summarize_output(folder)
     assert counts.rows == 50
     with pytest.raises(RunError) as err:
-        check_ids(job, plan, count_output_ids(job, folder, plan), counts.rows)
+        check_ids(job, count_output_ids(job, folder, plan), plan.rows_in, counts.rows)
     assert f"1 missing (e.g. {missing!r})" in str(err.value) and f"1 written more than once (e.g. {kept!r})" in str(err.value)
     assert "_SUCCESS.json not written" in str(err.value)
 

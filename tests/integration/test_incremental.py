@@ -74,3 +74,41 @@ def test_add_three_change_one_processes_exactly_four(s3_server, ray_local, tiny_
         overlapping = CliRunner().invoke(app, ["run", str(path)])
     assert overlapping.exit_code == 2 and "another run holds" in overlapping.output
     assert fs.glob("bucket/nightly/out/_state/*/*.parquet") and not fs.exists("bucket/nightly/out/_INCREMENTAL.json")
+
+
+def test_a_nightly_run_reads_only_new_shards_and_still_catches_an_id_twice(ray_local, tiny_model, tmp_path):
+    """The second run trusts the shard index for what the first committed; a committed shard copied under another
+    name is not trusted: that run counts every shard, finds the ids twice and keeps one row each."""
+    import shutil
+
+    images = tmp_path / "in"
+    images.mkdir()
+    for i in range(4):
+        pattern_image(448 + 8 * i, 448).save(images / f"{i}.png")
+    out = tmp_path / "out"
+    job = {"task": "caption", "input": str(images), "output": str(out), "model": str(tiny_model), "incremental": True,
+           "rows_per_shard": 2, "compute": {"batch_size": 2}, "generation": {"max_new_tokens": 2}}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    assert CliRunner().invoke(app, ["run", str(path)]).exit_code == 0
+    assert list((out / "_index").glob("*/*.parquet"))
+    first_shards = len(list(out.glob("part-*.parquet")))
+
+    pattern_image(600, 448).save(images / "new.png")
+    second = CliRunner().invoke(app, ["run", str(path)])
+    assert second.exit_code == 0, second.output
+    assert "1 of 5 objects are new or changed" in second.output
+    assert f"{first_shards} shard(s) committed by earlier runs are not read again" in second.output
+    success = json.loads((out / "_SUCCESS.json").read_text())
+    assert (success["rows_in"], success["rows_out"], success["files"]) == (5, 5, first_shards + 1)
+
+    copied = sorted(out.glob("part-*.parquet"))[0]
+    shutil.copy(copied, out / "part-copied.parquet")
+    twice = len(output_rows(out)) - 5
+    pattern_image(640, 448).save(images / "newer.png")
+    third = CliRunner().invoke(app, ["run", str(path)])
+    assert third.exit_code == 0, third.output
+    said = " ".join(third.output.split())
+    assert "every shard is counted and checked" in said and f"removed {twice} duplicate row(s)" in said, said
+    rows = output_rows(out)
+    assert len(rows) == 6 and len({r["id"] for r in rows}) == 6

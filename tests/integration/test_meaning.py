@@ -1,6 +1,6 @@
 """The trained tiny model's answers mean something, through the real pipeline (local Ray, SeaweedFS S3, Parquet).
 
-Freshly drawn held-out samples of the world (pipeline/embedded/world.py): images of every tile count 1..13, JPEG and
+Freshly drawn held-out samples of the world (pipeline/embedded/world): images of every tile count 1..13, JPEG and
 PNG, every shape / colour / background; image pairs; videos moving in each direction. Their answers are compared
 with the truth. A sabotaged run (tiles of one sample swapped with another's, video frames reversed, between the
 pipeline's own CPU and model stages) must collapse, so these checks can fail.
@@ -67,10 +67,10 @@ def test_the_encoder_sees_the_shape(trained_model):
     import torch
     from transformers import InternVLForConditionalGeneration
 
-    from pipeline.embedded import seeing as S
     from pipeline.embedded import world as W
     from pipeline.media.images import load_tiles
     from pipeline.media.tiling import normalize_tiles
+    from training import seeing as S
 
     model = InternVLForConditionalGeneration.from_pretrained(trained_model, dtype=torch.float32).eval()
     rng = np.random.default_rng([M.EVAL_SEED, 7])

@@ -9,7 +9,7 @@
   _retry/attempt-<a>/     rows waiting for retry attempt a (pending.py)
   _state/<run>/           incremental: (uri, version) of every object a successful run took (state.py)
   _runs/<run>.json        incremental: what each successful run took
-  _index/<run>.parquet    incremental: the shards each successful run left, with their totals (state.py)
+  _index/<run>/           incremental: the shards each successful run committed, sizes and totals (state.py)
   _settings/<id>.json     the full settings behind each `settings` id the rows carry
   _update/                rows an update (`--update`) has made, waiting to replace their old rows (staged.py)
 <output_passed>/

@@ -61,9 +61,9 @@ def run_record(stamp: str) -> str:
     return f"{RUNS_DIR}/{stamp}.json"
 
 
-def index_file(stamp: str) -> str:
-    """One successful run's shard index."""
-    return f"{INDEX_DIR}/{stamp}.parquet"
+def index_dir(stamp: str) -> str:
+    """One successful incremental run's shard index: the shards it committed, with their sizes and totals."""
+    return f"{INDEX_DIR}/{stamp}"
 
 
 def settings_file(settings_id: str) -> str:

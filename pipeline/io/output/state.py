@@ -3,7 +3,9 @@
 `_state/<run>/*.parquet` holds (uri, version) of every object a successful run took (its version: S3 ETag, else
 size and modification time: io/storage.object_version), one delta folder per run, compacted into one now and then;
 the run finds new or changed objects by joining the listing with it (`pipeline/run/sources.py`). `_runs/<run>.json`
-records what each run took. An `_INCREMENTAL.json` left by an early version is read as the state while no Parquet
+records what each run took. `_index/<run>/*.parquet` lists the shards each successful run committed, with their
+sizes and totals, so the next run reads only the shards added since (run/committed.py). An `_INCREMENTAL.json` left
+by an early version is read as the state while no Parquet
 state exists, and the first run after it writes it out as the state's first delta.
 """
 
@@ -16,7 +18,7 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 
 from pipeline.io.inputs import LISTING_SCHEMA
-from pipeline.io.output.layout import LEGACY_STATE_FILE, STATE_DIR, run_record, state_delta
+from pipeline.io.output.layout import INDEX_DIR, LEGACY_STATE_FILE, STATE_DIR, index_dir, run_record, state_delta
 
 if TYPE_CHECKING:
     from pipeline.io.output.folder import OutputFolder
@@ -81,7 +83,21 @@ class IncrementalState:
                                       "state_delta": state_delta(stamp)})
         return name
 
-    def remove_deltas(self, folders: list[str]) -> None:
-        """Delete merged deltas (after their compacted copy is written)."""
+    def remove_folders(self, folders: list[str]) -> None:
+        """Delete merged state deltas or index folders (after their compacted copy is written)."""
         for folder in folders:
             self.folder.remove(folder, recursive=True)
+
+    def index(self) -> dict[str, list[str]]:
+        """{index folder URL: its Parquet files}, oldest first."""
+        folders: dict[str, list[str]] = {}
+        for url in self.folder.find(self.folder.child(INDEX_DIR)):
+            if url.endswith(".parquet"):
+                folders.setdefault(url.rsplit("/", 1)[0], []).append(url)
+        return folders
+
+    def write_index_part(self, stamp: str, rows: pa.Table) -> str:
+        """One Parquet file of a run's shard index (written block by block, in Ray tasks)."""
+        url = f"{self.folder.child(index_dir(stamp))}/part-{uuid.uuid4().hex[:16]}.parquet"
+        self.folder.write_table(url, rows)
+        return url

@@ -120,6 +120,9 @@ def test_image_column_only_for_manifests(tmp_path):
     with pytest.raises(JobError, match="image_column: only for a Parquet manifest"):
         parse_job({"task": "caption", "input": "s3://b/x/", "input_format": "files", "output": "o", "model": "m",
                    "image_column": "image"})
-    auto = parse_job({"task": "caption", "input": str(tmp_path), "output": "o", "model": "m", "image_column": "image"})
+    shards = parse_job({"task": "caption", "input": str(tmp_path / "{0..1}.tar"), "output": "o", "model": "m",
+                        "image_column": "image"})
     with pytest.raises(InputError, match="image_column: needs a Parquet manifest as input"):
-        probe_input(auto)  # preflight: before any work
+        probe_input(shards)  # preflight: before any work
+    pq.write_table(pa.table({"image": [b"x"]}), tmp_path / "part-0.parquet")
+    probe_input(shards.model_copy(update={"input": str(tmp_path)}))  # a folder of manifests under `auto`: fine

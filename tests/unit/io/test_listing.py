@@ -53,6 +53,7 @@ def test_manifest_folder_files_and_bases(tmp_path):
         manifest_files(str(tmp_path / "m"))
     assert manifest_base("s3://b/m/x.jsonl") == "s3://b/m"
     assert manifest_base("s3://b/m/") == "s3://b/m" and manifest_base("s3://b/m/*.parquet") == "s3://b/m"
+    assert manifest_base("s3://b/m") == "s3://b/m" and manifest_base(str(tmp_path / "m")) == str(tmp_path / "m")
 
 
 def test_manifest_batches_derive_the_same_ids_in_any_batch():

@@ -85,6 +85,8 @@ def test_media_error_keeps_type_and_message():
 
 
 def test_other_exceptions_keep_their_type():
+    """Builtin exceptions cross with their type and args; others (their classes are never loaded from a reply)
+    become decode_error naming the type."""
     with Sandbox(targets.raise_value_error, timeout_s=30) as sandbox:
         with pytest.raises(ValueError, match="^bad bound$"):
             sandbox("bad bound")
@@ -92,6 +94,23 @@ def test_other_exceptions_keep_their_type():
         with pytest.raises(MediaError, match="TwoArgError: a b") as info:
             sandbox("a", "b")
         assert info.value.error_type == "decode_error"
+
+
+@pytest.mark.parametrize("kind", ["pickle", "exec", "system_exit", "object_array", "short_array", "huge"])
+def test_a_crafted_reply_is_refused_and_runs_no_code(tmp_path, kind):
+    """A decoder exploited by a hostile file controls the child: whatever it sends back is refused as a decode_error,
+    and nothing in it runs in the caller (the pickle below creates the marker when loaded, as the old format did)."""
+    proof = tmp_path / "pickles-run-code"
+    import pickle
+    pickle.loads(pickle.dumps(targets.RunsCode(str(proof))))
+    assert proof.exists()  # the payload is live
+    marker = tmp_path / "code-ran"
+    with Sandbox(targets.send_crafted_reply, timeout_s=30, attempts=1) as sandbox:
+        with pytest.raises(MediaError) as info:
+            sandbox(kind, str(marker))
+        assert info.value.error_type == "decode_error"
+    assert not marker.exists()
+    assert zombie_children() == []
 
 
 def test_hang_times_out_without_retry_and_next_call_gets_fresh_child(tmp_path):

@@ -28,10 +28,10 @@ def test_tiles_from_files_shard_members_and_picture_columns(tmp_path):
                      "image_column": "image"})
     wide = tile_count(1800, 600, min_tiles=1, max_tiles=12, thumbnail=True)
     (tmp_path / "wide.png").write_bytes(_png(1800, 600))
-    assert sample_tiles(job.model_copy(update={"image_column": None}), {"uri": str(tmp_path / "wide.png")}, {}) == wide
+    assert sample_tiles(job.model_copy(update={"image_column": None}), {"uri": str(tmp_path / "wide.png")}) == wide
     shard = tmp_path / "x.tar"
     shard.write_bytes(tar_bytes([("a.png", _png(1800, 600)), ("b.mp4", make_video(4, 4)), ("c.json", b"{}")]))
     rows = index_shard(str(shard), None).to_pylist()
-    assert [sample_tiles(job, r, {}) for r in rows] == [wide, job.video.num_frames, None]  # c: no picture
+    assert [sample_tiles(job, r) for r in rows] == [wide, job.video.num_frames, None]  # c: no picture
     carried = image_rows(pa.table({"image": [_png(1800, 600), b"junk"]}), "m.parquet", "image").to_pylist()
-    assert [sample_tiles(job, r, {}) for r in carried] == [wide, None]
+    assert [sample_tiles(job, r) for r in carried] == [wide, None]

@@ -34,3 +34,23 @@ def test_verbose_filters_nothing():
     verbose = WRITER.replace("quiet_run()", "quiet_run(verbose=True)")
     proc = subprocess.run([sys.executable, "-c", verbose], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert "has constructor arguments in the object store" in proc.stderr
+
+
+CRASHER = r"""
+import ctypes, faulthandler, sys
+from pipeline.run.quiet import quiet_run
+faulthandler.enable()  # as Ray's workers have it: a segfault's Python trace is written to fd 2
+with quiet_run():
+    print("last words before the crash", file=sys.stderr, flush=True)
+    ctypes.string_at(0)  # SIGSEGV
+"""
+
+
+def test_a_crashing_process_loses_none_of_its_last_lines():
+    """The filter is a process of its own: a segfault of the run cannot take the lines in the pipe with it (a thread
+    of the crashed process copied them, and died with it: this output was empty)."""
+    proc = subprocess.run([sys.executable, "-c", CRASHER], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert proc.returncode == -11
+    lines = proc.stderr.splitlines()
+    assert lines[:2] == ["last words before the crash", "Fatal Python error: Segmentation fault"]
+    assert any("in string_at" in line for line in lines)  # the trace's last frames, written as the process died

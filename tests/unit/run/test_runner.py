@@ -216,15 +216,18 @@ def test_id_indicators_count_done_missing_and_duplicated_rows():
                     "unexpected": 1, "rows_waiting": 1, "samples": 6, "rows_out": 6}
 
 
-def test_block_totals_sum_to_the_output_counts():
+def test_shard_totals_sum_to_the_output_counts():
     import pyarrow as pa
 
-    from pipeline.run.finish import block_totals
+    from pipeline.run.sources import SHARD_COLUMN, SIZE_COLUMN
+    from pipeline.run.totals import shard_totals
 
     batch = pa.table({"id": ["a", "b", "c"], "status": ["ok", "error", "error"], "error_type": [None, "not_found", None],
                       "num_tiles": [3, None, 1], "num_input_tokens": [10, 0, 5], "num_generated_tokens": [2, 0, 1],
-                      "score": [0.05, None, 0.99], "passed": [True, None, False]})
-    row = block_totals(batch, [("score", "score")], True).to_pylist()[0]
+                      "score": [0.05, None, 0.99], "passed": [True, None, False],
+                      SHARD_COLUMN: ["p1", "p1", "p1"], SIZE_COLUMN: [7, 7, 7]})
+    row = shard_totals(batch, [("score", "score")], True).to_pylist()[0]
+    assert (row["shard"], row["size"]) == ("p1", 7)
     assert (row["rows"], row["ok"], row["tiles"], row["passed"]) == (3, 1, 4, 1)
     assert row["error:not_found"] == 1 and row["error:unknown"] == 1
     assert [row[f"hist:score:{k}"] for k in (0, 9)] == [1, 1]

@@ -91,6 +91,7 @@ def bin_centres() -> np.ndarray:
 
 
 def vision_config_kwargs() -> dict:
+    """InternVLVisionConfig arguments of the constructed encoder (the sizes above)."""
     return dict(hidden_size=HIDDEN, num_hidden_layers=4, num_attention_heads=HEADS, intermediate_size=MLP,
                 image_size=TILE_SIZE, patch_size=PATCH, hidden_act="gelu", norm_type="rms_norm", layer_norm_eps=1e-6,
                 attention_bias=True, use_qk_norm=False, use_mean_pooling=True, use_absolute_position_embeddings=True,
@@ -243,7 +244,7 @@ def set_vision(vision) -> None:
         att.k_proj.weight[q0, C_CLS] = -1000.0 / scale
         att.v_proj.weight[q0, value] = 1.0
         att.projection_layer.weight[out, q0] = 1.0 / 8
-    # layer 4 MLP: the shape classifier, trained (train_tiny.train_shape_head)
+    # layer 4 MLP: the shape classifier, trained (shape_head.train_shape_head)
 
 
 @torch.no_grad()
@@ -278,7 +279,7 @@ def _step(z: torch.Tensor, width: float) -> torch.Tensor:
 def fast_features(pixels: np.ndarray) -> torch.Tensor:
     """(N, len(GLOBAL_CHANNELS) - 3) per-tile global features before the shape classifier (centroid, colour,
     background, variances, A, B), computed directly with the constructed layers' arithmetic (RMSNorms taken as
-    exact), ~100x faster than the encoder: what training uses; equal to the encoder's (tests/unit/embedded)."""
+    exact), ~100x faster than the encoder: what training uses; equal to the encoder's (tests/unit/training)."""
     gelu = torch.nn.functional.gelu
     x = torch.from_numpy(np.ascontiguousarray(pixels)).to(torch.float32) / 255.0  # (N, 448, 448, 3)
     n = x.shape[0]
