@@ -36,10 +36,15 @@ class JobConfig(_Section):
         description="caption: one prompt for every sample; vqa: a question per row; score: label probabilities of a yes/no or rating question.")
     input: str = Field(description="Local path, s3:// prefix or glob (any fsspec URL); a .parquet/.jsonl/.csv manifest with a "
                                    "uri column (one file, a folder or a glob of them); or an S3 Inventory manifest.json.")
-    input_format: Literal["auto", "files", "manifest", "inventory"] = Field(
+    input_format: Literal["auto", "files", "manifest", "inventory", "webdataset"] = Field(
         "auto", description="How `input` is read. auto: a .parquet/.jsonl/.csv URL or glob is a manifest, a URL ending "
-                            "in manifest.json an S3 Inventory report, anything else a prefix or glob of media files; "
-                            "manifest: also a folder of manifest files; files / inventory: as named.")
+                            "in manifest.json an S3 Inventory report, a .tar URL, glob or brace pattern WebDataset "
+                            "shards, anything else a prefix or glob of media files; manifest: also a folder of manifest "
+                            "files; webdataset: also a prefix of .tar shards; files / inventory: as named.")
+    image_column: str | None = Field(
+        None, description="A Parquet manifest's column holding the pictures themselves (binary, a {bytes, path} struct "
+                          "as Hugging Face datasets store images, or a list of either), decoded in place of reading a "
+                          "URI; ids from each picture's path, else a hash of its bytes (docs/inputs.md).")
     output: str = Field(description="Folder or s3:// prefix for the Parquet shards and _SUCCESS.json.")
     model: str = Field(description="Native InternVL checkpoint: local directory, s3:// prefix, or hub id.")
     model_revision: str | None = Field(None, description="Hub revision (commit) of the model, recorded in the fingerprint.")
@@ -110,6 +115,12 @@ class JobConfig(_Section):
 
         walk(value, "")
         return value
+
+    @model_validator(mode="after")
+    def _image_column(self) -> JobConfig:
+        if self.image_column is not None and self.input_format not in ("auto", "manifest"):
+            raise ValueError(f"image_column: only for a Parquet manifest input (input_format is {self.input_format!r})")
+        return self
 
     @model_validator(mode="after")
     def _remote_code(self) -> JobConfig:

@@ -11,6 +11,7 @@ with Ray Data and calls these in its workers (`pipeline/run/sources.py`).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -38,11 +39,14 @@ def is_manifest(url: str) -> bool:
 
 
 def input_kind(url: str, input_format: str = "auto") -> str:
-    """`files` (a prefix or glob of media), `manifest` (one, a folder or a glob of manifest files) or `inventory`."""
+    """`files` (a prefix or glob of media), `manifest` (one, a folder or a glob of manifest files), `inventory` or
+    `webdataset` (tar shards: a .tar file, glob or brace pattern)."""
     if input_format != "auto":
         return input_format
     if url.rstrip("/").rsplit("/", 1)[-1] == INVENTORY_MANIFEST:
         return "inventory"
+    if extension(url) == ".tar":
+        return "webdataset"
     return "manifest" if is_manifest(url) else "files"
 
 
@@ -97,6 +101,12 @@ def manifest_rows(table: pa.Table, url: str, base: str) -> pa.Table:
         uris = [_resolve(u, base) for u in uris]
         table = table.set_column(names.index("uri"), "uri", pa.array(uris, pa.string()))
         keys = uris
+    return with_ids(table, url, keys)
+
+
+def with_ids(table: pa.Table, url: str, keys: list[str]) -> pa.Table:
+    """A batch of manifest rows with its questions checked and its ids given or derived from `keys` (one per row:
+    what identifies its media) and the row's question: `id`, `uri` first."""
     if "questions" in table.column_names:
         for qs in table.column("questions").to_pylist():
             if qs is not None and (not isinstance(qs, list) or not all(isinstance(q, str) and q.strip() for q in qs)):
@@ -146,9 +156,10 @@ def media_rows(listing: pa.Table, *, versioned: bool = False) -> pa.Table:
     return pa.table({"id": pa.array(ids, pa.string()), "uri": pa.array(kept, pa.string()), "source_version": versions})
 
 
-def skipped_counts(listing: pa.Table) -> pa.Table:
-    """Listed files that are not media, by extension (hidden files and markers are not counted): `ext`, `n`."""
-    exts = [extension(u) for u in listing.column("uri").to_pylist() if not is_hidden(u) and not is_media(u)]
+def skipped_counts(listing: pa.Table, keep: Callable[[str], bool] = is_media) -> pa.Table:
+    """Listed files that are not inputs (`keep`: media files, or shards), by extension (hidden files and markers are
+    not counted): `ext`, `n`."""
+    exts = [extension(u) for u in listing.column("uri").to_pylist() if not is_hidden(u) and not keep(u)]
     if not exts:
         return SKIPPED_SCHEMA.empty_table()
     counts = pc.value_counts(pa.array(exts, pa.string())).to_pylist()

@@ -6,13 +6,17 @@ the GPU memory split a vLLM replica will use (model/gpu_memory.py); a model that
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 from pipeline.config import JobConfig
-from pipeline.errors import RunError
+from pipeline.errors import MediaError, RunError
 from pipeline.io.fetch import read_input
-from pipeline.io.storage import extension
+from pipeline.io.image_column import cell_media
+from pipeline.io.storage import extension, get_filesystem
+from pipeline.io.webdataset import WDS_COLUMN
 from pipeline.media.budget import TOKENS_PER_TILE, tile_count
 from pipeline.media.video import VIDEO_EXTENSIONS
 from pipeline.model.catalog import ModelInfo, find_model
@@ -27,29 +31,62 @@ VIT_TOKENS = 1025  # a 448 px tile through InternViT: 32 x 32 patches + class to
 PROMPT_TOKENS = 40  # chat template and question, besides the image tokens
 
 
-def image_size(url: str, job: JobConfig) -> tuple[int, int] | None:
-    """Width and height from the first bytes of an image, or None (no such object, not an image, header too long,
-    or a URI the job may not read: read as the run reads, confined, and one try for a URL)."""
+def picture_size(head: bytes) -> tuple[int, int] | None:
+    """Width and height from the first bytes of an image, or None (not an image, header too long)."""
     from PIL import Image
 
     try:
-        head = read_input(url, rule=job_input_rule(job), storage=job.storage,
-                          http={**job.http.model_dump(), "attempts": 1}, limit=HEADER_BYTES)
         with Image.open(io.BytesIO(head)) as im:
             return im.size
     except Exception:  # noqa: BLE001 - an estimate: an unreadable header is left out
         return None
 
 
+def image_size(url: str, job: JobConfig) -> tuple[int, int] | None:
+    """Width and height from the first bytes of an image, or None (no such object, not an image, header too long,
+    or a URI the job may not read: read as the run reads, confined, and one try for a URL)."""
+    try:
+        head = read_input(url, rule=job_input_rule(job), storage=job.storage,
+                          http={**job.http.model_dump(), "attempts": 1}, limit=HEADER_BYTES)
+    except Exception:  # noqa: BLE001 - an estimate: an unreadable header is left out
+        return None
+    return picture_size(head)
+
+
+def member_size(shard: str, offset: int, size: int, job: JobConfig) -> tuple[int, int] | None:
+    """Width and height from the first bytes of a shard's member (its byte range; the shard is the job's own input)."""
+    try:
+        fs, path = get_filesystem(shard, job.storage)
+        head = fs.cat_file(path, start=offset, end=offset + min(size, HEADER_BYTES))
+    except Exception:  # noqa: BLE001 - an estimate: an unreadable header is left out
+        return None
+    return picture_size(head)
+
+
+def sample_media(job: JobConfig, row: dict[str, Any]) -> list[tuple[str, Callable[[], Any]]]:
+    """(name, size getter) of each picture of a sample: its URI(s), a WebDataset sample's members (a header's byte
+    range each), or the pictures its row carries (`image_column`)."""
+    packed = row.get(WDS_COLUMN)
+    if packed:
+        return [(m["name"], partial(member_size, packed["shard"], int(m["offset"]), int(m["size"]), job))
+                for m in packed["media"] or []]
+    if job.image_column:
+        try:
+            return [(name, partial(picture_size, data)) for name, data in cell_media(row.get(job.image_column), job.image_column)]
+        except MediaError:
+            return []
+    return [(u, partial(image_size, u, job)) for u in row.get("uris") or [row["uri"]]]
+
+
 def sample_tiles(job: JobConfig, row: dict[str, Any]) -> int | None:
     """Tiles the model would see for one sample (videos: frames x tiles per frame), None if not known."""
-    uris = row.get("uris") or [row["uri"]]
-    if any(extension(u) in VIDEO_EXTENSIONS for u in uris):
+    media = sample_media(job, row)
+    if any(extension(name) in VIDEO_EXTENSIONS for name, _ in media):
         return job.video.num_frames * job.video.tiles_per_frame
     t = job.tiling
-    per_image = max(t.min_tiles, t.max_tiles // len(uris))
-    sizes = [image_size(u, job) for u in uris]
-    if any(s is None for s in sizes):
+    per_image = max(t.min_tiles, t.max_tiles // max(1, len(media)))
+    sizes = [size() for _, size in media]
+    if not sizes or any(s is None for s in sizes):
         return None
     return sum(tile_count(w, h, min_tiles=t.min_tiles, max_tiles=per_image, thumbnail=t.thumbnail) for w, h in sizes)
 

@@ -101,7 +101,7 @@ def todo_rows(plan: RunPlan) -> Any:
     """The samples left to do: a dataset, or an Arrow table when they are few (SMALL_TODO)."""
     import ray
 
-    if plan.samples_todo > SMALL_TODO:
+    if plan.samples_todo > SMALL_TODO or not plan.inputs.gather:
         return plan.todo
     tables = [t for t in ray.get(plan.todo.to_arrow_refs()) if t.num_rows]
     return pa.concat_tables(tables, promote_options="default") if tables else plan.todo

@@ -80,8 +80,7 @@ def record_state(folder: OutputFolder, plan: RunPlan) -> None:
 
     folder.state.keep_legacy()  # an early version's _INCREMENTAL.json becomes the first delta
     if plan.samples:
-        taken = plan.inputs.samples.select_columns(["uri", "source_version"]).rename_columns({"source_version": "version"})
-        write_delta(folder, taken, plan.stamp)
+        write_delta(folder, plan.inputs.state_rows(), plan.stamp)
     deltas = folder.state.deltas()
     if len(deltas) > COMPACT_AFTER:  # one delta instead of many: written first, then the merged ones removed
         merged = read_files([f for files in deltas.values() for f in files], folder.storage)

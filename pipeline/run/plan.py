@@ -27,11 +27,13 @@ from pipeline.io.output.layout import JOB_FILE, RETRY_DIR
 from pipeline.io.output.state import run_stamp
 from pipeline.io.schema import reserved_columns
 from pipeline.io.storage import get_filesystem
+from pipeline.io.webdataset import has_braces, probe_shards
 from pipeline.model.checkpoints import check_checkpoint
 from pipeline.run import ids
 from pipeline.run.committed import Committed, read_committed
 from pipeline.run.repair import KEEP_RULE, repair_output
-from pipeline.run.sources import Inputs, read_inputs, read_shards
+from pipeline.run.packed_inputs import read_job_inputs
+from pipeline.run.sources import Inputs, read_shards
 from pipeline.run.totals import score_columns_of, totals_names
 
 Echo = Callable[[str], None]
@@ -115,6 +117,10 @@ def storage_errors(where: str) -> Iterator[None]:
 def probe_input(job: JobConfig) -> None:
     """The input exists (a manifest's files are listed, a prefix's first entry looked up), without listing it."""
     kind = input_kind(job.input, job.input_format)
+    if job.image_column:  # the pictures are in manifests: under `auto`, a folder or glob is one of manifests
+        if kind not in ("manifest", "files"):
+            raise InputError(f"image_column: needs a Parquet manifest as input; {job.input!r} is read as {kind}")
+        kind = "manifest"
     if job.incremental and kind == "manifest":
         raise JobError("incremental: needs a prefix, glob or inventory input (object versions come from the listing), "
                        "not a manifest")
@@ -122,6 +128,8 @@ def probe_input(job: JobConfig) -> None:
         manifest_files(job.input, job.storage)
     elif kind == "inventory":
         inventory_spec(job.input, job.storage)
+    elif kind == "webdataset" and has_braces(job.input):
+        probe_shards(job.input, job.storage)
     else:
         fs, path = get_filesystem(job.input, job.storage)
         if not fs.exists(glob_root(path) if is_glob(path) else path):
@@ -233,7 +241,7 @@ def plan_run(job: JobConfig, folder: OutputFolder, echo: Echo, *, dry_run: bool 
     `current` (an update): the settings ids of rows that count as done; rows of other settings are re-run."""
     partitions = ids.partitions_for(job)
     try:
-        inputs = read_inputs(job, folder, partitions)
+        inputs = read_job_inputs(job, folder, partitions)
     except InputError as err:
         raise JobError(f"input: {err}") from None
     schema = inputs.samples.schema()  # None when nothing is new (an incremental run with no new object)

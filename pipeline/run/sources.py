@@ -6,6 +6,7 @@ state (an anti-join). Rows reach the driver only as counts; ids are derived in t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,7 +16,7 @@ import pyarrow.csv as pacsv
 from pipeline.config import JobConfig
 from pipeline.errors import InputError
 from pipeline.io.inputs import (
-    LISTING_SCHEMA, MANIFEST_TEXT_TYPES, add_counts, check_manifest_columns, input_kind,
+    LISTING_SCHEMA, MANIFEST_TEXT_TYPES, add_counts, check_manifest_columns, input_kind, is_media,
     manifest_base, manifest_rows, media_rows, skipped_counts,
 )
 from pipeline.io.output import OutputFolder
@@ -62,6 +63,14 @@ class Inputs:
     objects_listed: int | None = None  # incremental: media objects in the listing
     keys: Any = None  # the samples with only the columns ids come from (a manifest's read pruned to them)
     listing: Listing | None = None  # a listed prefix or glob: how its top level was listed
+    taken: Any = None  # incremental: the listing rows (uri, version) the state records, where not the samples' own
+    gather: bool = True  # few samples may be gathered in the driver (not when their rows carry the pictures)
+
+    def state_rows(self) -> Any:
+        """Incremental: the (uri, version) rows this run takes, for the state (WebDataset: its shards)."""
+        if self.taken is not None:
+            return self.taken
+        return self.samples.select_columns(["uri", "source_version"]).rename_columns({"source_version": "version"})
 
 
 def arrow_fs(url: str, options: Any) -> tuple[Any, str]:
@@ -253,9 +262,10 @@ def new_objects(folder: OutputFolder, listing: Any, partitions: int) -> Any:
     return listing.join(state, join_type="left_anti", num_partitions=partitions, on=("uri", "version"))
 
 
-def count_skipped(listing: Any) -> dict[str, int]:
-    """Listed non-media files by extension: one small table per block, summed here."""
-    parts = listing.map_batches(skipped_counts, batch_format="pyarrow", batch_size=None).to_arrow_refs()
+def count_skipped(listing: Any, keep: Callable[[str], bool] = is_media) -> dict[str, int]:
+    """Listed files that are not inputs (`keep`: media) by extension: one small table per block, summed here."""
+    parts = listing.map_batches(skipped_counts, fn_kwargs={"keep": keep}, batch_format="pyarrow",
+                                batch_size=None).to_arrow_refs()
     import ray
 
     tables = [t for t in ray.get(parts) if t.num_rows]

@@ -1,9 +1,12 @@
-"""CPU stage: read bytes through fsspec, decode, tile images / sample and tile video frames; uint8 tiles out (or, for
-compute.engine vllm-native, which tiles in vLLM, the decoded pictures and their sizes in `picture_sizes`)."""
+"""CPU stage: read bytes through fsspec (or take them from the input row: pictures in a manifest column, a
+WebDataset sample's members read by byte range), decode, tile images / sample and tile video frames; uint8 tiles out
+(or, for compute.engine vllm-native, which tiles in vLLM, the decoded pictures and their sizes in `picture_sizes`)."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -11,11 +14,13 @@ import pyarrow as pa
 
 from pipeline.config import JobConfig
 from pipeline.errors import ErrorType, MediaError
+from pipeline.io.image_column import cell_media
 from pipeline.io.schema import PREPROCESS_SCHEMA, to_table
 from pipeline.io.confine import InputRule, RefusedInput, input_rule
 from pipeline.io.fetch import read_input
 from pipeline.io.inputs import input_kind
 from pipeline.io.storage import extension
+from pipeline.io.webdataset import WDS_COLUMN, sample_media
 from pipeline.media.decode import image_picture, image_tiles, video_pictures, video_tiles
 from pipeline.media.sandbox import isolated
 from pipeline.media.video import VIDEO_EXTENSIONS, looks_like_video
@@ -32,7 +37,10 @@ class Preprocess:
     status); passes every other column through. A bad sample becomes a row with status error, never an exception.
 
     Decoding runs in a child process for the media `decode.isolate` names (video by default: decoders of
-    containers and codecs are where crashes and hangs come from)."""
+    containers and codecs are where crashes and hangs come from).
+
+    Rows that carry their media (the job's `image_column`, a WebDataset sample's `__wds` byte ranges) are decoded
+    from those bytes instead of reading `uri`; those columns end here (never written out)."""
 
     reads = ("id", "uri")
     adds = tuple(PREPROCESS_SCHEMA.names)
@@ -43,6 +51,7 @@ class Preprocess:
         self.storage = dict(job.storage)
         self.http = job.http.model_dump()
         self.rule = job_input_rule(job)
+        self.image_column = job.image_column
         decode = job.decode
         sandboxed = {"timeout_s": decode.timeout_s, "attempts": decode.attempts}
         self.pictures = job.compute.engine == "vllm-native"  # vLLM tiles them: whole pictures out
@@ -62,39 +71,45 @@ class Preprocess:
         except (OSError, ValueError) as err:
             raise MediaError(ErrorType.READ_ERROR, f"could not read {uri}: {type(err).__name__}: {err}") from None
 
-    def _images(self, uris: list[str]) -> dict[str, Any]:
+    def _images(self, images: list[bytes]) -> dict[str, Any]:
         """Several images share the tile budget (max_tiles // n each, as InternVL 2.5 does) and the visual-token
         budget (an equal share each)."""
-        budget = max(1, self.tiling.max_tiles // len(uris))
+        budget = max(1, self.tiling.max_tiles // len(images))
         if self.pictures:
-            done = [self.image_tiles(self.read(u), self.tiling, budget) for u in uris]
+            done = [self.image_tiles(data, self.tiling, budget) for data in images]
             return dict(pictures=[d[0] for d in done], tiles_per_image=[d[1] for d in done], media_type="images",
                         width=done[0][0].shape[1], height=done[0][0].shape[0])
-        tokens = self.tiling.max_tokens_per_sample // len(uris) if self.tiling.max_tokens_per_sample else None
-        done = [self.image_tiles(self.read(u), self.tiling, budget, tokens) for u in uris]
+        tokens = self.tiling.max_tokens_per_sample // len(images) if self.tiling.max_tokens_per_sample else None
+        done = [self.image_tiles(data, self.tiling, budget, tokens) for data in images]
         return dict(pixels=np.concatenate([d[0] for d in done]), tiles_per_image=[len(d[0]) for d in done],
-                    media_type="image" if len(uris) == 1 else "images", width=done[0][1], height=done[0][2])
+                    media_type="image" if len(images) == 1 else "images", width=done[0][1], height=done[0][2])
 
-    def prepare(self, uri: str, uris: list[str] | None = None) -> dict[str, Any]:
-        """Everything the CPU stage adds for one sample; failures become an error row."""
+    def _one(self, name: str, data: bytes) -> dict[str, Any]:
+        """One image, or a video (by its name's extension or its container)."""
+        if extension(name) in VIDEO_EXTENSIONS or looks_like_video(data):
+            return self.video_tiles(data, self.video, self.tiling)
+        if self.pictures:
+            picture, tiles = self.image_tiles(data, self.tiling, self.tiling.max_tiles)
+            return dict(pictures=[picture], tiles_per_image=[tiles], media_type="image", width=picture.shape[1],
+                        height=picture.shape[0])
+        pixels, width, height = self.image_tiles(data, self.tiling, self.tiling.max_tiles, self.tiling.max_tokens_per_sample)
+        return dict(pixels=pixels, tiles_per_image=[len(pixels)], media_type="image", width=width, height=height)
+
+    def prepare(self, uri: str, uris: list[str] | None = None,
+                media: Callable[[], list[tuple[str, bytes]]] | None = None) -> dict[str, Any]:
+        """Everything the CPU stage adds for one sample; failures become an error row. `media`: gives the sample's
+        (name, bytes) where the input row carries them, in place of reading `uri` / `uris`."""
         start = time.perf_counter()
         row: dict[str, Any] = {f.name: None for f in PREPROCESS_SCHEMA}
         row.update(num_tiles=0, status="ok")
         try:
-            if uris and len(uris) > 1:
-                row.update(self._images(uris))
+            if media is not None:
+                given = media()
+                row.update(self._images([d for _, d in given]) if len(given) > 1 else self._one(*given[0]))
+            elif uris and len(uris) > 1:
+                row.update(self._images([self.read(u) for u in uris]))
             else:
-                data = self.read(uri)
-                if extension(uri) in VIDEO_EXTENSIONS or looks_like_video(data):
-                    row.update(self.video_tiles(data, self.video, self.tiling))
-                elif self.pictures:
-                    picture, tiles = self.image_tiles(data, self.tiling, self.tiling.max_tiles)
-                    row.update(pictures=[picture], tiles_per_image=[tiles], media_type="image",
-                               width=picture.shape[1], height=picture.shape[0])
-                else:
-                    pixels, width, height = self.image_tiles(data, self.tiling, self.tiling.max_tiles,
-                                                             self.tiling.max_tokens_per_sample)
-                    row.update(pixels=pixels, tiles_per_image=[len(pixels)], media_type="image", width=width, height=height)
+                row.update(self._one(uri, self.read(uri)))
             if self.pictures:  # the tiles the cards would make (vLLM's processor makes its own)
                 pictures = row.pop("pictures")
                 row.update(num_tiles=sum(row["tiles_per_image"]), picture_sizes=[list(p.shape[:2]) for p in pictures],
@@ -107,10 +122,20 @@ class Preprocess:
         row["preprocess_ms"] = (time.perf_counter() - start) * 1000.0
         return row
 
+    def carried(self, batch: Batch) -> tuple[str | None, list[Callable[[], list[tuple[str, bytes]]]] | None]:
+        """The column that carries each row's media, and per row what reads them (None: read `uri`)."""
+        if WDS_COLUMN in batch:
+            return WDS_COLUMN, [partial(sample_media, cell, self.storage) for cell in batch[WDS_COLUMN]]
+        if self.image_column and self.image_column in batch:
+            return self.image_column, [partial(cell_media, cell, self.image_column) for cell in batch[self.image_column]]
+        return None, None
+
     def __call__(self, batch: Batch) -> pa.Table:
         require_columns(batch, "preprocess", self.reads)
         uris = batch.get("uris")
-        rows = [self.prepare(str(u), as_list(uris[i]) if uris is not None else None) for i, u in enumerate(batch["uri"])]
+        column, media = self.carried(batch)
+        rows = [self.prepare(str(u), as_list(uris[i]) if uris is not None else None, media[i] if media else None)
+                for i, u in enumerate(batch["uri"])]
         added = {f.name: [r[f.name] for r in rows] for f in PREPROCESS_SCHEMA}
-        passthrough = {k: v for k, v in batch.items() if k not in added}
+        passthrough = {k: v for k, v in batch.items() if k not in added and k != column}
         return to_table({**added, **passthrough}, PREPROCESS_SCHEMA)

@@ -21,10 +21,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import JobConfig, max_attempt, rung_overrides
+from pipeline.io.inputs import input_kind
 from pipeline.io.output import OutputFolder
 from pipeline.io.output.pending import retryable
 from pipeline.io.output.staged import INPUT_COLUMNS_KEY
 from pipeline.io.schema import OUTPUT_SCHEMA, TODO_COLUMN, WRITE_FIELDS, Totals
+from pipeline.io.webdataset import typed_text_columns
 from pipeline.stages.base import require_columns
 from pipeline.stages.model_stage import BATCH_COLUMN, BATCH_TYPE
 
@@ -72,6 +74,7 @@ class WriteShards:
         self.degraded = json.dumps(overrides, sort_keys=True) if overrides else None
         # error types put aside for another try: only while the ladder has a rung left (an update does not retry)
         self.retry_errors = job.retry.errors if job.retry and attempt < max_attempt(job.retry) and not staged else []
+        self.shards_input = input_kind(job.input, job.input_format) == "webdataset"  # its text columns have a type
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         require_columns(batch.column_names, "write", OUTPUT_SCHEMA.names)
@@ -79,6 +82,8 @@ class WriteShards:
         if BATCH_COLUMN in batch.column_names:
             batches = [b for b in batch.column(BATCH_COLUMN).to_pylist() if b is not None]
             batch = batch.drop_columns([BATCH_COLUMN])
+        if self.shards_input:
+            batch = typed_text_columns(batch)
         if TODO_COLUMN in batch.column_names:  # a resumed sample: only the rows its input row says are missing
             todo = batch.column(TODO_COLUMN).to_pylist()
             keep = [t is None or i in t for i, t in zip(batch.column("id").to_pylist(), todo)]

@@ -28,11 +28,12 @@ def clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS"))}
 
 
-def start_job(job: dict, folder: Path) -> subprocess.Popen:
+def start_job(job: dict, folder: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`internvl-batch run` of a job in a process of its own (`env`: default, clean_env())."""
     path = folder / f"job-{time.monotonic_ns()}.yaml"
     path.write_text(yaml.safe_dump(job))
     return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(path)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=clean_env(), start_new_session=True)
+                            stderr=subprocess.STDOUT, text=True, env=env or clean_env(), start_new_session=True)
 
 
 def wait_for(predicate, timeout: float, what: str) -> None:
