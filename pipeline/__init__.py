@@ -1,6 +1,7 @@
 """internvl-batch: run InternVL vision-language models over large image and video collections with Ray Data.
 
-The public API: `load_job` / `parse_job` -> `JobConfig`, `run_job(job) -> RunSummary`, and the error classes.
+The public API: `load_job` / `parse_job` -> `JobConfig`, `run_job(job) -> RunSummary`, `annotate(ds, job)` (a job's
+model as a Ray Data transform in the caller's own program: docs/ray-data-api.md), and the error classes.
 Imported lazily, so `import pipeline.media.tiling` does not pull in Ray or torch.
 """
 
@@ -13,7 +14,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "JobConfig": "pipeline.config", "load_job": "pipeline.config", "parse_job": "pipeline.config",
-    "run_job": "pipeline.run.runner", "RunSummary": "pipeline.run.summary",
+    "run_job": "pipeline.run.runner", "annotate": "pipeline.run.annotate", "RunSummary": "pipeline.run.summary",
     "ErrorType": "pipeline.errors", "JobError": "pipeline.errors", "RunError": "pipeline.errors",
     "InputError": "pipeline.errors", "MediaError": "pipeline.errors", "ModelLoadError": "pipeline.errors",
     "LockedError": "pipeline.errors", "SecretError": "pipeline.errors",

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import Field, PrivateAttr, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from pipeline.config.compute import ComputeConfig
 from pipeline.config.fingerprint import fingerprint as job_fingerprint
@@ -34,8 +35,11 @@ DEFAULT_PROMPTS = {
 class JobConfig(_Section):
     task: Literal["caption", "vqa", "score"] = Field(
         description="caption: one prompt for every sample; vqa: a question per row; score: label probabilities of a yes/no or rating question.")
-    input: str = Field(description="Local path, s3:// prefix or glob (any fsspec URL); a .parquet/.jsonl/.csv manifest with a "
-                                   "uri column (one file, a folder or a glob of them); or an S3 Inventory manifest.json.")
+    input: str | None = Field(
+        None, validate_default=True,
+        description="Local path, s3:// prefix or glob (any fsspec URL); a .parquet/.jsonl/.csv manifest with a uri column "
+                    "(one file, a folder or a glob of them); or an S3 Inventory manifest.json. Required for a run; "
+                    "`annotate()` takes a dataset instead (there it only says where the rows' URIs may point).")
     input_format: Literal["auto", "files", "manifest", "inventory", "webdataset"] = Field(
         "auto", description="How `input` is read. auto: a .parquet/.jsonl/.csv URL or glob is a manifest, a URL ending "
                             "in manifest.json an S3 Inventory report, a .tar URL, glob or brace pattern WebDataset "
@@ -45,7 +49,9 @@ class JobConfig(_Section):
         None, description="A Parquet manifest's column holding the pictures themselves (binary, a {bytes, path} struct "
                           "as Hugging Face datasets store images, or a list of either), decoded in place of reading a "
                           "URI; ids from each picture's path, else a hash of its bytes (docs/inputs.md).")
-    output: str = Field(description="Folder or s3:// prefix for the Parquet shards and _SUCCESS.json.")
+    output: str | None = Field(None, validate_default=True,
+                               description="Folder or s3:// prefix for the Parquet shards and _SUCCESS.json. Required for "
+                                           "a run; not for `annotate()`, whose caller writes the rows.")
     model: str = Field(description="Native InternVL checkpoint: local directory, s3:// prefix, or hub id.")
     model_revision: str | None = Field(None, description="Hub revision (commit) of the model, recorded in the fingerprint.")
     trust_remote_code: bool = Field(
@@ -89,6 +95,14 @@ class JobConfig(_Section):
     def _plain_questions(cls, value: Any) -> Any:
         """A question may be written as its text alone."""
         return [{"question": q} if isinstance(q, str) else q for q in value] if isinstance(value, list) else value
+
+    @field_validator("input", "output")
+    @classmethod
+    def _placed(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """A run needs both; a job read for annotate() (`model_only`) may leave them out."""
+        if value is None and not (info.context or {}).get("model_only"):
+            raise PydanticCustomError("missing", "Field required")
+        return value
 
     @field_validator("labels", mode="before")
     @classmethod
@@ -229,6 +243,13 @@ class JobConfig(_Section):
         """Each job question's own schema (None: it follows the job's), loaded and checked."""
         return list(self._question_schemas)
 
+    def require_placed(self) -> None:
+        """A run reads `input` and writes `output`: a job read for annotate() without them is refused here."""
+        missing = [k for k in ("input", "output") if getattr(self, k) is None]
+        if missing:
+            raise JobError(f"{' and '.join(missing)}: required for a run (this job was read for annotate(), which "
+                           "takes a dataset and returns one)")
+
     def fingerprint(self) -> str:
         """What must match for this job to resume an output (config/fingerprint.py)."""
         return job_fingerprint(self)
@@ -240,10 +261,15 @@ def rung_job(job: JobConfig, attempt: int) -> JobConfig:
     overrides = rung_overrides(job.retry, attempt)
     if not overrides:
         return job
+    return with_overrides(job, overrides, source=f"retry rung {attempt - 1} ({json.dumps(overrides)})")
+
+
+def with_overrides(job: JobConfig, overrides: dict[str, Any], *, source: str = "overrides") -> JobConfig:
+    """The job with dotted-key overrides (`{"compute.replicas": 2}`), validated again; JobError naming the key."""
     try:
         return _with_overrides(job, overrides)
     except ValidationError as err:
-        raise JobError(format_validation_error(err, f"retry rung {attempt - 1} ({json.dumps(overrides)})", JobConfig)) from None
+        raise JobError(format_validation_error(err, source, JobConfig)) from None
 
 
 def _with_overrides(job: JobConfig, overrides: dict[str, Any]) -> JobConfig:
@@ -257,7 +283,9 @@ def _with_overrides(job: JobConfig, overrides: dict[str, Any]) -> JobConfig:
     for key, value in overrides.items():
         section, name = key.split(".", 1)
         data.setdefault(section, {})[name] = value
-    return JobConfig.model_validate(data, context={"base": None, "rung": True})
+    # a job read for annotate() stays one (its input and output may be missing)
+    context = {"base": None, "rung": True, "model_only": job.input is None or job.output is None}
+    return JobConfig.model_validate(data, context=context)
 
 
 
@@ -283,20 +311,22 @@ def _load_checked(value: Any, where: str, storage: dict[str, Any], base: str | N
 
 
 def parse_job(data: Any, *, source: str = "job", overrides: list[str] | None = None,
-              base: str | Path | None = None) -> JobConfig:
+              base: str | Path | None = None, model_only: bool = False) -> JobConfig:
     """Validate a job mapping (after overrides); raise JobError with every problem named. base: the folder relative
-    schema paths are taken from (the job file's)."""
+    schema paths are taken from (the job file's). `model_only`: a job for annotate(), which needs neither `input`
+    nor `output` (a run refuses such a job: `JobConfig.require_placed`)."""
     if not isinstance(data, dict):
         raise JobError(f"{source}: a job file must be a mapping of keys, got {type(data).__name__}")
     data = apply_overrides(data, overrides or [])
     try:
-        return JobConfig.model_validate(data, context={"base": None if base is None else str(base)})
+        return JobConfig.model_validate(data, context={"base": None if base is None else str(base),
+                                                       "model_only": model_only})
     except ValidationError as err:
         raise JobError(format_validation_error(err, source, JobConfig)) from None
 
 
-def load_job(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
-    """Read, override and validate a YAML job file."""
+def load_job(path: str | Path, overrides: list[str] | None = None, *, model_only: bool = False) -> JobConfig:
+    """Read, override and validate a YAML job file (`model_only`: as parse_job)."""
     path = Path(path)
     try:
         data = load_yaml(path.read_text())
@@ -304,4 +334,4 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
         raise JobError(f"{path}: no such job file") from None
     except yaml.YAMLError as err:
         raise JobError(f"{path}: not valid YAML: {err}") from None
-    return parse_job(data, source=str(path), overrides=overrides, base=path.parent)
+    return parse_job(data, source=str(path), overrides=overrides, base=path.parent, model_only=model_only)

@@ -117,11 +117,12 @@ def parse_prefix(entry: str) -> Prefix:
     return Prefix(where.scheme, where.host, port, where.path)
 
 
-def input_rule(input_url: str, allowed: Sequence[str] = (), *, inventory: bool = False) -> InputRule:
+def input_rule(input_url: str | None, allowed: Sequence[str] = (), *, inventory: bool = False) -> InputRule:
     """The rule of a job reading `input_url`: its own location (any bucket of its scheme for an inventory report)
-    plus the `allowed` prefixes."""
+    plus the `allowed` prefixes. No input (rows handed to annotate() by the caller's own program, on its own
+    machine): local files and the `allowed` prefixes."""
     listed = tuple(parse_prefix(a) for a in allowed)
-    if scheme_of(input_url) == LOCAL:
+    if input_url is None or scheme_of(input_url) == LOCAL:
         return InputRule(local=True, prefixes=listed)
     where = _parse(input_url)
     own = Prefix(where.scheme, "" if inventory else where.host, None if inventory else where.port, "")

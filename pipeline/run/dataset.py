@@ -26,6 +26,7 @@ PREPROCESS_BATCH = 4
 # Memory each CPU preprocessing task reserves. Besides being a fair estimate (decoded image + tiles of a small
 # batch), it keeps Ray from fusing the CPU stage into the model actors, so the two stages scale independently.
 PREPROCESS_MEMORY = 512 * 1024**2
+CPU_TASK = {"num_cpus": PREPROCESS_CPUS, "memory": PREPROCESS_MEMORY}  # one CPU preprocessing task's reservation
 
 
 def preprocess_block(block: dict, job: JobConfig) -> Iterator[pa.Table]:
@@ -102,6 +103,22 @@ def read_rows(rows: Any, per_block: int, cpu_workers: int, cpu_task: dict[str, A
     return rows.repartition(target_num_rows_per_block=per_block), False
 
 
+def answer_rows(ds: Any, job: JobConfig, resources: Resources) -> Any:
+    """Input rows (`id`, `uri`... in blocks of BLOCK_BATCHES model batches) -> tiles (CPU tasks) -> output rows, one
+    per question (the model stage's actor pool): the part of the plan a run and annotate() share."""
+    import ray
+
+    ds = ds.map_batches(preprocess_block, fn_kwargs={"job": job}, batch_size=None, batch_format="numpy",
+                        compute=ray.data.TaskPoolStrategy(size=resources.cpu_workers), **CPU_TASK)
+    return ds.map_batches(
+        model_stage_class(job.task, resources.engine),
+        fn_constructor_kwargs={"job": job, "load": replica_loader(job, resources.engine, resources.rank_cpus)},
+        batch_size=resources.batch_size,
+        batch_format="numpy", compute=ray.data.ActorPoolStrategy(min_size=resources.replicas[0], max_size=resources.replicas[1]),
+        **resources.model_stage_args(),
+    )
+
+
 def build_dataset(job: JobConfig, folder: OutputFolder, rows: Any, resources: Resources, *,
                   input_columns: list[str] | None = None, attempt: int = 1, settings_id: str | None = None,
                   staged: bool = False) -> Any:
@@ -111,18 +128,8 @@ def build_dataset(job: JobConfig, folder: OutputFolder, rows: Any, resources: Re
 
     # Reading a block of rows and tiling it run as one task where the rows are in memory: same resources and
     # concurrency.
-    cpu_task = {"num_cpus": PREPROCESS_CPUS, "memory": PREPROCESS_MEMORY}
-    per_block = BLOCK_BATCHES * resources.batch_size
-    ds, _ = read_rows(rows, per_block, resources.cpu_workers, cpu_task)
-    ds = ds.map_batches(preprocess_block, fn_kwargs={"job": job}, batch_size=None, batch_format="numpy",
-                        compute=ray.data.TaskPoolStrategy(size=resources.cpu_workers), **cpu_task)
-    ds = ds.map_batches(
-        model_stage_class(job.task, resources.engine),
-        fn_constructor_kwargs={"job": job, "load": replica_loader(job, resources.engine, resources.rank_cpus)},
-        batch_size=resources.batch_size,
-        batch_format="numpy", compute=ray.data.ActorPoolStrategy(min_size=resources.replicas[0], max_size=resources.replicas[1]),
-        **resources.model_stage_args(),
-    )
+    ds, _ = read_rows(rows, BLOCK_BATCHES * resources.batch_size, resources.cpu_workers, CPU_TASK)
+    ds = answer_rows(ds, job, resources)
     # Writing: one writer per replica at most (shards are light work, and every concurrent writer is a worker
     # process). Rows are first gathered into blocks of at least rows_per_shard rows (a batch_size would also cut off
     # the bundle's remainder, leaving a tiny shard beside every full one), then each block is one shard.

@@ -77,12 +77,14 @@ class RunPlan:
 
 def output_folder(job: JobConfig) -> OutputFolder:
     """The job's output folder (and its passed subset), not yet fenced by a lease."""
+    job.require_placed()
     return OutputFolder(job.output, job.storage, passed_url=job.output_passed)
 
 
 def preflight(job: JobConfig, echo: Echo) -> None:
     """Check the model and probe the input, before the output is touched; every failure is a JobError naming its
     cause. (The output's state is checked once the run holds the output's lease: `check_output_state`.)"""
+    job.require_placed()
     with job_errors(job):
         check_checkpoint(job.model, job.storage)
         probe_input(job)

@@ -29,7 +29,8 @@ from pipeline.stages.base import Batch, as_list, require_columns
 
 def job_input_rule(job: JobConfig) -> InputRule:
     """Where the job's samples may be read from (io/confine.py): its input's own location and `allowed_inputs`."""
-    return input_rule(job.input, job.allowed_inputs, inventory=input_kind(job.input, job.input_format) == "inventory")
+    inventory = job.input is not None and input_kind(job.input, job.input_format) == "inventory"
+    return input_rule(job.input, job.allowed_inputs, inventory=inventory)
 
 
 class Preprocess:
