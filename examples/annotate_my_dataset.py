@@ -56,7 +56,7 @@ def main() -> None:
     ray.init(include_dashboard=False)
     with tempfile.TemporaryDirectory() as folder:
         ds = ray.data.from_items(draw_pictures(Path(folder), args.pictures))
-        ds = ds.filter(lambda row: row["color"] != "blue")  # the user's own step: not the blue ones
+        ds = ds.filter(expr="color != 'blue'")  # the user's own step: not the blue ones
         ds = annotate(ds, job_for(args.task, args.model))
         ds.write_parquet(args.out)  # annotate is lazy: the pictures are read, tiled and answered here
     for row in pq.read_table(args.out, columns=["uri", "color", "shape", "response"]).to_pylist():

@@ -35,6 +35,12 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_model_trained(tmp_path_factory) -> Path:
+    """The trained tiny model (`make-tiny-model --trained`): it names the shape, colour and background it sees."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-trained"), trained=True)
+
+
+@pytest.fixture(scope="session")
 def tiny_model_tp(tmp_path_factory) -> Path:
     """The tiny model with 4 text heads of 16 and 2 key/value heads, for transformers' tensor-parallel plan (tp=2
     splits the key/value heads between the ranks; the default tiny model has one, in heads of 32 for vLLM)."""
