@@ -246,3 +246,23 @@ def test_a_bad_retry_section_fails_fast_naming_the_key(retry, named):
     with pytest.raises(JobError) as err:
         parse_job({**BASE, "retry": retry})
     assert named in str(err.value), str(err.value)
+
+
+def test_a_job_for_annotate_needs_no_input_or_output(tmp_path):
+    """parse_job / load_job with model_only leave input and output out; without it both are still required, and a
+    run refuses a job read for annotate() before it touches anything."""
+    with pytest.raises(JobError) as err:
+        parse_job({"task": "caption", "model": "m"})
+    assert "input: required key is missing" in str(err.value) and "output: required key is missing" in str(err.value)
+    job = parse_job({"task": "caption", "model": "m"}, model_only=True)
+    assert (job.input, job.output) == (None, None)
+    path = tmp_path / "annotate.yaml"
+    path.write_text("task: score\nmodel: m\nprompt: Is it red?\n")
+    assert load_job(path, model_only=True).task == "score"
+    from pipeline.config import with_overrides
+    from pipeline.run.plan import output_folder, preflight
+
+    assert with_overrides(job, {"compute.replicas": 2}).compute.replicas == 2  # stays a job for annotate()
+    for step in (output_folder, lambda j: preflight(j, print)):
+        with pytest.raises(JobError, match=r"input and output: required for a run"):
+            step(job)
