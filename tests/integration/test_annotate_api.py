@@ -33,7 +33,7 @@ def test_example_program_writes_one_row_per_input(tmp_path, tiny_model_trained):
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     out = tmp_path / "out"
     done = subprocess.run([sys.executable, str(EXAMPLE), str(tiny_model_trained), str(out), "--pictures", "8"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-4000:]
     table = pq.read_table(out)
     job = parse_job({"task": "caption", "model": str(tiny_model_trained)}, model_only=True)

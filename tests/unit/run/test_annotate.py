@@ -18,7 +18,7 @@ from tests.conftest import REPO
 def test_import_pipeline_stays_light():
     snippet = ("import sys, pipeline; assert 'ray' not in sys.modules and 'torch' not in sys.modules; "
                "from pipeline import annotate; assert annotate.__module__ == 'pipeline.run.annotate'; print('ok')")
-    done = subprocess.run([sys.executable, "-c", snippet], cwd=REPO, capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", snippet], cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
     assert done.stdout.strip() == "ok", done.stderr
 
 
