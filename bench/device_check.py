@@ -100,8 +100,8 @@ def memory_step(which: str, tiny: bool) -> dict:
     from pipeline.config import parse_job
     from pipeline.media.tiling import IMAGENET_MEAN, IMAGENET_STD
     from pipeline.model.catalog import find_model
-    from pipeline.model.device import DevicePlan
-    from pipeline.model.engine import InternVLEngine
+    from pipeline.model.device import DeviceChoice
+    from pipeline.model.transformers_engine import InternVLEngine
     from pipeline.model.gpu_memory import GIB, largest_sample_tiles, shapes_from_config, vision_peak_bytes
 
     device = "cpu" if tiny else "cuda"
@@ -129,7 +129,7 @@ def memory_step(which: str, tiny: bool) -> dict:
         normalize, image_features = InternVLEngine.normalize, InternVLEngine.image_features
 
         def __init__(self) -> None:
-            self.model, self.plan = net, DevicePlan(device, dtype, "sdpa")
+            self.model, self.plan = net, DeviceChoice(device, dtype, "sdpa")
             self._mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
             self._std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
 

@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.config import parse_job  # noqa: E402
 from pipeline.embedded.tiny_model import make_tiny_model  # noqa: E402
-from pipeline.model.engine import InternVLEngine  # noqa: E402
+from pipeline.model.transformers_engine import InternVLEngine  # noqa: E402
 from pipeline.stages.generate import Generate
 from pipeline.stages.preprocess import Preprocess
 from pipeline.stages.score import Score  # noqa: E402

@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.embedded.tiny_model import make_tiny_model  # noqa: E402
 from pipeline.model import constrained  # noqa: E402
-from pipeline.model.engine import InternVLEngine  # noqa: E402
+from pipeline.model.transformers_engine import InternVLEngine  # noqa: E402
 from tests.schemas import SCHEMA  # noqa: E402
 
 QUESTIONS = ["Describe the animal.", "What is it?", "Answer in JSON now please."]  # three prompt lengths

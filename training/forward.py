@@ -22,7 +22,7 @@ class Layouts:
     Prompter.prompt_ids), and the positions of each tile's image tokens."""
 
     def __init__(self, tokenizer) -> None:
-        from pipeline.model.engine import Prompter
+        from pipeline.model.transformers_engine import Prompter
 
         self.tokenizer = tokenizer
         self.prompter = Prompter(tokenizer, IMAGE_SEQ_LENGTH)

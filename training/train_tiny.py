@@ -10,7 +10,7 @@ Architecture: the real one at small width. 448 px tiles, 14 px patches, a 4-laye
 tokenizer trained on the world's prompts, so every answer word is one token.
 
 A mixed model, part constructed by hand, part trained, on the model's real inputs (tiles cut by pipeline.media,
-prompts built by pipeline.model.engine.Prompter):
+prompts built by pipeline.model.transformers_engine.Prompter):
 1. constructed: the encoder's first three layers and layer 4's attention (seeing.py: chroma mask, shape moments,
    colours, background); trained: layer 4's MLP, the shape classifier, on thumbnails / single tiles / video frames
    (shape_head.py, on the samples of samples.py);

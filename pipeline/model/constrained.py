@@ -7,7 +7,7 @@ Usage in InternVLEngine._generate:
     out = model.generate(inputs_embeds=..., logits_processor=[proc], ...)   # None = that prompt is unconstrained
     Generation.finished (EOS among the row's tokens) then tells a closed answer from one cut off at max_new_tokens.
 
-The engine hook (pipeline/model/engine.py): `generate(prompts, samples, owners, *, max_new_tokens, ...,
+The engine hook (pipeline/model/transformers_engine.py): `generate(prompts, samples, owners, *, max_new_tokens, ...,
 schemas=None)`, where schemas is None or one entry per prompt (a checked JSON Schema dict, or None for a free prompt),
 returns one `Generation` per prompt whose `finished` is False when it stopped at max_new_tokens. The Generate stage
 parses and types the answers; the engine only constrains decoding. A vLLM engine gives the same greedy answers when it

@@ -19,7 +19,7 @@ def wants_gpu(device: str, *, gpus_available: float) -> bool:
 
 
 @dataclass(frozen=True)
-class DevicePlan:
+class DeviceChoice:
     """Where and how a replica runs."""
 
     device: str
@@ -27,7 +27,7 @@ class DevicePlan:
     attn_implementation: str
 
 
-def plan_device(device: str = "auto", dtype: str = "auto", *, cuda_available: bool, flash_attn_available: bool) -> DevicePlan:
+def plan_device(device: str = "auto", dtype: str = "auto", *, cuda_available: bool, flash_attn_available: bool) -> DeviceChoice:
     """bf16 + flash_attention_2 (when installed) on GPU, fp32 + sdpa on CPU, unless the job says otherwise."""
     import torch
 
@@ -37,10 +37,10 @@ def plan_device(device: str = "auto", dtype: str = "auto", *, cuda_available: bo
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     resolved = dtypes[dtype] if dtype != "auto" else (torch.bfloat16 if use_cuda else torch.float32)
     attn = "flash_attention_2" if use_cuda and flash_attn_available and resolved != torch.float32 else "sdpa"
-    return DevicePlan(device="cuda" if use_cuda else "cpu", dtype=resolved, attn_implementation=attn)
+    return DeviceChoice(device="cuda" if use_cuda else "cpu", dtype=resolved, attn_implementation=attn)
 
 
-def local_plan(device: str = "auto", dtype: str = "auto") -> DevicePlan:
+def local_plan(device: str = "auto", dtype: str = "auto") -> DeviceChoice:
     """plan_device for this process's hardware."""
     import torch
 

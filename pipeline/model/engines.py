@@ -55,6 +55,6 @@ def load(engine: Engine, job: JobConfig) -> Any:
 
         return VLLMNativeEngine.load(job.model, tp=job.compute.tp, options=job.compute.vllm.engine_options(),
                                      tiling=job.tiling, video=job.video, **common)
-    from pipeline.model.engine import InternVLEngine
+    from pipeline.model.transformers_engine import InternVLEngine
 
     return InternVLEngine.load(job.model, **common)

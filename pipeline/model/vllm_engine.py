@@ -46,8 +46,8 @@ import torch
 
 from pipeline.errors import ModelLoadError
 from pipeline.media.tiling import IMAGENET_MEAN, IMAGENET_STD
-from pipeline.model.device import DevicePlan
-from pipeline.model.engine import (
+from pipeline.model.device import DeviceChoice
+from pipeline.model.transformers_engine import (
     Generation,
     InternVLEngine,
     Prompter,
@@ -79,7 +79,7 @@ class VLLMEngine(Prompter):
 
     embeddings = True  # vLLM gets image embeddings (ours), never pixels
 
-    def __init__(self, config: Any, tokenizer: Any, plan: DevicePlan, path: str, *, vision: Any = None,
+    def __init__(self, config: Any, tokenizer: Any, plan: DeviceChoice, path: str, *, vision: Any = None,
                  options: Mapping[str, Any] | None = None, tp: int = 1) -> None:
         from transformers import GenerationConfig
 

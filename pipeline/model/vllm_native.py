@@ -27,7 +27,7 @@ import numpy as np
 
 from pipeline.config import TilingConfig, VideoConfig
 from pipeline.errors import ModelLoadError
-from pipeline.model.engine import loading, open_checkpoint, require_chat_template
+from pipeline.model.transformers_engine import loading, open_checkpoint, require_chat_template
 from pipeline.model.processor_files import has_processor
 from pipeline.model.vllm_engine import VLLMEngine
 

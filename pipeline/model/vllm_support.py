@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import torch
 
 from pipeline.errors import ModelLoadError
-from pipeline.model.device import DevicePlan
+from pipeline.model.device import DeviceChoice
 from pipeline.model.vllm_start import check_vllm_version, cpu_defaults, log_errors_to_file
 
 T = TypeVar("T")
@@ -141,7 +141,7 @@ def vision_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_vision(path: str | Path, plan: DevicePlan) -> Any:
+def load_vision(path: str | Path, plan: DeviceChoice) -> Any:
     """InternVLForConditionalGeneration with only its vision tower and projector: built on the meta device, the
     language model and lm_head deleted before anything is allocated, then the vision weights assigned, so the
     transformers language model never takes memory, on the device or on the host, whatever its size."""

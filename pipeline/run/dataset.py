@@ -13,6 +13,7 @@ from pipeline.run.metrics import record_metrics
 from pipeline.model.engines import VLLM_ENGINES, Engine
 from pipeline.run.replica import replica_loader
 from pipeline.run.resources import PREPROCESS_CPUS, WRITE_CPUS, Resources
+from pipeline.stages.base import check_stages
 from pipeline.stages.generate import AsyncGenerate, Generate
 from pipeline.stages.preprocess import Preprocess
 from pipeline.stages.score import AsyncScore, Score
@@ -124,6 +125,10 @@ def build_dataset(job: JobConfig, folder: OutputFolder, rows: Any, resources: Re
                   staged: bool = False) -> Any:
     """The lazy Ray Data plan: input rows (an Arrow table or a dataset) -> tiles -> output rows (one per question)
     -> one stats row per shard. `attempt`: which try this is (a retry pass runs `job` with its rung applied)."""
+    columns = input_columns if input_columns is not None else (rows.column_names if isinstance(rows, pa.Table) else ["id", "uri"])
+    model_stage = model_stage_class(job.task, resources.engine)
+    check_stages(columns, [("preprocess", Preprocess.columns(job)), (job.task, model_stage.columns(job)),
+                           ("write", WriteShards.columns(job))])
     import ray
 
     # Reading a block of rows and tiling it run as one task where the rows are in memory: same resources and
@@ -135,7 +140,6 @@ def build_dataset(job: JobConfig, folder: OutputFolder, rows: Any, resources: Re
     # the bundle's remainder, leaving a tiny shard beside every full one), then each block is one shard.
     writer = {"batch_format": "pyarrow", "num_cpus": WRITE_CPUS, "compute": ray.data.TaskPoolStrategy(size=resources.replicas[1])}
     ds = ds.map_batches(_gather, batch_size=job.rows_per_shard, zero_copy_batch=True, **writer)
-    columns = input_columns if input_columns is not None else (rows.column_names if isinstance(rows, pa.Table) else ["id", "uri"])
     write = {"job": job, "folder": folder, "input_columns": columns, "attempt": attempt, "settings_id": settings_id,
              "staged": staged}
     return ds.map_batches(write_batch, fn_kwargs=write, batch_size=None, **writer)

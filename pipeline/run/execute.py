@@ -21,7 +21,7 @@ from pipeline.run.dataset import build_dataset
 from pipeline.run.plan import RunPlan
 from pipeline.run.quiet import quiet_ray_data
 from pipeline.run.replica import remove_replica_groups
-from pipeline.run.resources import Resources, object_store_budget, plan_resources
+from pipeline.run.resources import Resources, object_store_budget, resources_for
 from pipeline.run.summary import RunTally
 from pipeline.stages.write import ShardStats
 
@@ -61,12 +61,12 @@ def mark_output(job: JobConfig, folder: OutputFolder, resolved: Resolved) -> Non
 
 
 def cluster_resources(job: JobConfig) -> Resources:
-    """plan_resources for the connected cluster."""
+    """resources_for for the connected cluster."""
     import ray
 
     cluster = ray.cluster_resources()
     node_gpus = max((n["Resources"].get("GPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
-    return plan_resources(job, cluster_cpus=cluster.get("CPU", 1), cluster_gpus=cluster.get("GPU", 0), node_gpus=node_gpus,
+    return resources_for(job, cluster_cpus=cluster.get("CPU", 1), cluster_gpus=cluster.get("GPU", 0), node_gpus=node_gpus,
                           vllm_installed=vllm_installed())
 
 

@@ -84,7 +84,7 @@ class Rank:
         import torch
         import torch.distributed as dist
 
-        from pipeline.model.engine import InternVLEngine
+        from pipeline.model.transformers_engine import InternVLEngine
 
         if visible is not None:
             os.environ["CUDA_VISIBLE_DEVICES"] = visible  # before CUDA initialises in this process
@@ -124,7 +124,7 @@ class TensorParallelEngine:
         import ray
 
         from pipeline.model.checkpoints import prepare_checkpoint
-        from pipeline.model.engine import Prompter
+        from pipeline.model.transformers_engine import Prompter
 
         self.job = job
         self.tp = job.compute.tp

@@ -69,7 +69,7 @@ class Resources:
         return {"num_cpus": self.cpus_per_replica, "num_gpus": self.gpus_per_replica or None}
 
 
-def plan_resources(job: JobConfig, *, cluster_cpus: float, cluster_gpus: float, node_gpus: float | None = None,
+def resources_for(job: JobConfig, *, cluster_cpus: float, cluster_gpus: float, node_gpus: float | None = None,
                    vllm_installed: bool = False) -> Resources:
     """Replicas on GPUs when the job (or auto) says so, with the engine compute.engine picks for them
     (model/engines.py: vLLM needs `vllm_installed`); CPU workers fill the CPUs the replicas leave.

@@ -21,13 +21,14 @@ import pyarrow as pa
 
 from pipeline.config import JobConfig
 from pipeline.errors import ErrorType
+from pipeline.io.schema import output_schema
 from pipeline.media.decode import pictures_from_bytes, tiles_from_bytes
 from pipeline.model import engines
 from pipeline.model.batching import in_calls
 from pipeline.model.requests import Failure, PromptRequest, subset
 from pipeline.stages.busy_clock import BusyClock
 from pipeline.stages.poison_guard import PoisonGuard
-from pipeline.stages.base import Batch, as_list
+from pipeline.stages.base import Batch, Columns, as_list
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,12 @@ class ModelStage:
 
     reads = ("id", "uri", "pixels", "num_tiles", "tiles_per_image", "media_type", "status")
     method = ""  # the engine's method: generate or score
+
+    @classmethod
+    def columns(cls, job: JobConfig) -> Columns:
+        """Reads the CPU stage's tiles; adds the task's output columns (and the batch record the writer takes out);
+        drops the tiles and the questions it asked."""
+        return Columns(reads=cls.reads, adds=(*output_schema(job).names, BATCH_COLUMN), drops=CONSUMED_COLUMNS)
 
     def __init__(self, job: JobConfig, engine: Any | None = None, *, load: Callable[[], Any] | None = None) -> None:
         """`engine`: one already loaded (the stage leaves it open); else `load()` makes the replica's (the run's

@@ -24,7 +24,7 @@ from pipeline.io.webdataset import WDS_COLUMN, sample_media
 from pipeline.media.decode import image_picture, image_tiles, video_pictures, video_tiles
 from pipeline.media.sandbox import isolated
 from pipeline.media.video import VIDEO_EXTENSIONS, looks_like_video
-from pipeline.stages.base import Batch, as_list, require_columns
+from pipeline.stages.base import Batch, Columns, as_list, require_columns
 
 
 def job_input_rule(job: JobConfig) -> InputRule:
@@ -44,7 +44,12 @@ class Preprocess:
     from those bytes instead of reading `uri`; those columns end here (never written out)."""
 
     reads = ("id", "uri")
-    adds = tuple(PREPROCESS_SCHEMA.names)
+
+    @staticmethod
+    def columns(job: JobConfig) -> Columns:
+        """Reads id and uri; adds the tiles and media facts; drops a column that carried the pictures."""
+        carried = (job.image_column,) if job.image_column else ()
+        return Columns(reads=Preprocess.reads, adds=tuple(PREPROCESS_SCHEMA.names), drops=(*carried, WDS_COLUMN))
 
     def __init__(self, job: JobConfig) -> None:
         self.tiling = job.tiling

@@ -27,7 +27,7 @@ from pipeline.io.output.pending import retryable
 from pipeline.io.output.staged import INPUT_COLUMNS_KEY
 from pipeline.io.schema import OUTPUT_SCHEMA, TODO_COLUMN, WRITE_FIELDS, Totals
 from pipeline.io.webdataset import typed_text_columns
-from pipeline.stages.base import require_columns
+from pipeline.stages.base import Columns, require_columns
 from pipeline.stages.model_stage import BATCH_COLUMN, BATCH_TYPE
 
 
@@ -75,6 +75,11 @@ class WriteShards:
         # error types put aside for another try: only while the ladder has a rung left (an update does not retry)
         self.retry_errors = job.retry.errors if job.retry and attempt < max_attempt(job.retry) and not staged else []
         self.shards_input = input_kind(job.input, job.input_format) == "webdataset"  # its text columns have a type
+
+    @staticmethod
+    def columns(job: JobConfig) -> Columns:
+        """Reads the output columns; hands on one stats row per shard, nothing of its input."""
+        return Columns(reads=tuple(OUTPUT_SCHEMA.names), adds=tuple(SHARD_STATS_SCHEMA.names), keeps_input=False)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         require_columns(batch.column_names, "write", OUTPUT_SCHEMA.names)

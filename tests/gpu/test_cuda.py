@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pipeline.media.tiling import tile_image
-from pipeline.model.engine import InternVLEngine
+from pipeline.model.transformers_engine import InternVLEngine
 from tests.conftest import pattern_image
 
 pytestmark = pytest.mark.gpu

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipeline.config import parse_job
-from pipeline.model.engine import InternVLEngine
+from pipeline.model.transformers_engine import InternVLEngine
 from pipeline.model.gpu_memory import GIB, checkpoint_config, split_for_job
 from tests.unit.model.test_engine_device import full_vocabulary_generate, host_copies
 

@@ -22,7 +22,7 @@ def needs_two_gpus():
 def test_tp2_on_nccl_matches_tp1(tiny_model_tp):
     import ray
 
-    from pipeline.model.engine import InternVLEngine
+    from pipeline.model.transformers_engine import InternVLEngine
     from pipeline.run.replica import TensorParallelEngine
 
     ray.init(num_gpus=2, ignore_reinit_error=True)

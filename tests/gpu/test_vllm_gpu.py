@@ -37,7 +37,7 @@ def compare(a, b) -> None:
 
 
 def test_bf16_vllm_matches_transformers(tiny_model, samples):
-    from pipeline.model.engine import InternVLEngine
+    from pipeline.model.transformers_engine import InternVLEngine
     from pipeline.model.vllm_engine import VLLMEngine
 
     hf = InternVLEngine.load(str(tiny_model), device="cuda", dtype="bfloat16")

@@ -339,11 +339,11 @@ def test_plan_reads_and_tiles_in_one_task_and_gathers_before_writing(inputs, ray
     from pipeline.config import parse_job
     from pipeline.io.output import OutputFolder
     from pipeline.run.dataset import build_dataset
-    from pipeline.run.resources import plan_resources
+    from pipeline.run.resources import resources_for
 
     job = parse_job({"task": "caption", "input": "in", "output": "out", "model": "m"})
     rows = pa.table({"id": [f"{i}" for i in range(inputs)], "uri": [f"/x/{i}.png" for i in range(inputs)]})
-    build_dataset(job, OutputFolder("out"), rows, plan_resources(job, cluster_cpus=4, cluster_gpus=0)).explain()
+    build_dataset(job, OutputFolder("out"), rows, resources_for(job, cluster_cpus=4, cluster_gpus=0)).explain()
     optimized = capsys.readouterr().out.split("Physical Plan (Optimized)")[-1]
     assert "TaskPoolMapOperator[ReadInputRows->MapBatches(preprocess_block)]" in optimized
     assert "TaskPoolMapOperator[MapBatches(_gather)->MapBatches(write_batch)]" in optimized

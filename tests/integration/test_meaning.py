@@ -115,7 +115,7 @@ def test_scores_and_filter_through_the_pipeline(world, tmp_path):
 def test_sabotaged_tiles_and_frames_collapse(world, trained_model):
     """The pipeline's own stages in-process, broken between them on purpose: each image gets the tiles of the next
     image with another shape and colour (same tile count), each video its frames in reverse order."""
-    from pipeline.model.engine import InternVLEngine
+    from pipeline.model.transformers_engine import InternVLEngine
     from pipeline.stages.generate import Generate
     from pipeline.stages.preprocess import Preprocess
 

@@ -20,7 +20,7 @@ import pytest
 from pipeline.config import parse_job
 from pipeline.errors import RunError
 from pipeline.run.replica import device_layout, replica_bundles, replica_resources
-from pipeline.run.resources import plan_resources
+from pipeline.run.resources import resources_for
 from tests.conftest import REPO, pattern_image
 from tests.procs import own_pids
 from tests.helpers import output_rows
@@ -37,7 +37,7 @@ def test_bundles_and_requests_per_tp(tp):
     assert replica_bundles(tp, on_gpu=False) == [{"CPU": 1.0}] * tp
     assert replica_resources(tp, on_gpu=True) == {"CPU": float(tp), "GPU": float(tp)}
     job = parse_job(BASE, overrides=[f"compute.tp={tp}", "compute.replicas=2"])
-    r = plan_resources(job, cluster_cpus=96, cluster_gpus=16, node_gpus=8)
+    r = resources_for(job, cluster_cpus=96, cluster_gpus=16, node_gpus=8)
     assert (r.tp, r.on_gpu, r.gpus_per_replica, r.replicas) == (tp, True, float(max(tp, 1)), (2, 2))
     args = r.model_stage_args()
     if tp == 1:
@@ -49,21 +49,21 @@ def test_bundles_and_requests_per_tp(tp):
 def test_tp_needs_enough_gpus_on_one_node():
     job = parse_job(BASE, overrides=["compute.tp=8"])
     with pytest.raises(RunError, match="tp=8 needs 8 GPUs on one node; the largest node has 4"):
-        plan_resources(job, cluster_cpus=64, cluster_gpus=16, node_gpus=4)
+        resources_for(job, cluster_cpus=64, cluster_gpus=16, node_gpus=4)
     with pytest.raises(RunError, match=r"needs GPUs \(8 per replica\) but the cluster has 4"):
-        plan_resources(job, cluster_cpus=64, cluster_gpus=4, node_gpus=4)
+        resources_for(job, cluster_cpus=64, cluster_gpus=4, node_gpus=4)
 
 
 def test_cpu_replicas_take_cpus_from_preprocessing():
-    r = plan_resources(parse_job(BASE, overrides=["compute.tp=2"]), cluster_cpus=4, cluster_gpus=0)
+    r = resources_for(parse_job(BASE, overrides=["compute.tp=2"]), cluster_cpus=4, cluster_gpus=0)
     assert (r.on_gpu, r.cpus_per_replica, r.rank_cpus, r.cpu_workers, r.note) == (False, 2.0, 1.0, 2, None)
     # Two tp=2 replicas on 4 CPUs would leave nothing for preprocessing: their ranks share 3 CPUs instead.
-    r = plan_resources(parse_job(BASE, overrides=["compute.tp=2", "compute.replicas=2"]), cluster_cpus=4, cluster_gpus=0)
+    r = resources_for(parse_job(BASE, overrides=["compute.tp=2", "compute.replicas=2"]), cluster_cpus=4, cluster_gpus=0)
     assert (r.cpus_per_replica, r.rank_cpus, r.cpu_workers) == (1.5, 0.75, 1) and "CPUs shared" in r.note
 
 
 def test_autoscaling_replicas_range():
-    r = plan_resources(parse_job(BASE, overrides=["compute.replicas=[1, 4]"]), cluster_cpus=32, cluster_gpus=4)
+    r = resources_for(parse_job(BASE, overrides=["compute.replicas=[1, 4]"]), cluster_cpus=32, cluster_gpus=4)
     assert r.replicas == (1, 4)
     with pytest.raises(Exception, match="1 <= min <= max"):
         parse_job(BASE, overrides=["compute.replicas=[0, 2]"])
@@ -81,7 +81,7 @@ def test_device_layout_lets_ranks_see_each_other():
 
 @pytest.mark.integration
 def test_tp2_equals_tp1_and_shards_the_weights(ray_local, tiny_model_tp):
-    from pipeline.model.engine import InternVLEngine
+    from pipeline.model.transformers_engine import InternVLEngine
     from pipeline.run.replica import TensorParallelEngine
 
     job = parse_job({**BASE, "model": str(tiny_model_tp)}, overrides=["compute.tp=2", "compute.device=cpu"])
@@ -192,7 +192,7 @@ def test_readme_sizing_table_is_the_computed_one():
 
     from pipeline.model.catalog import MODELS, markdown, sizing_table
 
-    assert markdown(sizing_table()) in (REPO / "README.md").read_text()
+    assert markdown(sizing_table()) in (REPO / "docs" / "clusters.md").read_text()
     by_name = {m.name: m for m in MODELS}
     assert by_name["InternVL3-78B"].gb_per_gpu(4) < 80 / 1.25 < by_name["InternVL3-78B"].gb_per_gpu(2)
     assert by_name["InternVL3-1B"].gpus_needed(24) == 1

@@ -1,11 +1,11 @@
-"""The error taxonomy is one enum, and the README's table is that enum."""
+"""The error taxonomy is one enum, and the table in docs/output.md is that enum."""
 
 from pipeline.errors import ErrorType, MediaError
 from tests.conftest import REPO
 
 
 def test_readme_error_table_is_the_enum():
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "docs" / "output.md").read_text()
     for kind in ErrorType:
         assert f"| `{kind.value}` | {kind.description} |" in readme, kind
 

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from pipeline.model.engine import InternVLEngine
+from pipeline.model.transformers_engine import InternVLEngine
 from pipeline.run.replica import TensorParallelEngine
 from tests.conftest import REPO
 
@@ -96,7 +96,7 @@ def test_gpu_tests_call_the_pipeline_with_its_real_signatures(path):
 def test_the_signature_check_catches_a_stale_call(tmp_path):
     """The check itself: the call that once rotted in test_cuda.py (generate without the samples) is caught."""
     stale = tmp_path / "test_stale.py"
-    stale.write_text("from pipeline.model.engine import InternVLEngine\n\n"
+    stale.write_text("from pipeline.model.transformers_engine import InternVLEngine\n\n"
                      "def test_x():\n    engine = InternVLEngine.load('m', device='cuda')\n"
                      "    engine.generate([[1, 2]], max_new_tokens=6)\n    engine.prompt_ids('q', [1])\n")
     problems = call_problems(stale, {"InternVLEngine": InternVLEngine})

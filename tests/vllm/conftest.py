@@ -38,7 +38,7 @@ def figures():
 
 @pytest.fixture(scope="session")
 def hf_engine(tiny_model):
-    from pipeline.model.engine import InternVLEngine
+    from pipeline.model.transformers_engine import InternVLEngine
 
     return InternVLEngine.load(str(tiny_model), device="cpu")
 

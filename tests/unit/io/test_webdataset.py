@@ -9,7 +9,6 @@ import json
 import fsspec
 import pyarrow as pa
 import pytest
-from PIL import Image
 
 from pipeline.config import parse_job
 from pipeline.errors import InputError

@@ -83,7 +83,7 @@ def offline_hub(tmp_path, monkeypatch):
 def test_original_format_hub_id_is_fetched_then_converted(offline_hub, tmp_path):
     """The README: original-format checkpoints are converted on load, by hub id too (not only folders and s3://)."""
     from pipeline.model.checkpoints import prepare_checkpoint
-    from pipeline.model.engine import InternVLEngine
+    from pipeline.model.transformers_engine import InternVLEngine
     from tests.unit.model.test_convert import original_config, original_state, write_original, write_original_tokenizer
 
     tokenizers = write_original_tokenizer(tmp_path / "tokenizer")

@@ -19,11 +19,11 @@ from pipeline.errors import SchemaError  # noqa: E402
 from pipeline.structured.answers import TruncatedAnswer, answer_type, parse_answer, to_arrow  # noqa: E402
 from pipeline.model.constrained import GrammarBackend, blocked_token_ids, tokenizer_info, unspellable  # noqa: E402
 from pipeline.structured.grammar import GRAMMAR_OPTIONS, check_grammar, grammar_schema  # noqa: E402
-from pipeline.model.engine import InternVLEngine  # noqa: E402
+from pipeline.model.transformers_engine import InternVLEngine  # noqa: E402
 from pipeline.structured.schema import check_schema  # noqa: E402
 from pipeline.stages.generate import Generate  # noqa: E402
 from tests.schemas import SCHEMA, SCHEMA_TYPE, SMALL  # noqa: E402
-from tests.unit.model.test_engine import preprocessed  # noqa: E402
+from tests.unit.model.test_transformers_engine import preprocessed  # noqa: E402
 from tests.conftest import pattern_image  # noqa: E402
 
 QUESTIONS = ["Describe the animal.", "What is it?", "Answer in JSON now please."]  # three prompt lengths

@@ -545,7 +545,7 @@ def test_bad_shard_index_and_native_source_are_refused(tokenizer_files, tmp_path
 
 
 def test_engine_runs_a_converted_checkpoint(tokenizer_files, tmp_path):
-    from pipeline.model.engine import InternVLEngine
+    from pipeline.model.transformers_engine import InternVLEngine
 
     config = original_config("phi3", "6b", tokenizer_files)
     src = write_original(tmp_path / "o", config, original_state(config), tokenizer_files)

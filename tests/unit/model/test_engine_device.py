@@ -14,7 +14,7 @@ import torch
 from transformers import LogitsProcessorList
 
 from pipeline.media.tiling import tile_image
-from pipeline.model.engine import InternVLEngine
+from pipeline.model.transformers_engine import InternVLEngine
 from pipeline.model.sampling import RowSampler
 from tests.conftest import pattern_image
 

@@ -174,7 +174,7 @@ def test_a_vllm_replica_takes_the_split_on_cuda_only(tiny_model, monkeypatch):
     job = job_for(str(tiny_model), vllm={"max_model_len": 4096})
     own = job.compute.vllm.engine_options()
     assert vllm_options(job) == own and "gpu_memory_utilization" not in own
-    monkeypatch.setattr(device, "local_plan", lambda *a: device.DevicePlan("cuda", torch.bfloat16, "sdpa"))
+    monkeypatch.setattr(device, "local_plan", lambda *a: device.DeviceChoice("cuda", torch.bfloat16, "sdpa"))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: type("P", (), {"total_memory": int(79.6 * GIB)}))
     want = split_for_job(job, checkpoint_config(str(tiny_model)), 79.6).vllm_fraction

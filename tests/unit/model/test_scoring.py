@@ -8,7 +8,7 @@ import torch
 
 from pipeline.config import parse_job
 from pipeline.media.tiling import normalize_tiles
-from pipeline.model.engine import InternVLEngine
+from pipeline.model.transformers_engine import InternVLEngine
 from pipeline.model.scoring import evaluate, histogram, label_token_ids, normalize, passes
 from pipeline.stages.preprocess import Preprocess
 from pipeline.stages.score import Score

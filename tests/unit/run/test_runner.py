@@ -6,36 +6,36 @@ from pipeline.config import parse_job
 from pipeline.errors import JobError, RunError
 from pipeline.run.dataset import input_rows
 from pipeline.run.plan import expected_ids
-from pipeline.run.resources import MIN_OBJECT_STORE, TILE_BYTES, object_store_budget, plan_resources
+from pipeline.run.resources import MIN_OBJECT_STORE, TILE_BYTES, object_store_budget, resources_for
 
 BASE = {"task": "caption", "input": "in", "output": "out", "model": "m"}
 
 
 def test_cpu_cluster_leaves_cpus_for_preprocessing():
-    r = plan_resources(parse_job(BASE, overrides=["compute.replicas=2"]), cluster_cpus=8, cluster_gpus=0)
+    r = resources_for(parse_job(BASE, overrides=["compute.replicas=2"]), cluster_cpus=8, cluster_gpus=0)
     assert (r.replicas, r.gpus_per_replica, r.cpu_workers) == ((2, 2), 0.0, 6)
 
 
 def test_gpu_cluster_puts_replicas_on_gpus():
-    r = plan_resources(parse_job(BASE, overrides=["compute.replicas=4"]), cluster_cpus=32, cluster_gpus=4)
+    r = resources_for(parse_job(BASE, overrides=["compute.replicas=4"]), cluster_cpus=32, cluster_gpus=4)
     assert (r.gpus_per_replica, r.cpu_workers) == (1.0, 32)
 
 
 def test_explicit_cpu_workers_and_cpu_device_on_gpu_cluster():
     job = parse_job(BASE, overrides=["compute.device=cpu", "compute.cpu_workers=3"])
-    r = plan_resources(job, cluster_cpus=16, cluster_gpus=8)
+    r = resources_for(job, cluster_cpus=16, cluster_gpus=8)
     assert (r.gpus_per_replica, r.cpu_workers) == (0.0, 3)
 
 
 def test_cuda_without_gpus_is_refused():
     with pytest.raises(RunError, match="GPUs"):
-        plan_resources(parse_job(BASE, overrides=["compute.device=cuda"]), cluster_cpus=4, cluster_gpus=0)
+        resources_for(parse_job(BASE, overrides=["compute.device=cuda"]), cluster_cpus=4, cluster_gpus=0)
 
 
 def test_object_store_budget_is_a_few_batches_of_the_largest_samples_per_replica():
     def budget(*overrides):
         job = parse_job(BASE, overrides=list(overrides))
-        return object_store_budget(job, plan_resources(job, cluster_cpus=64, cluster_gpus=8))
+        return object_store_budget(job, resources_for(job, cluster_cpus=64, cluster_gpus=8))
 
     assert budget() == 8 * 8 * 13 * TILE_BYTES  # 8 batches of 8 samples of 12 tiles + thumbnail: 478 MiB
     assert budget("compute.batch_size=2") == MIN_OBJECT_STORE
@@ -43,7 +43,7 @@ def test_object_store_budget_is_a_few_batches_of_the_largest_samples_per_replica
     assert budget("compute.batch_size=16", "video.num_frames=32") == 8 * 16 * 32 * TILE_BYTES
     assert budget("compute.object_store_mb=100") == 100 * 1024**2
     job = parse_job(BASE)
-    resources = plan_resources(job, cluster_cpus=4, cluster_gpus=0)
+    resources = resources_for(job, cluster_cpus=4, cluster_gpus=0)
     assert object_store_budget(job, resources, cluster_store=400 * 1024**2) == 200 * 1024**2  # half the cluster's store
     with pytest.raises(Exception, match="object_store_mb"):
         parse_job(BASE, overrides=["compute.object_store_mb=1"])
@@ -102,21 +102,21 @@ def test_engine_is_chosen_once_at_plan_time():
     from pipeline.stages.score import AsyncScore, Score
 
     job = parse_job(BASE)
-    assert plan_resources(job, cluster_cpus=8, cluster_gpus=2, vllm_installed=True).engine == "vllm"
-    assert plan_resources(job, cluster_cpus=8, cluster_gpus=2, vllm_installed=False).engine == "transformers"
-    assert plan_resources(job, cluster_cpus=8, cluster_gpus=0, vllm_installed=True).engine == "transformers"
+    assert resources_for(job, cluster_cpus=8, cluster_gpus=2, vllm_installed=True).engine == "vllm"
+    assert resources_for(job, cluster_cpus=8, cluster_gpus=2, vllm_installed=False).engine == "transformers"
+    assert resources_for(job, cluster_cpus=8, cluster_gpus=0, vllm_installed=True).engine == "transformers"
     forced = parse_job(BASE, overrides=["compute.engine=transformers"])
-    assert plan_resources(forced, cluster_cpus=8, cluster_gpus=2, vllm_installed=True).engine == "transformers"
+    assert resources_for(forced, cluster_cpus=8, cluster_gpus=2, vllm_installed=True).engine == "transformers"
     with pytest.raises(JobError, match="not installed"):
-        plan_resources(parse_job(BASE, overrides=["compute.engine=vllm"]), cluster_cpus=8, cluster_gpus=2)
+        resources_for(parse_job(BASE, overrides=["compute.engine=vllm"]), cluster_cpus=8, cluster_gpus=2)
     assert model_stage_class("caption", "vllm") is AsyncGenerate and model_stage_class("vqa", "transformers") is Generate
     assert model_stage_class("score", "vllm") is AsyncScore and model_stage_class("score", "transformers") is Score
     # vllm-native (vLLM's own InternVL path, the baseline): only when asked for, never by auto; async like vllm
     native = parse_job(BASE, overrides=["compute.engine=vllm-native", "compute.vllm.max_concurrent_batches=3"])
-    r = plan_resources(native, cluster_cpus=8, cluster_gpus=2, vllm_installed=True)
+    r = resources_for(native, cluster_cpus=8, cluster_gpus=2, vllm_installed=True)
     assert r.engine == "vllm-native" and r.model_stage_args()["max_concurrency"] == 3
     with pytest.raises(JobError, match="vllm-native, but vLLM is not installed"):
-        plan_resources(native, cluster_cpus=8, cluster_gpus=2)
+        resources_for(native, cluster_cpus=8, cluster_gpus=2)
     assert model_stage_class("vqa", "vllm-native") is AsyncGenerate and model_stage_class("score", "vllm-native") is AsyncScore
     assert native.fingerprint() != parse_job(BASE, overrides=["compute.engine=vllm"]).fingerprint()  # other tiles
     assert parse_job(BASE, overrides=["compute.engine=vllm"]).fingerprint() == job.fingerprint()
@@ -132,13 +132,13 @@ def test_vllm_replica_is_one_actor_holding_its_tp_gpus(tp):
     restarts = {"max_restarts": VLLM_RESTARTS, "max_task_retries": -1}
     job = parse_job(BASE, overrides=[f"compute.tp={tp}", "compute.engine=vllm", "compute.replicas=2",
                                      "compute.vllm.max_concurrent_batches=6"])
-    r = plan_resources(job, cluster_cpus=64, cluster_gpus=16, node_gpus=8, vllm_installed=True)
+    r = resources_for(job, cluster_cpus=64, cluster_gpus=16, node_gpus=8, vllm_installed=True)
     assert r.model_stage_args() == {"num_cpus": 1.0, "num_gpus": float(tp), "max_concurrency": 6, **restarts}
     assert r.cpu_workers == 64
     with pytest.raises(RunError, match=f"compute.tp={tp * 2} needs {tp * 2} GPUs on one node"):
-        plan_resources(parse_job(BASE, overrides=[f"compute.tp={tp * 2}", "compute.engine=vllm"]),
+        resources_for(parse_job(BASE, overrides=[f"compute.tp={tp * 2}", "compute.engine=vllm"]),
                        cluster_cpus=64, cluster_gpus=4 * tp, node_gpus=tp, vllm_installed=True)
-    cpu = plan_resources(job, cluster_cpus=8, cluster_gpus=0, vllm_installed=True)  # the CPU test lane
+    cpu = resources_for(job, cluster_cpus=8, cluster_gpus=0, vllm_installed=True)  # the CPU test lane
     assert cpu.model_stage_args() == {"num_cpus": 1.0, "num_gpus": None, "max_concurrency": 6, **restarts}
 
 
@@ -175,7 +175,7 @@ def test_tp_and_replicas_on_a_two_cpu_machine_share_the_cpus(overrides):
     """tp on CPU is for trying tp before a GPU cluster: on 2 CPUs the ranks (or replicas) share what one
     preprocessing task leaves, and the plan says so in one line."""
     job = parse_job(BASE, overrides=[*overrides, "compute.device=cpu"])
-    r = plan_resources(job, cluster_cpus=2, cluster_gpus=0)
+    r = resources_for(job, cluster_cpus=2, cluster_gpus=0)
     low = r.replicas[0]
     assert r.cpus_per_replica * low == pytest.approx(1.0)  # 2 CPUs - 1 preprocessing task
     assert r.rank_cpus == pytest.approx(r.cpus_per_replica / r.tp) and r.cpu_workers == 1
@@ -185,20 +185,20 @@ def test_tp_and_replicas_on_a_two_cpu_machine_share_the_cpus(overrides):
 def test_shared_rank_cpus_reach_the_placement_group_bundles():
     from pipeline.run.replica import replica_bundles
 
-    r = plan_resources(parse_job(BASE, overrides=["compute.tp=2"]), cluster_cpus=2, cluster_gpus=0)
+    r = resources_for(parse_job(BASE, overrides=["compute.tp=2"]), cluster_cpus=2, cluster_gpus=0)
     assert replica_bundles(r.tp, on_gpu=False, rank_cpus=r.rank_cpus) == [{"CPU": 0.5}, {"CPU": 0.5}]
     assert r.model_stage_args() == {"num_cpus": 0, "num_gpus": 0}
-    one = plan_resources(parse_job(BASE, overrides=["compute.replicas=2"]), cluster_cpus=2, cluster_gpus=0)
+    one = resources_for(parse_job(BASE, overrides=["compute.replicas=2"]), cluster_cpus=2, cluster_gpus=0)
     assert one.model_stage_args() == {"num_cpus": 0.5, "num_gpus": None}
-    alone = plan_resources(parse_job(BASE), cluster_cpus=2, cluster_gpus=0)  # the default on 2 CPUs: nothing shared
+    alone = resources_for(parse_job(BASE), cluster_cpus=2, cluster_gpus=0)  # the default on 2 CPUs: nothing shared
     assert (alone.cpus_per_replica, alone.cpu_workers, alone.note) == (1.0, 1, None)
 
 
 def test_short_gpus_and_a_one_cpu_machine_are_still_refused():
     with pytest.raises(RunError, match="tp=2 needs 2 GPUs on one node"):
-        plan_resources(parse_job(BASE, overrides=["compute.tp=2"]), cluster_cpus=2, cluster_gpus=2, node_gpus=1)
+        resources_for(parse_job(BASE, overrides=["compute.tp=2"]), cluster_cpus=2, cluster_gpus=2, node_gpus=1)
     with pytest.raises(RunError, match="leave none"):
-        plan_resources(parse_job(BASE), cluster_cpus=1, cluster_gpus=0)
+        resources_for(parse_job(BASE), cluster_cpus=1, cluster_gpus=0)
 
 
 def test_input_rows_copy_each_block_from_a_contiguous_slice():

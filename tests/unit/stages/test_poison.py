@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import parse_job
-from pipeline.model.engine import InternVLEngine
+from pipeline.model.transformers_engine import InternVLEngine
 from pipeline.stages.generate import Generate
 from pipeline.stages.poison_guard import PoisonGuard
 from pipeline.stages.score import Score
@@ -93,7 +93,7 @@ def test_a_model_that_fails_on_everything_still_stops_the_job():
 
 def test_tp_that_does_not_divide_the_heads_is_refused_at_load(tiny_model, tiny_model_tp):
     from pipeline.errors import ModelLoadError
-    from pipeline.model.engine import require_divisible_heads
+    from pipeline.model.transformers_engine import require_divisible_heads
 
     with pytest.raises(ModelLoadError, match=r"cannot be split over compute.tp=2 ranks: .*1 key/value heads"):
         require_divisible_heads("tiny", str(tiny_model), 2)  # the default tiny model: 2 heads, 1 kv head

@@ -29,7 +29,7 @@ from training.train_tiny import save
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    from pipeline.model.engine import InternVLEngine
+    from pipeline.model.transformers_engine import InternVLEngine
 
     torch.set_num_threads(2)
     tokenizer = build_tokenizer()

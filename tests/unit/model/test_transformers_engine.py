@@ -13,7 +13,7 @@ from pipeline.media.tiling import normalize_tiles, tile_image
 from pipeline.model.batching import equal_length_groups
 from pipeline.model.checkpoints import resolve_checkpoint
 from pipeline.model.device import plan_device
-from pipeline.model.engine import InternVLEngine
+from pipeline.model.transformers_engine import InternVLEngine
 from pipeline.stages.generate import Generate
 from pipeline.stages.preprocess import Preprocess
 from tests.conftest import pattern_image

@@ -22,7 +22,7 @@ from pipeline.errors import ModelLoadError
 from pipeline.media.tiling import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.model.batching import equal_length_groups
 from pipeline.model.checkpoints import prepare_checkpoint
-from pipeline.model.device import DevicePlan, local_plan
+from pipeline.model.device import DeviceChoice, local_plan
 from pipeline.model.gpu_memory import VISION_CHUNK_TILES
 from pipeline.model.logprobs import ChosenLogprobs
 from pipeline.model.prompts import ImageTokens, chat_messages, expand_image_placeholders
@@ -53,7 +53,7 @@ def open_checkpoint(
     cache_dir: str | Path | None = None,
     storage_options: Mapping[str, Any] | None = None,
     trust_remote_code: bool = False,
-) -> tuple[str, DevicePlan]:
+) -> tuple[str, DeviceChoice]:
     """What every engine's load starts with: the checkpoint made local and native (model/checkpoints.py), and
     this process's device plan; transformers' progress bars off (per-shard bars from every replica would flood the
     job log)."""
@@ -143,7 +143,7 @@ class Prompter:
 class InternVLEngine(Prompter):
     """A loaded replica (or one tensor-parallel rank of it): tokenizer, chat template, model on its device."""
 
-    def __init__(self, model: Any, tokenizer: Any, plan: DevicePlan) -> None:
+    def __init__(self, model: Any, tokenizer: Any, plan: DeviceChoice) -> None:
         super().__init__(tokenizer, int(getattr(model.config, "image_seq_length", 256)), context_length(model.config))
         self.model = model
         self.plan = plan
