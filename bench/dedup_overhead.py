@@ -2,7 +2,7 @@
 `dedup: none` vs `dedup: exact`, side by side on one local Ray, tiny model on CPU.
 
 The difference is the hash pass (every sample's media read and hashed once more, then one group-by over the keys)
-and a fill pass that finds nothing to copy. A warm-up run starts Ray first, so neither side pays for it; then the
+and the join that takes the (no) duplicates out of the samples to do; the fill pass has nothing to copy. A warm-up run starts Ray first, so neither side pays for it; then the
 two jobs alternate for `--rounds` rounds, each into a fresh output. Printed: every round's wall time, the medians,
 their ratio (exact / none) and the load average (the machine is shared).
 

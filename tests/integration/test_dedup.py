@@ -1,6 +1,7 @@
 """`dedup: exact` end to end on local Ray: 200 pictures of which 50 distinct (and a corrupt file twice) -> 50 samples
 reach the model, every sample gets its rows (a duplicate: its representative's answer, or its error, and
-`duplicate_of`), and a second run finds nothing to do and keeps one row per id."""
+`duplicate_of`); a run resumed after the copies were lost fills them without the model, and a last run finds
+nothing to do and keeps one row per id."""
 
 from __future__ import annotations
 
@@ -60,7 +61,19 @@ def test_dedup_exact_computes_each_picture_once_and_copies_the_rest(ray_local, t
     assert first["duplicate_of"] is None and second["duplicate_of"] == first["id"]
     assert second["error_type"] == first["error_type"] == "decode_error"
 
-    again = run_job(job, echo=lines.append)
+    # Resumed after the copies were lost (as if the run died before its fill pass): the representatives are done, so
+    # their duplicates are filled from the output without the model.
+    out = tmp_path / "out"
+    copies = [p for p in out.glob("part-*.parquet") if pq.read_table(p, columns=["duplicate_of"]).column(0).null_count == 0]
+    assert sum(pq.read_metadata(p).num_rows for p in copies) == 151
+    for p in copies:
+        p.unlink()
+    resumed = run_job(job, echo=lines.append)
+    assert resumed.replicas == {} and resumed.rows_copied == 151 and resumed.model_s_saved is None
+    assert (resumed.rows_out, resumed.rows_ok) == (202, 200)
+
+    again = run_job(job, echo=lines.append)  # nothing left to do
     assert again.rows_this_run == 0 and again.rows_out == 202 and again.replicas == {}
-    ids = pq.read_table(str(tmp_path / "out"), columns=["id"]).column("id").to_pylist()
+    assert any("nothing to do" in line for line in lines)
+    ids = pq.read_table(str(out), columns=["id"]).column("id").to_pylist()
     assert len(ids) == len(set(ids)) == 202
