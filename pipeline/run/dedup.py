@@ -30,8 +30,15 @@ from pipeline.run.plan import RunPlan
 from pipeline.run.resources import PREPROCESS_CPUS, WRITE_CPUS
 from pipeline.run.sources import read_shards
 from pipeline.run.summary import RunTally
-from pipeline.stages.dedup import (KEY_COLUMN, REP_COLUMN, DUP_PREFIX, MediaHash, choose_representatives,
-                                   duplicate_rows, prefixed)
+from pipeline.stages.dedup import (
+    DUP_PREFIX,
+    KEY_COLUMN,
+    REP_COLUMN,
+    MediaHash,
+    choose_representatives,
+    duplicate_rows,
+    prefixed,
+)
 from pipeline.stages.write import ShardStats, WriteShards
 
 HASH_BATCH = 16  # samples per hash call: the media of a batch is read, hashed and dropped before the next

@@ -8,8 +8,16 @@ import pyarrow as pa
 
 from pipeline.config import parse_job
 from pipeline.io.schema import DUPLICATE_OF, TODO_COLUMN
-from pipeline.stages.dedup import (KEY_COLUMN, REP_COLUMN, MediaHash, choose_representatives,
-                                   duplicate_rows, media_key, prefixed, row_questions)
+from pipeline.stages.dedup import (
+    KEY_COLUMN,
+    REP_COLUMN,
+    MediaHash,
+    choose_representatives,
+    duplicate_rows,
+    media_key,
+    prefixed,
+    row_questions,
+)
 
 
 def test_the_key_is_the_media_in_order_and_the_rows_questions():
