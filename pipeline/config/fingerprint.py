@@ -59,13 +59,15 @@ def fingerprint(job: Any) -> str:
         relevant["schema"] = _schemas(job)
     if job.compute.engine == "vllm-native":  # vLLM's processor tiles the pictures, not the cards' tiling
         relevant["tiles_by"] = "vllm-native"
+    if job.dedup != "none":  # only then, as above: its rows have a duplicate_of column, so no mixing with others
+        relevant["dedup"] = job.dedup
     return _digest(relevant)
 
 
 def settings(job: Any, resolved: Resolved) -> dict[str, Any]:
     """Everything that made a row written by `job` (a retry rung's job for its rows) in a run that resolved
     `resolved`."""
-    return {
+    values = {
         **asdict(resolved),
         "model": job.model,
         "model_revision": job.model_revision,
@@ -77,6 +79,9 @@ def settings(job: Any, resolved: Resolved) -> dict[str, Any]:
         "video": job.video.model_dump(),
         "generation": job.generation.model_dump(),
     }
+    if job.dedup != "none":  # only then, so the settings ids of jobs without it stay as they were
+        values["dedup"] = job.dedup
+    return values
 
 
 def settings_id(values: dict[str, Any]) -> str:
@@ -98,6 +103,7 @@ def identity(job: Any) -> dict[str, Any]:
         "criteria": [c.name for c in job.score_criteria()] if job.task == "score" else None,
         "filter": job.has_filter,
         "schema": bool(job.answer_schemas()),
+        **({"dedup": job.dedup} if job.dedup != "none" else {}),  # the duplicate_of column
     }
 
 

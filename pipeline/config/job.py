@@ -85,6 +85,9 @@ class JobConfig(_Section):
     http: HttpConfig = Field(default_factory=HttpConfig, description="How http(s) URIs are fetched: timeout, retries with "
                                                                      "backoff for 429 and 5xx, requests per host.")
     model_cache: str | None = Field(None, description="Local folder where s3:// checkpoints are copied (default ~/.cache/internvl-batch/models).")
+    dedup: Literal["none", "exact"] = Field(
+        "none", description="exact: samples with byte-identical media (and the same questions) reach the model once; "
+                            "the others copy its rows, naming it in a `duplicate_of` column (docs/dedup.md).")
     retry: RetryConfig | None = Field(None, description="Retry failed samples with lighter settings (a ladder of partial overrides); not part of the fingerprint.")
     _criteria: list[Criterion] = PrivateAttr(default_factory=list)
     _schema: dict[str, Any] | None = PrivateAttr(None)  # `schema`, loaded and checked

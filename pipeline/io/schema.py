@@ -92,6 +92,10 @@ def _plain(value: Any) -> Any:
 # It travels with the sample through the stages; the write stage keeps only those rows and drops the column.
 TODO_COLUMN = "__todo"
 
+# `dedup: exact`: the id of the sample whose rows a duplicate's rows copy (null on rows the model computed). Only
+# outputs of such jobs have it.
+DUPLICATE_OF = "duplicate_of"
+
 # Columns a manifest row brings and the output keeps under the same name.
 INPUT_COLUMNS = frozenset({"id", "uri", "uris", "question", "questions"})
 # Columns every job writes; a score job also writes its score columns (see `reserved_columns`).
@@ -131,7 +135,8 @@ def output_schema(job: Any) -> pa.Schema:
 
 def reserved_columns(job: Any) -> frozenset[str]:
     """Column names this job writes itself, which a manifest may not pass through."""
-    return RESERVED_COLUMNS | (frozenset(output_schema(job).names) - INPUT_COLUMNS)
+    dedup = frozenset({DUPLICATE_OF}) if getattr(job, "dedup", "none") != "none" else frozenset()
+    return RESERVED_COLUMNS | dedup | (frozenset(output_schema(job).names) - INPUT_COLUMNS)
 
 
 def error_counts(table: pa.Table) -> dict[str, int]:

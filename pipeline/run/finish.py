@@ -130,9 +130,10 @@ class Accounting:
 
 
 def finish(job: JobConfig, folder: OutputFolder, plan: RunPlan, tally: RunTally, *, started: float,
-           resolved: Resolved, echo: Callable[[str], None] = print, placed: Placed | None = None) -> RunSummary:
+           resolved: Resolved, echo: Callable[[str], None] = print, placed: Placed | None = None,
+           extra: dict[str, Any] | None = None) -> RunSummary:
     """Account for every row of the plan, then write _SUCCESS.json (incremental first: the objects taken, then the
-    shards committed)."""
+    shards committed). `extra`: more RunSummary fields (dedup's figures)."""
     done = account(job, folder, plan, echo)
     busy, replicas = tally.replica_usage()
     summary = RunSummary(
@@ -143,6 +144,7 @@ def finish(job: JobConfig, folder: OutputFolder, plan: RunPlan, tally: RunTally,
         model_busy_fraction=busy, replicas=replicas, rows_retried=tally.deferred,
         rows_repaired=plan.rows_repaired + done.repaired,
         rows_updated=placed.replaced if placed else 0, rows_update_failed=placed.kept if placed else 0,
+        **(extra or {}),
     )
     check_ids(job, done.ids, done.rows_in, done.counts.rows)
     problem = folder.check_passed(done.counts.rows_passed or 0) if job.output_passed else None

@@ -14,6 +14,7 @@ from pipeline.io.output import OutputFolder
 from pipeline.io.output.lease import renewed
 from pipeline.run.execute import execute, init_ray, resolve
 from pipeline.io.output.layout import SUCCESS_FILE
+from pipeline.run.dedup import fill_duplicates, split_duplicates
 from pipeline.run.finish import finish
 from pipeline.run.totals import summarize_output
 from pipeline.run.repair import Repair, repair_duplicates
@@ -76,6 +77,9 @@ def plan_job(job: JobConfig, *, echo: Callable[[str], None] = print, update: boo
 
 def _run(job: JobConfig, folder: OutputFolder, echo: Callable[[str], None], retry_errors: bool, *,
          started: float, update: bool = False) -> RunSummary:
+    if update and job.dedup != "none":
+        raise JobError("dedup: exact cannot be combined with --update (a duplicate's row would be replaced before its "
+                       "representative's); run the update with dedup: none")
     init_ray()
     resolved = resolve(job)
     with job_errors(job):
@@ -86,14 +90,18 @@ def _run(job: JobConfig, folder: OutputFolder, echo: Callable[[str], None], retr
     plan.estimate = estimate_plan(job, plan)
     echo(describe_estimate(plan.estimate))
     tally = RunTally()
-    if plan.rows_todo:
+    dups = split_duplicates(job, plan, echo) if job.dedup == "exact" and plan.rows_todo else None
+    if plan.rows_todo and (dups is None or plan.samples_todo):
         execute(job, folder, plan, echo, started=started, resolved=resolved, tally=tally, staged=bool(plan.rows_stale))
         placed.add(place_staged(folder, echo))
-    elif not folder.pending.files():
+    elif not plan.rows_todo and not folder.pending.files():
         echo("nothing to do: every row of this job is already in the output")
     retry_passes(job, folder, plan, echo, started=started, resolved=resolved, tally=tally)
+    if dups is not None:  # after the retry passes: the representatives' rows are final
+        fill_duplicates(job, folder, dups, echo, input_columns=plan.input_columns)
     plan.todo = None  # the samples processed are not needed while the output is accounted for
-    summary = finish(job, folder, plan, tally, started=started, resolved=resolved, echo=echo, placed=placed)
+    summary = finish(job, folder, plan, tally, started=started, resolved=resolved, echo=echo, placed=placed,
+                     extra=dups.summary_fields(tally) if dups is not None else None)
     return summary
 
 

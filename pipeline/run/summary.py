@@ -102,6 +102,12 @@ class RunSummary:
     rows_updated: int = 0  # --update: rows of other settings this run replaced in place
     rows_update_failed: int = 0  # --update: rows whose new row failed, so their old row stays
     rows_by_attempt: dict[str, int] = field(default_factory=dict)
+    # dedup: exact (None otherwise): the job's samples whose media and questions another sample has too, the rows
+    # this run copied from their representatives, and the model time that saved (copied samples x this run's model
+    # busy seconds per computed sample; None when this run computed none).
+    duplicates_found: int | None = None
+    rows_copied: int | None = None
+    model_s_saved: float | None = None
     finished_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
     @property

@@ -25,7 +25,7 @@ from pipeline.io.inputs import input_kind
 from pipeline.io.output import OutputFolder
 from pipeline.io.output.pending import retryable
 from pipeline.io.output.staged import INPUT_COLUMNS_KEY
-from pipeline.io.schema import OUTPUT_SCHEMA, TODO_COLUMN, WRITE_FIELDS, Totals
+from pipeline.io.schema import DUPLICATE_OF, OUTPUT_SCHEMA, TODO_COLUMN, WRITE_FIELDS, Totals
 from pipeline.io.webdataset import typed_text_columns
 from pipeline.stages.base import Columns, require_columns
 from pipeline.stages.model_stage import BATCH_COLUMN, BATCH_TYPE
@@ -96,6 +96,8 @@ class WriteShards:
         n = batch.num_rows
         for f, value in zip(WRITE_FIELDS, (self.attempt, self.degraded, self.settings_id)):
             batch = batch.append_column(f, pa.array([value] * n, f.type))
+        if self.job.dedup != "none" and DUPLICATE_OF not in batch.column_names:  # computed here: a duplicate of none
+            batch = batch.append_column(DUPLICATE_OF, pa.nulls(n, pa.string()))
         stats = ShardStats.count(batch, batches=batches)
         if batch.num_rows == 0:
             return stats.to_table()
@@ -112,9 +114,13 @@ class WriteShards:
                 batch = batch.filter(pc.invert(again))
                 if batch.num_rows == 0:
                     return stats.to_table()
+        stats.file = self.publish(batch)
+        return stats.to_table()
+
+    def publish(self, batch: pa.Table) -> str:
+        """Write finished rows as one shard (and, with `output_passed`, their passing rows there); its name."""
         passed = None
         if self.job.output_passed:  # the passing rows, with their input columns: a manifest for the next stage
             passed = batch.filter(pc.fill_null(batch.column("passed"), False))
             passed = passed.select([c for c in self.input_columns if c in passed.column_names])
-        stats.file = self.folder.write_shard(batch, passed)
-        return stats.to_table()
+        return self.folder.write_shard(batch, passed)

@@ -145,6 +145,19 @@ def test_fingerprints_of_jobs_without_a_schema_are_unchanged():
     assert parse_job({**BASE, "task": "vqa", "questions": ["a", "b"]}).fingerprint() == "37b238d234d75ecb"
 
 
+def test_dedup_enters_fingerprint_settings_and_identity_only_when_on():
+    from pipeline.config.fingerprint import Resolved, identity, settings
+
+    resolved = Resolved(engine="transformers", dtype="float32", checkpoint="c")
+    off, on = parse_job({**BASE, "dedup": "none"}), parse_job({**BASE, "dedup": "exact"})
+    assert off.fingerprint() == parse_job(BASE).fingerprint() == "0b1a1bc3f6195c02"  # outputs without it resume
+    assert "dedup" not in settings(off, resolved) and "dedup" not in identity(off)
+    assert on.fingerprint() != off.fingerprint()
+    assert settings(on, resolved)["dedup"] == identity(on)["dedup"] == "exact"
+    with pytest.raises(JobError, match="dedup"):
+        parse_job({**BASE, "dedup": "fuzzy"})
+
+
 def test_schema_key_inline_file_and_per_question(tmp_path):
     pytest.importorskip("xgrammar")
     from tests.schemas import SCHEMA, SMALL
