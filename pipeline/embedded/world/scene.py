@@ -36,19 +36,10 @@ VIDEO_CAPTION = "Describe the video."
 WHICH_WAY = "Which way does the shape move?"
 
 
-def which_image(shape: str) -> str:
-    """The pair prompt asking which image shows `shape`."""
-    return f"Which image shows a {shape}?"
-
-
-def is_there(shape: str) -> str:
-    """The yes/no prompt asking whether the image shows `shape`."""
-    return f"Is there a {shape} in the image?"
-
-
-def is_color(color: str) -> str:
-    """The yes/no prompt asking whether the shape is `color`."""
-    return f"Is the shape {color}?"
+# Prompts about one shape or colour (called with it: which_image("circle")).
+which_image = "Which image shows a {}?".format  # the pair prompt asking which image shows the shape
+is_there = "Is there a {} in the image?".format  # the yes/no prompt asking whether the image shows the shape
+is_color = "Is the shape {}?".format  # the yes/no prompt asking whether the shape is the colour
 
 
 Shape = Literal["circle", "square", "triangle"]

@@ -65,14 +65,8 @@ def video_answers(scene: Scene, direction: str) -> dict[str, str]:
 
 
 def sample_video_spec(
-    rng: np.random.Generator,
-    *,
-    shape: str | None = None,
-    color: str | None = None,
-    background: str | None = None,
-    direction: str | None = None,
-    size: tuple[int, int] | None = None,
-    fps: int | None = None,
+    rng: np.random.Generator, *, shape: str | None = None, color: str | None = None, background: str | None = None,
+    direction: str | None = None, size: tuple[int, int] | None = None, fps: int | None = None,
     duration_s: float | None = None,
 ) -> VideoSpec:
     """A random video of the world (nothing rendered yet)."""

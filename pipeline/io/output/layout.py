@@ -58,6 +58,7 @@ def state_delta(stamp: str) -> str:
 
 
 def run_record(stamp: str) -> str:
+    """What one successful incremental run took and wrote (`_runs/<stamp>.json`), for people and for the index."""
     return f"{RUNS_DIR}/{stamp}.json"
 
 
