@@ -3,6 +3,8 @@ input batch."""
 
 from __future__ import annotations
 
+import time
+
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -66,3 +68,12 @@ def preprocessed(job, tmp_path, images: dict, extra: dict | None = None):
     batch = {"id": np.array([f"s{i}" for i in range(len(uris))], dtype=object), "uri": np.array(uris, dtype=object)}
     batch.update(extra or {})
     return numpy_batch(Preprocess(job)(batch))
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    """Poll `predicate` until it holds; AssertionError naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)

@@ -17,7 +17,7 @@ import s3fs
 import yaml
 
 from tests.conftest import pattern_image
-from tests.helpers import output_rows
+from tests.helpers import wait_for, output_rows
 
 pytestmark = pytest.mark.integration
 
@@ -39,13 +39,6 @@ def tree(pid: int) -> list[psutil.Process]:
     root = psutil.Process(pid)
     return [root, *root.children(recursive=True)]
 
-
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.3)
 
 
 def test_a_frozen_run_that_lost_its_lease_writes_nothing_more(s3_server, tiny_model, tmp_path):

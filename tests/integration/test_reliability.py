@@ -16,7 +16,7 @@ import yaml
 from PIL import Image
 
 from tests.conftest import DATA, pattern_image
-from tests.helpers import output_rows, read_output
+from tests.helpers import wait_for, output_rows, read_output
 from tests.media import make_video
 from tests.procs import own_pids
 
@@ -35,13 +35,6 @@ def start_job(job: dict, folder: Path, env: dict[str, str] | None = None) -> sub
     return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(path)], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env or clean_env(), start_new_session=True)
 
-
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
 
 
 def shards(out: Path) -> dict[str, int]:
