@@ -20,7 +20,8 @@ import pyarrow as pa
 from pipeline.io.output import OutputFolder
 from pipeline.io.output.layout import basename
 from pipeline.io.output.state import COMPACT_AFTER
-from pipeline.run.sources import read_files
+from pipeline.run.sources import read_own_files
+from pipeline.run.shuffles import column_sums
 from pipeline.run.totals import INDEX_KEYS
 
 
@@ -49,7 +50,7 @@ def read_committed(folder: OutputFolder, listing: dict[str, int], names: list[st
     if not files:
         return None
     try:
-        index = read_files(files, folder.storage)
+        index = read_own_files(files, folder.storage).materialize()
         if not set(names) | set(INDEX_KEYS) <= set(index.schema().names):
             return None  # written for other columns (another version's error types)
         keys = [t for t in ray.get(index.select_columns(list(INDEX_KEYS)).to_arrow_refs()) if t.num_rows]
@@ -60,10 +61,7 @@ def read_committed(folder: OutputFolder, listing: dict[str, int], names: list[st
     shards = table.column("shard").to_pylist()
     if len(set(shards)) != len(shards) or any(sizes.get(s) != n for s, n in zip(shards, table.column("size").to_pylist())):
         return None  # listed twice (a compaction cut short), or missing / rewritten since
-    from ray.data.aggregate import Sum
-
-    sums = index.aggregate(*[Sum(n, alias_name=n) for n in names]) or {} if shards else {}
-    return Committed(frozenset(shards), {k: int(v or 0) for k, v in sums.items()})
+    return Committed(frozenset(shards), column_sums(index, names) if shards else {})
 
 
 def _write_part(batch: pa.Table, folder: OutputFolder, stamp: str) -> pa.Table:
@@ -84,4 +82,4 @@ def write_index(folder: OutputFolder, per_shard: Any, stamp: str, *, whole: bool
         folder.state.remove_folders(before)
     elif len(before) + 1 > COMPACT_AFTER:
         merged = [f for part in folder.state.index().values() for f in part]
-        write_index(folder, read_files(merged, folder.storage), f"{stamp}-compacted", whole=True)
+        write_index(folder, read_own_files(merged, folder.storage), f"{stamp}-compacted", whole=True)

@@ -25,9 +25,9 @@ from pipeline.config import JobConfig
 from pipeline.io.output import OutputFolder
 from pipeline.io.storage import get_filesystem
 from pipeline.io.webdataset import WDS_COLUMN
-from pipeline.run import ids
 from pipeline.run.plan import RunPlan
 from pipeline.run.resources import PREPROCESS_CPUS, WRITE_CPUS
+from pipeline.run.shuffles import partitions_for, shard_rows
 from pipeline.run.sources import read_shards
 from pipeline.run.summary import RunTally
 from pipeline.stages.dedup import (
@@ -77,7 +77,7 @@ def carried_columns(job: JobConfig) -> list[str]:
 def split_duplicates(job: JobConfig, plan: RunPlan, echo: Callable[[str], None]) -> Duplicates:
     """Phase 1: key every sample, choose representatives, and take the duplicates out of `plan.todo` (which the
     model stage then sees without them); the duplicates left to fill are returned."""
-    partitions = ids.partitions_for(job)
+    partitions = partitions_for(plan.samples)
     keys = plan.inputs.samples.map_batches(_hash_block, fn_kwargs={"job": job}, batch_size=HASH_BATCH,
                                            batch_format="numpy", num_cpus=PREPROCESS_CPUS)
     dups = keys.groupby(KEY_COLUMN, num_partitions=partitions).map_groups(choose_representatives,
@@ -117,7 +117,8 @@ def fill_duplicates(job: JobConfig, folder: OutputFolder, dups: Duplicates, echo
     columns = pq.read_schema(path, filesystem=fs).names
     rows = read_shards(shards, job.storage, columns)
     waiting = dups.todo.map_batches(prefixed, batch_format="pyarrow", batch_size=None)
-    joined = rows.join(waiting, join_type="inner", num_partitions=ids.partitions_for(job), on=("sample_id",),
+    joined = rows.join(waiting, join_type="inner", num_partitions=partitions_for(shard_rows(shards, job.rows_per_shard)),
+                       on=("sample_id",),
                        right_on=(DUP_PREFIX + REP_COLUMN,))
     writer = WriteShards(job, folder, input_columns)
     copied = joined.map_batches(_copy_block, batch_size=job.rows_per_shard, batch_format="pyarrow", num_cpus=WRITE_CPUS,

@@ -25,7 +25,8 @@ from pipeline.run import ids
 from pipeline.run.committed import Committed, read_committed, write_index
 from pipeline.run.plan import RunPlan, expected_rows
 from pipeline.run.repair import repair_output
-from pipeline.run.sources import read_files
+from pipeline.run.sources import read_own_files
+from pipeline.run.shuffles import column_sums, partitions_for, shard_rows
 from pipeline.run.summary import RunSummary, RunTally
 from pipeline.run.totals import OutputCounts, per_shard_totals, score_columns_of, sum_totals, totals_names
 from pipeline.run.update import Placed
@@ -34,7 +35,8 @@ def count_output_ids(job: JobConfig, folder: OutputFolder, plan: RunPlan, files:
     """The plan's expected rows and the output's ids (of `files`, default every shard), grouped by id."""
     expected = plan.inputs.keys.map_batches(expected_rows, fn_kwargs={"job": job}, batch_format="pyarrow", batch_size=None)
     files = folder.shards() if files is None else files
-    return ids.count_ids(expected, ids.read_ids(files, job.storage) if files else None, ids.partitions_for(job))
+    partitions = partitions_for(plan.rows_expected + shard_rows(files, job.rows_per_shard))
+    return ids.count_ids(expected, ids.read_ids(files, job.storage) if files else None, partitions)
 
 
 def rows_in(job: JobConfig, counts: ids.IdCounts, prior: Committed | None) -> int:
@@ -70,8 +72,8 @@ def _write_delta(batch: pa.Table, folder: OutputFolder, stamp: str) -> pa.Table:
 
 def write_delta(folder: OutputFolder, rows: Any, stamp: str) -> int:
     """A dataset of (uri, version) rows written as the state delta `stamp`; how many rows."""
-    return int(rows.map_batches(_write_delta, fn_kwargs={"folder": folder, "stamp": stamp}, batch_format="pyarrow",
-                                batch_size=None).sum("rows") or 0)
+    return column_sums(rows.map_batches(_write_delta, fn_kwargs={"folder": folder, "stamp": stamp},
+                                        batch_format="pyarrow", batch_size=None), ["rows"])["rows"]
 
 
 def record_state(folder: OutputFolder, plan: RunPlan) -> None:
@@ -83,7 +85,7 @@ def record_state(folder: OutputFolder, plan: RunPlan) -> None:
         write_delta(folder, plan.inputs.state_rows(), plan.stamp)
     deltas = folder.state.deltas()
     if len(deltas) > COMPACT_AFTER:  # one delta instead of many: written first, then the merged ones removed
-        merged = read_files([f for files in deltas.values() for f in files], folder.storage)
+        merged = read_own_files([f for files in deltas.values() for f in files], folder.storage)
         write_delta(folder, merged.repartition(max(1, int(ray.cluster_resources().get("CPU", 1)))),
                     f"{plan.stamp}-compacted")
         folder.state.remove_folders(list(deltas))
@@ -105,7 +107,7 @@ def account(job: JobConfig, folder: OutputFolder, plan: RunPlan, echo: Callable[
         id_counts = count_output_ids(job, folder, plan, files)
     repaired = 0
     if id_counts.dup_done:  # written twice during the run (a writer that lost its lease, a copy): keep one row each
-        repaired = repair_output(folder, echo, partitions=ids.partitions_for(job)).removed
+        repaired = repair_output(folder, echo).removed
         listing = folder.shards(detail=True)
         prior, files = None, list(listing)
         id_counts = count_output_ids(job, folder, plan, files)

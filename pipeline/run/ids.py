@@ -12,8 +12,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.config import JobConfig
 from pipeline.io.schema import TODO_COLUMN
+from pipeline.run.shuffles import column_sums
 
 ID_SCHEMA = pa.schema([("id", pa.string()), ("sample_id", pa.string()), ("e", pa.int64()), ("d", pa.int64()),
                        ("first", pa.int64()), ("w", pa.int64())])
@@ -29,13 +29,6 @@ INDICATORS = {
     "missing": lambda e, d: pc.and_(pc.greater_equal(e, 1), pc.equal(d, 0)),
     "unexpected": lambda e, d: pc.and_(pc.equal(e, 0), pc.greater_equal(d, 1)),
 }
-
-
-def partitions_for(job: JobConfig) -> int:
-    """Hash partitions of the id shuffles: two per CPU of the cluster, 2 to 128."""
-    import ray
-
-    return max(2, min(128, 2 * int(ray.cluster_resources().get("CPU", 1))))
 
 
 def read_ids(files: list[str], options: Any) -> Any:
@@ -111,9 +104,8 @@ def count_ids(expected: Any, done: Any | None, partitions: int, *, keep: bool = 
     if keep:
         grouped = grouped.materialize()
     names = [*INDICATORS, "rows_waiting", "samples", "rows_out"]
-    totals = grouped.map_batches(indicators, batch_format="pyarrow", batch_size=None).aggregate(
-        *[Sum(n, alias_name=n) for n in names]) or {}
-    return IdCounts(**{n: int(totals.get(n) or 0) for n in names}, table=grouped)
+    totals = column_sums(grouped.map_batches(indicators, batch_format="pyarrow", batch_size=None), names)
+    return IdCounts(**totals, table=grouped)
 
 
 def first_where(grouped: Any, rule: str, column: str = "id") -> str | None:

@@ -40,7 +40,7 @@ def list_shards(job: JobConfig) -> tuple[Any, dict[str, int]]:
     return listing.map_batches(shard_listing, batch_format="pyarrow", batch_size=None).materialize(), skipped
 
 
-def read_webdataset(job: JobConfig, folder: OutputFolder, partitions: int) -> Inputs:
+def read_webdataset(job: JobConfig, folder: OutputFolder) -> Inputs:
     """Every sample of the shards (incremental: of the shards new or changed since the last successful run) as input
     rows; the index is materialized (the plan, the run and its retries read it) and holds offsets and the small
     text members, never a picture."""
@@ -48,7 +48,7 @@ def read_webdataset(job: JobConfig, folder: OutputFolder, partitions: int) -> In
     listed, taken = None, None
     if job.incremental:
         listed = shards.count()
-        shards = taken = new_objects(folder, shards, partitions).materialize()
+        shards = taken = new_objects(folder, shards).materialize()
     # a task indexes the shards of one block: blocks of one shard (up to INDEX_BLOCKS of them) spread the work
     shards = shards.repartition(max(1, min(shards.count(), INDEX_BLOCKS)))
     index = shards.map_batches(index_shards, fn_kwargs={"options": job.storage, "versioned": job.incremental},
@@ -83,11 +83,11 @@ def read_image_manifest(job: JobConfig) -> Inputs:
     return Inputs(samples=rows, keys=keys, kind="manifest", gather=False)
 
 
-def read_job_inputs(job: JobConfig, folder: OutputFolder, partitions: int) -> Inputs:
+def read_job_inputs(job: JobConfig, folder: OutputFolder) -> Inputs:
     """The job's samples as a dataset: shards and Parquet pictures read here, every other input by
     `sources.read_inputs`."""
     if job.image_column:  # a manifest, or under `auto` a folder or glob of them (preflight refused anything else)
         return read_image_manifest(job)
     if input_kind(job.input, job.input_format) == "webdataset":
-        return read_webdataset(job, folder, partitions)
-    return read_inputs(job, folder, partitions)
+        return read_webdataset(job, folder)
+    return read_inputs(job, folder)

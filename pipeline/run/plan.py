@@ -33,6 +33,7 @@ from pipeline.run import ids
 from pipeline.run.committed import Committed, read_committed
 from pipeline.run.repair import KEEP_RULE, repair_output
 from pipeline.run.packed_inputs import read_job_inputs
+from pipeline.run.shuffles import known_rows, partitions_for, shard_rows
 from pipeline.run.sources import Inputs, read_shards
 from pipeline.run.totals import score_columns_of, totals_names
 
@@ -241,9 +242,8 @@ def plan_run(job: JobConfig, folder: OutputFolder, echo: Echo, *, dry_run: bool 
              current: list[str] | None = None) -> RunPlan:
     """Resume as Ray Data work: which samples still have rows to write, and which of their rows are already there.
     `current` (an update): the settings ids of rows that count as done; rows of other settings are re-run."""
-    partitions = ids.partitions_for(job)
     try:
-        inputs = read_job_inputs(job, folder, partitions)
+        inputs = read_job_inputs(job, folder)
     except InputError as err:
         raise JobError(f"input: {err}") from None
     schema = inputs.samples.schema()  # None when nothing is new (an incremental run with no new object)
@@ -255,12 +255,14 @@ def plan_run(job: JobConfig, folder: OutputFolder, echo: Echo, *, dry_run: bool 
     prior = committed_shards(job, folder) if current is None else None
     added = prior.added(folder.shards(detail=True)) if prior else None  # a nightly run reads what is new only
     done, waiting, stale = done_ids(job, folder, dry_run=dry_run, current=current, files=added)
+    partitions = partitions_for(rows_to_group(job, inputs, folder.shards() if added is None else added))
     counts = ids.count_ids(expected, done, partitions, keep=done is not None or waiting is not None, waiting=waiting)
     repaired = None
     if counts.dup_done and not dry_run:  # ids the output holds twice: keep one row each, then count again
-        repaired = repair_output(folder, echo, partitions=partitions)
+        repaired = repair_output(folder, echo)
         prior = None
         done, waiting, stale = done_ids(job, folder, current=current)
+        partitions = partitions_for(rows_to_group(job, inputs, folder.shards()))
         counts = ids.count_ids(expected, done, partitions, keep=True, waiting=waiting)
     if counts.dup_expected:
         raise JobError(f"input: {duplicate_id_error(job.input, ids.first_duplicate_sample(counts.table))}")
@@ -302,6 +304,15 @@ def plan_run(job: JobConfig, folder: OutputFolder, echo: Echo, *, dry_run: bool 
         echo(f"{plan.rows_duplicated} ids appear more than once in {job.output}; a run repairs them first, keeping "
              f"{KEEP_RULE}")
     return plan
+
+
+def rows_to_group(job: JobConfig, inputs: Inputs, files: list[Any]) -> int | None:
+    """About how many rows the plan's id shuffle groups (None: unknown without reading the input): the expected
+    rows, from a listing's or a materialized input's size, and the output shards' rows."""
+    samples = inputs.listing.rows.count() if inputs.listing is not None else known_rows(inputs.keys)
+    if samples is None:
+        return None
+    return samples * max(1, len(job.questions or [])) + shard_rows(files, job.rows_per_shard)
 
 
 def waiting_rows(folder: OutputFolder) -> dict[int, int]:

@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 
 from pipeline.io.output import OutputFolder
 from pipeline.run.sources import LIST_CPUS, POSITION_COLUMN, SHARD_COLUMN, read_shards
+from pipeline.run.shuffles import column_sums, partitions_for
 
 KEEP_RULE = ("an ok row before an error row, then the copy in the shard whose name sorts first, then the first in "
              "that shard")
@@ -58,7 +59,7 @@ def _rewrite(batch: dict[str, Any], folder: OutputFolder) -> pa.Table:
     return pa.table({"removed": pa.array([removed], pa.int64()), "shards": pa.array([len(batch[SHARD_COLUMN])], pa.int64())})
 
 
-def repair_duplicates(folder: OutputFolder, *, partitions: int = 8) -> Repair:
+def repair_duplicates(folder: OutputFolder) -> Repair:
     """Keep one row per id in the output (KEEP_RULE); what was done (nothing: `Repair()`)."""
     from ray.data.aggregate import AsList, Count
 
@@ -66,6 +67,7 @@ def repair_duplicates(folder: OutputFolder, *, partitions: int = 8) -> Repair:
     if not files:
         return Repair()
     rows = read_shards(files, folder.storage, ["id", "status"], source=True).materialize()
+    partitions = partitions_for(rows.count())
     held = rows.groupby("id", num_partitions=partitions).aggregate(Count(alias_name="n"))
     twice = held.map_batches(lambda b: b.filter(pc.greater(b.column("n"), 1)), batch_format="pyarrow",
                              batch_size=None).materialize()
@@ -78,13 +80,13 @@ def repair_duplicates(folder: OutputFolder, *, partitions: int = 8) -> Repair:
         AsList(POSITION_COLUMN, alias_name="positions"))
     done = per_shard.map_batches(_rewrite, fn_kwargs={"folder": folder}, batch_size=1, batch_format="numpy",
                                  num_cpus=LIST_CPUS)
-    totals = done.sum(["removed", "shards"]) or {}
-    return Repair(ids=ids, removed=int(totals.get("sum(removed)") or 0), shards=int(totals.get("sum(shards)") or 0))
+    totals = column_sums(done, ["removed", "shards"])
+    return Repair(ids=ids, removed=totals["removed"], shards=totals["shards"])
 
 
-def repair_output(folder: OutputFolder, echo: Callable[[str], None], *, partitions: int = 8) -> Repair:
+def repair_output(folder: OutputFolder, echo: Callable[[str], None]) -> Repair:
     """Repair an output's duplicates and say what was done (nothing to say when there were none)."""
-    done = repair_duplicates(folder, partitions=partitions)
+    done = repair_duplicates(folder)
     if done.ids:
         echo(done.describe())
     return done

@@ -27,6 +27,7 @@ from pipeline.io.storage import get_filesystem
 from pipeline.run import ids
 from pipeline.run.plan import RunPlan, multi_row
 from pipeline.run.sources import LIST_CPUS, read_shards
+from pipeline.run.shuffles import column_sums, partitions_for, shard_rows
 from pipeline.run.summary import RunTally
 
 Echo = Callable[[str], None]
@@ -114,8 +115,9 @@ def prepare_retries(job: JobConfig, folder: OutputFolder, echo: Echo, *, resolve
         return
     errors = list(job.retry.errors) if job.retry else list(DEFAULT_RETRY_ERRORS)
     items = ray_items(files)
-    copied = items.map_batches(_set_aside, fn_kwargs={"job": job, "folder": folder, "errors": errors, "again": retry_errors},
-                               batch_size=1, batch_format="numpy", num_cpus=LIST_CPUS).sum("rows") if items else 0
+    copied = column_sums(items.map_batches(_set_aside, fn_kwargs={"job": job, "folder": folder, "errors": errors,
+                                                                  "again": retry_errors},
+                                           batch_size=1, batch_format="numpy", num_cpus=LIST_CPUS), ["rows"])["rows"] if items else 0
     if not copied:
         return
     mark_output(job, folder, resolved)
@@ -142,10 +144,10 @@ def _expected(batch: pa.Table) -> pa.Table:
 def retry_plan(job: JobConfig, folder: OutputFolder, plan: RunPlan, attempt: int, pending: dict[int, list[str]]) -> RunPlan:
     """The samples whose rows wait for attempt `attempt`: pending rows not already in the output or in a later
     attempt's folder (a crashed pass wrote them), joined with the run's inputs."""
-    partitions = ids.partitions_for(job)
+    files = folder.shards()
+    partitions = partitions_for(shard_rows([*pending[attempt], *files], job.rows_per_shard))
     expected = read_shards(pending[attempt], job.storage, ["id", "sample_id"]).map_batches(
         _expected, batch_format="pyarrow", batch_size=None)
-    files = folder.shards()
     later = [f for a, fs in pending.items() if a > attempt for f in fs]  # a crashed pass put them there already
     counts = ids.count_ids(expected, ids.read_ids(files, job.storage) if files else None, partitions, keep=True,
                            waiting=ids.read_ids(later, job.storage) if later else None)

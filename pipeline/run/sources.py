@@ -24,6 +24,7 @@ from pipeline.io.listing import inventory_listing, inventory_spec, list_level, l
 from pipeline.io.ranges import KeyRange, level_mode, list_range, look_up_names, scan_names
 from pipeline.io.schema import OUTPUT_SCHEMA, WRITE_FIELDS
 from pipeline.io.storage import MANIFEST_EXTENSIONS, extension, get_filesystem
+from pipeline.run.shuffles import known_rows, partitions_for
 
 LIST_CPUS = 0.25  # listing a prefix waits on the object store, not the CPU
 LIST_KEYS = 100_000  # entries one listing task holds at most (~10 MB as a listing block), whatever the prefix's size
@@ -99,13 +100,16 @@ def read_files(files: list[str], options: Any, *, columns: list[str] | None = No
     return ds.select_columns(columns) if columns else ds
 
 
-def _read_shards(batch: dict[str, Any], options: Any, columns: list[str], source: bool = False,
+def _read_shards(batch: dict[str, Any], options: Any, columns: list[str] | None, source: bool = False,
                  sizes: bool = False) -> pa.Table:
     import pyarrow.parquet as pq
 
     tables = []
     for url in batch["path"]:
         fs, path = get_filesystem(str(url), options)
+        if columns is None:  # every column (files this tool wrote, of one schema)
+            tables.append(pq.read_table(path, filesystem=fs))
+            continue
         names = pq.read_schema(path, filesystem=fs).names
         table = pq.read_table(path, columns=[c for c in columns if c in names], filesystem=fs)
         for c in columns:  # a column later versions added (`attempt`): null in shards written before
@@ -133,6 +137,13 @@ def read_shards(files: list[str], options: Any, columns: list[str], *, source: b
     return items.map_batches(_read_shards, fn_kwargs={"options": options, "columns": columns, "source": source,
                                                        "sizes": sizes},
                              batch_size=1, batch_format="numpy", num_cpus=LIST_CPUS)
+
+
+def read_own_files(files: list[str], options: Any) -> Any:
+    """Parquet files this tool wrote beside the shards (state deltas, the shard index: small, many) read like the
+    shards, one task per file, every column: Ray Data's Parquet reader plans and samples files first, seconds of
+    fixed cost on every call, which pays off on a user's large manifests only."""
+    return read_shards(files, options, None)
 
 
 def read_manifest(job: JobConfig) -> Inputs:
@@ -250,16 +261,19 @@ def read_inventory(job: JobConfig) -> Any:
                             batch_format="pyarrow", batch_size=None).materialize()
 
 
-def new_objects(folder: OutputFolder, listing: Any, partitions: int) -> Any:
-    """Incremental: listing rows whose (uri, version) no successful run has taken (anti-join with the state)."""
+def new_objects(folder: OutputFolder, listing: Any) -> Any:
+    """Incremental: listing rows whose (uri, version) no successful run has taken (anti-join with the state, sized
+    by the listing: the state holds about as many rows once the output is up to date)."""
     import ray
 
     deltas = folder.state.files()
     legacy = None if deltas else folder.state.legacy()
     if not deltas and legacy is None:
         return listing
-    state = read_files(deltas, folder.storage) if deltas else ray.data.from_arrow(legacy)
-    return listing.join(state, join_type="left_anti", num_partitions=partitions, on=("uri", "version"))
+    state = read_own_files(deltas, folder.storage) if deltas else ray.data.from_arrow(legacy)
+    listed = known_rows(listing)
+    return listing.join(state, join_type="left_anti", num_partitions=partitions_for(None if listed is None else 2 * listed),
+                        on=("uri", "version"))
 
 
 def count_skipped(listing: Any, keep: Callable[[str], bool] = is_media) -> dict[str, int]:
@@ -280,7 +294,7 @@ def only_manifests(job: JobConfig, listing: Any, skipped: dict[str, int]) -> boo
     return listing.map_batches(media_rows, batch_format="pyarrow", batch_size=None).count() == 0
 
 
-def read_inputs(job: JobConfig, folder: OutputFolder, partitions: int) -> Inputs:
+def read_inputs(job: JobConfig, folder: OutputFolder) -> Inputs:
     """The job's samples as a dataset (incremental: only new or changed objects, materialized)."""
     kind = input_kind(job.input, job.input_format)
     if kind == "manifest":
@@ -295,7 +309,7 @@ def read_inputs(job: JobConfig, folder: OutputFolder, partitions: int) -> Inputs
         samples = listing.map_batches(media_rows, **media)
         return Inputs(samples=samples, keys=samples, kind=kind, skipped=skipped, listing=listed_by)
     listed = listing.map_batches(media_rows, **media).count()
-    samples = new_objects(folder, listing, partitions).map_batches(media_rows, fn_kwargs={"versioned": True}, **media)
+    samples = new_objects(folder, listing).map_batches(media_rows, fn_kwargs={"versioned": True}, **media)
     samples = samples.materialize()
     return Inputs(samples=samples, keys=samples, kind=kind, skipped=skipped, objects_listed=listed, listing=listed_by)
 

@@ -18,6 +18,7 @@ from pipeline.io.output.pending import attempts_of
 from pipeline.io.schema import Totals, column
 from pipeline.model.scoring import HISTOGRAM_BINS, histogram
 from pipeline.run.sources import SHARD_COLUMN, SIZE_COLUMN, read_shards
+from pipeline.run.shuffles import column_sums
 
 ERROR_KINDS = [e.value for e in ErrorType] + ["unknown"]
 MAX_COUNTED_ATTEMPT = 10  # the summary counts rows by attempt up to here (a ladder has at most 8 rungs)
@@ -111,9 +112,7 @@ def per_shard_totals(folder: OutputFolder, files: list[str], *, criteria: Sequen
 
 def sum_totals(per_shard: Any, names: Sequence[str]) -> dict[str, int]:
     """The totals columns of per-shard rows, summed."""
-    from ray.data.aggregate import Sum
-
-    return {k: int(v or 0) for k, v in (per_shard.aggregate(*[Sum(n, alias_name=n) for n in names]) or {}).items()}
+    return column_sums(per_shard, names)
 
 
 def summarize_output(folder: OutputFolder, *, criteria: Sequence[Any] = (), with_passed: bool = False) -> OutputCounts:

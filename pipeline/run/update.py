@@ -27,6 +27,7 @@ from pipeline.io.output.staged import INPUT_COLUMNS_KEY
 from pipeline.io.storage import get_filesystem
 from pipeline.run.retry import crash_point
 from pipeline.run.sources import LIST_CPUS, POSITION_COLUMN, SHARD_COLUMN, read_shards
+from pipeline.run.shuffles import column_sums, partitions_for, shard_rows
 
 STAGED_COLUMN = "__staged"  # the staged file a row waits in
 
@@ -95,10 +96,10 @@ def _add(batch: dict[str, Any], folder: OutputFolder) -> pa.Table:
 
 
 def _sum(ds: Any) -> int:
-    return int(ds.sum("n") or 0) if ds is not None else 0
+    return column_sums(ds, ["n"])["n"] if ds is not None else 0
 
 
-def place_staged(folder: OutputFolder, echo: Callable[[str], None], *, partitions: int = 8) -> Placed:
+def place_staged(folder: OutputFolder, echo: Callable[[str], None]) -> Placed:
     """Put every row an update staged in its place (see the module docstring), then clear `_update/`."""
     from ray.data.aggregate import AsList
 
@@ -108,6 +109,7 @@ def place_staged(folder: OutputFolder, echo: Callable[[str], None], *, partition
     staged = read_shards(files, folder.storage, ["id", "status"], source=True).rename_columns(
         {SHARD_COLUMN: STAGED_COLUMN}).drop_columns([POSITION_COLUMN])
     shards = folder.shards()
+    partitions = partitions_for(shard_rows(files) + shard_rows(shards))
     if shards:
         where = read_shards(shards, folder.storage, ["id"], source=True).drop_columns([POSITION_COLUMN])
         staged = staged.join(where, join_type="left_outer", num_partitions=partitions, on=("id",))

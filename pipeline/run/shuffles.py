@@ -1,0 +1,66 @@
+"""How the run's shuffles are sized, and totals over a dataset without one.
+
+A hash shuffle (a groupby, a join) runs one aggregator actor per partition, each a worker process of its own that
+starts on every call: seconds of fixed cost per partition. Partitions are therefore sized by the rows shuffled
+(ROWS_PER_PARTITION each) where the run knows them, not by the cluster: a job of a few thousand rows shuffles through
+one, a nightly run into a 100M-row output through as many as the cluster holds.
+
+Ray Data's global aggregates (`Dataset.sum`, `aggregate(Sum(...))` with no key) run through a hash-shuffle operator
+whose aggregator is an actor: a fresh worker process on every call, seconds of fixed cost each. A run computes
+several totals, so here each block is reduced to one row of sums by a task (workers are reused), and those rows are
+added up as they stream in: the driver holds one row at a time, whatever the dataset's size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+ROWS_PER_PARTITION = 1_000_000  # ids of ~50 bytes: ~50 MB a partition, well inside an aggregator's memory
+MAX_PARTITIONS = 128
+SHARD_ROWS_GUESS = 1000  # rows a shard holds where the job is not at hand (the default rows_per_shard)
+
+
+def partitions_for(rows: int | None = None) -> int:
+    """Hash partitions for a shuffle of about `rows` rows: one per ROWS_PER_PARTITION, at most two per CPU of the
+    cluster (and MAX_PARTITIONS); unknown `rows`: two per CPU. At least 1."""
+    import ray
+
+    most = max(1, min(MAX_PARTITIONS, 2 * int(ray.cluster_resources().get("CPU", 1))))
+    if rows is None:
+        return most
+    return max(1, min(most, -(-rows // ROWS_PER_PARTITION)))
+
+
+def known_rows(ds: Any) -> int | None:
+    """The rows of a dataset when they are known without running it (a materialized one), else None."""
+    from ray.data.dataset import MaterializedDataset
+
+    return ds.count() if isinstance(ds, MaterializedDataset) else None
+
+
+def shard_rows(files: Sequence[Any], rows_per_shard: int = SHARD_ROWS_GUESS) -> int:
+    """About how many rows output shards hold (a shard holds rows_per_shard, give or take a batch)."""
+    return len(files) * rows_per_shard
+
+
+def block_sums(batch: pa.Table, names: Sequence[str]) -> pa.Table:
+    """One row: each column of `names` summed over the block (0 where absent, empty or null)."""
+    sums = {}
+    for n in names:
+        total = pc.sum(batch.column(n)).as_py() if n in batch.column_names and batch.num_rows else None
+        sums[n] = pa.array([int(total or 0)], pa.int64())
+    return pa.table(sums)
+
+
+def column_sums(ds: Any, names: Sequence[str]) -> dict[str, int]:
+    """Each column of `names` summed over the dataset `ds` (which runs, side effects included, exactly once)."""
+    totals = dict.fromkeys(names, 0)
+    parts = ds.map_batches(block_sums, fn_kwargs={"names": list(names)}, batch_format="pyarrow", batch_size=None)
+    for part in parts.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for n in names:
+            totals[n] += int(pc.sum(part.column(n)).as_py() or 0) if part.num_rows else 0
+    return totals
