@@ -123,14 +123,25 @@ def _killed_holder(output: str, ttl: float, *machine: str) -> None:
 def test_a_killed_runs_lease_refuses_until_it_expires_then_is_taken_over(where, tmp_path, request):
     output = _output(where, tmp_path, request)
     folder = OutputFolder(output)
-    _killed_holder(output, 4.0, "another-node|boot|pid-ns")  # a run on another machine: only expiry tells
+    _killed_holder(output, 10.0, "another-node|boot|pid-ns")  # a run on another machine: only expiry tells
     with pytest.raises(LockedError, match=r"another run holds .*_LOCK \(host .*, pid \d+, .*its lease expires"):
         folder.take_lease(30)
-    time.sleep(4.5)
-    with renewed(folder.take_lease(30)) as beat:  # expired: taken over, and this run completes holding it
+    with renewed(_take_once_free(folder)) as beat:  # expired: taken over, and this run completes holding it
         assert beat.held.content["pid"] == os.getpid()
     with renewed(folder.take_lease(30)):  # released normally afterwards
         pass
+
+
+def _take_once_free(folder: OutputFolder, timeout: float = 60.0):
+    """The lease, taken as soon as it is free (polled: on a loaded machine any fixed sleep is too short or too long)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return folder.take_lease(30)
+        except LockedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def test_a_killed_run_on_this_machine_is_taken_over_at_once(tmp_path, caplog):
