@@ -3,9 +3,8 @@ input batch."""
 
 from __future__ import annotations
 
-import time
-
 import contextlib
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any

@@ -254,15 +254,17 @@ def plan_run(job: JobConfig, folder: OutputFolder, echo: Echo, *, dry_run: bool 
     expected = inputs.keys.map_batches(expected_rows, fn_kwargs={"job": job}, batch_format="pyarrow", batch_size=None)
     prior = committed_shards(job, folder) if current is None else None
     added = prior.added(folder.shards(detail=True)) if prior else None  # a nightly run reads what is new only
-    done, waiting, stale = done_ids(job, folder, dry_run=dry_run, current=current, files=added)
-    partitions = partitions_for(rows_to_group(job, inputs, folder.shards() if added is None else added))
+    shards = folder.shards() if added is None else added
+    done, waiting, stale = done_ids(job, folder, dry_run=dry_run, current=current, files=shards)
+    partitions = partitions_for(rows_to_group(job, inputs, shards))
     counts = ids.count_ids(expected, done, partitions, keep=done is not None or waiting is not None, waiting=waiting)
     repaired = None
     if counts.dup_done and not dry_run:  # ids the output holds twice: keep one row each, then count again
         repaired = repair_output(folder, echo)
         prior = None
-        done, waiting, stale = done_ids(job, folder, current=current)
-        partitions = partitions_for(rows_to_group(job, inputs, folder.shards()))
+        shards = folder.shards()
+        done, waiting, stale = done_ids(job, folder, current=current, files=shards)
+        partitions = partitions_for(rows_to_group(job, inputs, shards))
         counts = ids.count_ids(expected, done, partitions, keep=True, waiting=waiting)
     if counts.dup_expected:
         raise JobError(f"input: {duplicate_id_error(job.input, ids.first_duplicate_sample(counts.table))}")

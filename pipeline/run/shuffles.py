@@ -19,9 +19,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.config import JobConfig
+
 ROWS_PER_PARTITION = 1_000_000  # ids of ~50 bytes: ~50 MB a partition, well inside an aggregator's memory
 MAX_PARTITIONS = 128
-SHARD_ROWS_GUESS = 1000  # rows a shard holds where the job is not at hand (the default rows_per_shard)
+SHARD_ROWS_GUESS = JobConfig.model_fields["rows_per_shard"].default  # where the job is not at hand
 
 
 def partitions_for(rows: int | None = None) -> int:

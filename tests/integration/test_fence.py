@@ -40,7 +40,6 @@ def tree(pid: int) -> list[psutil.Process]:
     return [root, *root.children(recursive=True)]
 
 
-
 def test_a_frozen_run_that_lost_its_lease_writes_nothing_more(s3_server, tiny_model, tmp_path):
     fs = s3fs.S3FileSystem()
     fs.invalidate_cache()

@@ -21,6 +21,7 @@ from pipeline.io.output.layout import LOCK_FILE, shard_name
 from pipeline.io.output.lease import acquire, check, new_content, renew, renewed
 from pipeline.io.output.lockstore import lock_store
 from tests.conftest import REPO
+from tests.helpers import wait_for
 
 HOLD = """
 import sys, time
@@ -132,16 +133,19 @@ def test_a_killed_runs_lease_refuses_until_it_expires_then_is_taken_over(where, 
         pass
 
 
-def _take_once_free(folder: OutputFolder, timeout: float = 60.0):
+def _take_once_free(folder: OutputFolder):
     """The lease, taken as soon as it is free (polled: on a loaded machine any fixed sleep is too short or too long)."""
-    deadline = time.monotonic() + timeout
-    while True:
+    took = []
+
+    def take() -> bool:
         try:
-            return folder.take_lease(30)
+            took.append(folder.take_lease(30))
         except LockedError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
+            return False
+        return True
+
+    wait_for(take, 60, "the killed run's lease to expire")
+    return took[0]
 
 
 def test_a_killed_run_on_this_machine_is_taken_over_at_once(tmp_path, caplog):

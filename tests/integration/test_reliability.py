@@ -36,7 +36,6 @@ def start_job(job: dict, folder: Path, env: dict[str, str] | None = None) -> sub
                             stderr=subprocess.STDOUT, text=True, env=env or clean_env(), start_new_session=True)
 
 
-
 def shards(out: Path) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
 
