@@ -24,6 +24,8 @@ from pipeline.run.sources import read_own_files
 from pipeline.run.shuffles import column_sums
 from pipeline.run.totals import INDEX_KEYS
 
+INDEX_ROWS_PER_FILE = 100_000  # shards one index file lists (a row each, ~100 bytes)
+
 
 @dataclass(frozen=True)
 class Committed:
@@ -72,12 +74,16 @@ def _write_part(batch: pa.Table, folder: OutputFolder, stamp: str) -> pa.Table:
 
 
 def write_index(folder: OutputFolder, per_shard: Any, stamp: str, *, whole: bool) -> None:
-    """Record the shards this run committed (`per_shard`: their index rows). `whole`: the rows cover every shard of
-    the output, so earlier index folders are removed after; otherwise they are compacted into one now and then."""
+    """Record the shards this run committed (`per_shard`: their index rows, one block per shard read) in files of
+    up to INDEX_ROWS_PER_FILE rows: the next run reads a file per task, and a file per shard made reading the index
+    of a 1M-row output 16 s of task overhead. `whole`: the rows cover every shard of the output, so earlier index
+    folders are removed after; otherwise they are compacted into one now and then."""
     before = list(folder.state.index())
     if per_shard is not None:
-        per_shard.map_batches(_write_part, fn_kwargs={"folder": folder, "stamp": stamp}, batch_format="pyarrow",
-                              batch_size=None).materialize()
+        per_shard = per_shard.materialize()  # the compaction's read; a run's rows are already materialized
+        files = max(1, -(-per_shard.count() // INDEX_ROWS_PER_FILE))
+        per_shard.repartition(files).map_batches(_write_part, fn_kwargs={"folder": folder, "stamp": stamp},
+                                                 batch_format="pyarrow", batch_size=None).materialize()
     if whole:
         folder.state.remove_folders(before)
     elif len(before) + 1 > COMPACT_AFTER:

@@ -17,7 +17,7 @@ from pipeline.io.listing import manifest_files
 from pipeline.io.output import OutputFolder
 from pipeline.io.storage import extension
 from pipeline.io.webdataset import expand_braces, has_braces, index_shards, is_shard, shard_listing, stat_shards
-from pipeline.run.sources import LIST_CPUS, Inputs, count_skipped, list_objects, new_objects, read_files, read_inputs
+from pipeline.run.sources import LIST_CPUS, Inputs, count_listing, list_objects, new_objects, read_files, read_inputs
 
 # Most blocks the shard listing is cut into before indexing (one task a block): enough to keep a large cluster busy,
 # few enough that Ray Data's per-block bookkeeping in the driver stays small.
@@ -36,7 +36,7 @@ def list_shards(job: JobConfig) -> tuple[Any, dict[str, int]]:
         return items.map_batches(stat_shards, fn_kwargs={"options": job.storage}, batch_format="pyarrow",
                                  batch_size=64, num_cpus=LIST_CPUS).materialize(), {}
     listing = list_objects(job).rows
-    skipped = count_skipped(listing, keep=is_shard)
+    skipped, _ = count_listing(listing, keep=is_shard)
     return listing.map_batches(shard_listing, batch_format="pyarrow", batch_size=None).materialize(), skipped
 
 

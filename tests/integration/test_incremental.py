@@ -112,3 +112,28 @@ def test_a_nightly_run_reads_only_new_shards_and_still_catches_an_id_twice(ray_l
     assert "every shard is counted and checked" in said and f"removed {twice} duplicate row(s)" in said, said
     rows = output_rows(out)
     assert len(rows) == 6 and len({r["id"] for r in rows}) == 6
+    shards, index = list(out.glob("part-*.parquet")), list((out / "_index").glob("*/*.parquet"))
+    assert len(shards) >= 3 and len(index) == 1  # the whole index written anew: every shard in one file
+
+
+def test_the_state_checked_in_each_listing_task_or_by_a_hash_join_finds_the_same_objects(ray_local, tmp_path,
+                                                                                         monkeypatch):
+    """new_objects: a small state is put in the object store and checked by every listing task; a large one goes
+    through Ray Data's hash join. Both keep exactly the objects new or changed since the state was written."""
+    import pyarrow as pa
+    import ray
+
+    from pipeline.run import sources
+
+    folder = OutputFolder(str(tmp_path / "out"))
+    uris = [f"s3://b/{i}.jpg" for i in range(10)]
+    folder.state.write_part("run1", pa.table({"uri": uris[:4], "version": ["v1"] * 4}))
+    folder.state.write_part("run2", pa.table({"uri": uris[4:6], "version": ["v1"] * 2}))
+    listing = ray.data.from_arrow([pa.table({"uri": uris[:5], "version": ["v1", "v2", "v1", "v1", "v1"]}),
+                                   pa.table({"uri": uris[5:], "version": ["v1"] * 5})]).materialize()
+    found = {}
+    for rows in (sources.BROADCAST_ROWS, 0):
+        monkeypatch.setattr(sources, "BROADCAST_ROWS", rows)
+        table = pa.concat_tables(ray.get(sources.new_objects(folder, listing).to_arrow_refs()))
+        found[rows] = sorted(zip(table.column("uri").to_pylist(), table.column("version").to_pylist()))
+    assert found[0] == found[sources.BROADCAST_ROWS] == [(uris[1], "v2"), *[(u, "v1") for u in uris[6:]]]

@@ -8,8 +8,9 @@ import pytest
 from PIL import Image
 
 from pipeline.errors import InputError
-from pipeline.io.inputs import manifest_base, manifest_rows, media_rows, skipped_counts
+from pipeline.io.inputs import is_media, manifest_base, manifest_rows, media_rows, skipped_counts
 from pipeline.io.listing import inventory_listing, list_level, list_tree, manifest_files
+from pipeline.run.sources import KEPT, listing_counts
 
 
 @pytest.fixture()
@@ -33,6 +34,8 @@ def test_a_prefix_is_listed_by_its_top_level_then_each_sub_prefix(tree):
     assert all(v for v in parts.column("version").to_pylist())  # size-mtime where there is no ETag
     assert skipped_counts(parts).to_pylist() == [{"ext": ".txt", "n": 1}]  # hidden files are not counted
     assert media_rows(parts).num_rows == 4  # .hidden.jpg is left out, as markers are
+    counted = listing_counts(parts, is_media).to_pylist()  # the run's one pass: skipped files and media together
+    assert counted == [{"ext": ".txt", "n": 1}, {"ext": KEPT, "n": 4}]
 
 
 def test_a_glob_lists_only_what_can_match(tree):
