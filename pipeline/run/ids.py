@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.io.schema import TODO_COLUMN
-from pipeline.run.shuffles import column_sums
+from pipeline.run.shuffles import column_sums, in_one_task
 
 ID_SCHEMA = pa.schema([("id", pa.string()), ("sample_id", pa.string()), ("e", pa.int64()), ("d", pa.int64()),
                        ("first", pa.int64()), ("w", pa.int64())])
@@ -85,11 +85,20 @@ class IdCounts:
     table: Any = None  # the grouped ids (a dataset: id, sample_id, e, d, first)
 
 
+AGGREGATES = [("e", "sum"), ("d", "sum"), ("first", "sum"), ("sample_id", "max"), ("w", "max")]
+
+
+def group_ids(tagged: pa.Table) -> pa.Table:
+    """Tagged rows grouped by id in one table: what the hash shuffle's aggregation gives, for one partition."""
+    grouped = tagged.group_by("id").aggregate(AGGREGATES)
+    return grouped.rename_columns(["id", *[name for name, _ in AGGREGATES]])
+
+
 def count_ids(expected: Any, done: Any | None, partitions: int, *, keep: bool = False,
               waiting: Any | None = None) -> IdCounts:
-    """Group expected rows and output ids by id (one hash shuffle) and sum the INDICATORS; `keep`: materialize
-    the grouped ids for a second pass (the rows left to write). `waiting`: ids set aside for a retry pass, done
-    for this one but not in the output."""
+    """Group expected rows and output ids by id (one hash shuffle; one task where one partition does) and sum the
+    INDICATORS; `keep`: materialize the grouped ids for a second pass (the rows left to write). `waiting`: ids set
+    aside for a retry pass, done for this one but not in the output."""
     from ray.data.aggregate import Max, Sum
 
     tagged = expected.map_batches(tag_expected, batch_format="pyarrow", batch_size=None)
@@ -98,9 +107,12 @@ def count_ids(expected: Any, done: Any | None, partitions: int, *, keep: bool = 
     if waiting is not None:
         tagged = tagged.union(waiting.map_batches(tag_done, fn_kwargs={"waiting": True}, batch_format="pyarrow",
                                                   batch_size=None))
-    grouped = tagged.groupby("id", num_partitions=partitions).aggregate(
-        Sum("e", alias_name="e"), Sum("d", alias_name="d"), Sum("first", alias_name="first"),
-        Max("sample_id", alias_name="sample_id"), Max("w", alias_name="w"))
+    if partitions == 1:
+        grouped = in_one_task(tagged, group_ids, ID_SCHEMA)
+    else:
+        grouped = tagged.groupby("id", num_partitions=partitions).aggregate(
+            Sum("e", alias_name="e"), Sum("d", alias_name="d"), Sum("first", alias_name="first"),
+            Max("sample_id", alias_name="sample_id"), Max("w", alias_name="w"))
     if keep:
         grouped = grouped.materialize()
     names = [*INDICATORS, "rows_waiting", "samples", "rows_out"]

@@ -37,3 +37,21 @@ def test_block_sums_one_row_whatever_the_block():
 def test_shard_rows_guess():
     assert shuffles.shard_rows(["x", "y"], 10) == 20
     assert shuffles.shard_rows([]) == 0
+
+
+def test_ids_grouped_in_one_table_count_as_the_shuffle_does():
+    """group_ids (a one-partition job's id check, in one task) gives the columns and sums of the hash shuffle's
+    aggregation: e and d summed, a sample's first row counted, its sample_id kept though output rows carry none."""
+    from pipeline.run import ids
+
+    expected = pa.table({"id": ["a", "b", "b"], "sample_id": ["s1", "s2", "s2"], "first": [1, 1, 0]})
+    done = pa.table({"id": ["a", "a", "c"]})
+    tagged = pa.concat_tables([ids.tag_expected(expected), ids.tag_done(done)])
+    grouped = {r["id"]: r for r in ids.group_ids(tagged).to_pylist()}
+    assert grouped == {"a": {"id": "a", "e": 1, "d": 2, "first": 1, "sample_id": "s1", "w": 0},
+                       "b": {"id": "b", "e": 2, "d": 0, "first": 1, "sample_id": "s2", "w": 0},
+                       "c": {"id": "c", "e": 0, "d": 1, "first": 0, "sample_id": None, "w": 0}}
+    counts = ids.indicators(ids.group_ids(tagged)).to_pylist()
+    assert sum(r["dup_done"] for r in counts) == 1 and sum(r["dup_expected"] for r in counts) == 1
+    assert sum(r["missing"] for r in counts) == 1 and sum(r["unexpected"] for r in counts) == 1
+    assert ids.group_ids(ids.ID_SCHEMA.empty_table()).num_rows == 0
