@@ -1,7 +1,8 @@
 """Ids as Ray Data work: the expected output rows and the rows already written, grouped by id in one distributed
-aggregation. It answers, as counts, what the plan and the end-of-run check need (duplicate inputs, rows done, rows
-missing, rows written twice), and gives the rows still to write; the samples they belong to are found by a join.
-Nothing here collects ids on the driver.
+aggregation (in one Ray task for a job of one partition: run/shuffles.py). It answers, as counts, what the plan and
+the end-of-run check need (duplicate inputs, rows done, rows missing, rows written twice), and gives the rows still
+to write; the samples they belong to are found by a join (for one partition, each block of samples is checked
+against one table of the missing rows). Nothing here collects ids on the driver.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.io.schema import TODO_COLUMN
-from pipeline.run.shuffles import column_sums, in_one_task
+from pipeline.run.shuffles import column_sums, in_one_task, one_table
 
 ID_SCHEMA = pa.schema([("id", pa.string()), ("sample_id", pa.string()), ("e", pa.int64()), ("d", pa.int64()),
                        ("first", pa.int64()), ("w", pa.int64())])
@@ -137,13 +138,53 @@ def _missing_rows(batch: pa.Table) -> pa.Table:
     return batch.filter(INDICATORS["missing"](batch.column("e"), done_count(batch))).select(["id", "sample_id"])
 
 
+def _per_sample(rows: pa.Table) -> pa.Table:
+    """Missing rows (id, sample_id) as one row per sample: sample_id and the ids of its missing rows."""
+    grouped = rows.group_by("sample_id").aggregate([("id", "list")])
+    return grouped.rename_columns(["sample_id", TODO_COLUMN])
+
+
+def todo_rows(block: pa.Table, wanted: pa.Table, multi_row: bool) -> pa.Table:
+    """The samples of a block with rows still to write (`wanted`: their sample_id, and TODO_COLUMN where
+    `multi_row`: then added to each sample kept)."""
+    at = pc.index_in(block.column("id"), value_set=wanted.column("sample_id"))
+    keep = pc.is_valid(at)
+    todo = block.filter(keep)
+    return todo.append_column(TODO_COLUMN, wanted.column(TODO_COLUMN).take(at.filter(keep))) if multi_row else todo
+
+
+def _todo_block(block: pa.Table, wanted: Any, multi_row: bool) -> pa.Table:
+    """Ray task body: todo_rows with `wanted` read (zero-copy) from the object store."""
+    import ray
+
+    return todo_rows(block, ray.get(wanted), multi_row)
+
+
+def _num_rows(table: pa.Table) -> int:
+    return table.num_rows
+
+
+MISSING_SCHEMA = pa.schema([("id", pa.string()), ("sample_id", pa.string())])
+
+
 def todo_samples(samples: Any, grouped: Any, missing: int, partitions: int, *, multi_row: bool) -> tuple[Any, int]:
     """The samples with rows still to write (a join with the rows missing from the output), and how many.
 
-    A sample of several rows carries the ids of its missing rows in TODO_COLUMN, so the writer skips the rest."""
+    A sample of several rows carries the ids of its missing rows in TODO_COLUMN, so the writer skips the rest.
+    With one partition (up to 1M rows) the missing rows are gathered into one table that each block of samples is
+    checked against (no shuffle; the samples, which may carry pictures, stay where they are)."""
     from ray.data.aggregate import AsList
 
     rows = grouped.map_batches(_missing_rows, batch_format="pyarrow", batch_size=None)
+    if partitions == 1:
+        wanted = one_table(rows, _per_sample if multi_row else (lambda t: t.select(["sample_id"])), MISSING_SCHEMA)
+        todo = samples.map_batches(_todo_block, fn_kwargs={"wanted": wanted, "multi_row": multi_row},
+                                   batch_format="pyarrow", batch_size=None)
+        if not multi_row:
+            return todo, missing
+        import ray
+
+        return todo, ray.get(ray.remote(_num_rows).remote(wanted))
     if not multi_row:  # one row a sample: the missing rows are the samples to do
         left = rows.select_columns(["sample_id"])
         return samples.join(left, join_type="left_semi", num_partitions=partitions, on=("id",), right_on=("sample_id",)), missing

@@ -76,11 +76,16 @@ def _apply(fn: Callable[[pa.Table], pa.Table], schema: pa.Schema, *blocks: pa.Ta
     return fn(pa.concat_tables(blocks, promote_options="default") if blocks else schema.empty_table())
 
 
-def in_one_task(ds: Any, fn: Callable[[pa.Table], pa.Table], schema: pa.Schema) -> Any:
-    """`fn` over all of `ds` (its blocks concatenated; `schema`'s empty table if it has none) in one Ray task, as a
-    materialized dataset of its result: a one-partition shuffle's work without its aggregator actor. The driver
-    holds the blocks' references only."""
+def one_table(ds: Any, fn: Callable[[pa.Table], pa.Table], schema: pa.Schema) -> Any:
+    """A reference to `fn` over all of `ds` (its blocks concatenated; `schema`'s empty table if it has none),
+    computed in one Ray task: the driver holds the blocks' references only."""
     import ray
 
-    refs = ds.to_arrow_refs()
-    return ray.data.from_arrow_refs([ray.remote(_apply).remote(fn, schema, *refs)])
+    return ray.remote(_apply).remote(fn, schema, *ds.to_arrow_refs())
+
+
+def in_one_task(ds: Any, fn: Callable[[pa.Table], pa.Table], schema: pa.Schema) -> Any:
+    """`one_table` as a materialized dataset: a one-partition shuffle's work without its aggregator actor."""
+    import ray
+
+    return ray.data.from_arrow_refs([one_table(ds, fn, schema)])

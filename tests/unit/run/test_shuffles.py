@@ -55,3 +55,18 @@ def test_ids_grouped_in_one_table_count_as_the_shuffle_does():
     assert sum(r["dup_done"] for r in counts) == 1 and sum(r["dup_expected"] for r in counts) == 1
     assert sum(r["missing"] for r in counts) == 1 and sum(r["unexpected"] for r in counts) == 1
     assert ids.group_ids(ids.ID_SCHEMA.empty_table()).num_rows == 0
+
+
+def test_a_block_of_samples_keeps_those_with_rows_to_write_and_which_rows():
+    """todo_samples with one partition: each block of samples is checked against one table of the missing rows,
+    as the join does with several."""
+    from pipeline.io.schema import TODO_COLUMN
+    from pipeline.run import ids
+
+    block = pa.table({"id": ["s1", "s2", "s3"], "uri": ["a", "b", "c"]})
+    missing = pa.table({"id": ["s1#q1", "s3#q0", "s3#q1"], "sample_id": ["s1", "s3", "s3"]})
+    todo = ids.todo_rows(block, ids._per_sample(missing), multi_row=True)
+    assert todo.column("id").to_pylist() == ["s1", "s3"] and todo.column("uri").to_pylist() == ["a", "c"]
+    assert [sorted(ids_) for ids_ in todo.column(TODO_COLUMN).to_pylist()] == [["s1#q1"], ["s3#q0", "s3#q1"]]
+    samples = ids.todo_rows(block, missing.select(["sample_id"]), multi_row=False)
+    assert samples.column_names == ["id", "uri"] and samples.column("id").to_pylist() == ["s1", "s3"]
