@@ -6,7 +6,10 @@ shard index, the end-of-run check), each run `--repeat` times into a fresh outpu
 Ray Data executions it started (every one is a plan Ray Data builds and runs; the shuffles among them start
 aggregator actors, worker processes of their own). The model's share is the `Generate` execution.
 
-    PYTHONPATH=. python bench/small_run.py [--repeat 2] [--work DIR]
+    PYTHONPATH=. python bench/small_run.py [--repeat 2] [--work DIR] [--cold 2]
+
+`--cold N`: also N runs of a 1-image caption job from the command line (`python -m pipeline.cli run`), each a new
+process that starts its own local Ray, as a user's first small job does: the wall of each.
 
 To compare two checkouts, run it from each (`PYTHONPATH=<checkout>`), one after the other on an idle machine.
 """
@@ -47,6 +50,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--work", type=Path, default=Path("/tmp/internvl-batch-small-run"))
+    parser.add_argument("--cold", type=int, default=0, help="1-image CLI runs, each a new process with its own Ray")
     args = parser.parse_args()
     import ray
 
@@ -86,8 +90,30 @@ def main() -> None:
             wall = time.perf_counter() - started
             print(f"| {name} (#{i + 1}) | {wall:.1f} s | {seen.count} | {seen.seconds:.1f} s | {seen.model_s:.1f} s |",
                   flush=True)
-    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     ray.shutdown()
+    for i in range(args.cold):
+        print(f"| cold CLI run, 1 image (#{i + 1}) | {cold_run(args.work, model):.1f} s |  |  |  |", flush=True)
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+
+
+def cold_run(work: Path, model: Path) -> float:
+    """Wall of `python -m pipeline.cli run` over one image into a fresh output, in a new process (its own Ray)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import pattern_image
+
+    folder = work / "cold"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    pattern_image(448, 448).save(folder / "a.png")
+    job = folder / "job.yaml"
+    job.write_text(yaml.safe_dump({"task": "caption", "input": str(folder / "a.png"), "output": str(folder / "out"),
+                                   "model": str(model), "generation": {"max_new_tokens": 2}}))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(job)], check=True, capture_output=True, env=env)
+    return time.perf_counter() - started
 
 
 if __name__ == "__main__":
