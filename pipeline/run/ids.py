@@ -144,6 +144,10 @@ def _per_sample(rows: pa.Table) -> pa.Table:
     return grouped.rename_columns(["sample_id", TODO_COLUMN])
 
 
+def _sample_ids(rows: pa.Table) -> pa.Table:
+    return rows.select(["sample_id"])
+
+
 def todo_rows(block: pa.Table, wanted: pa.Table, multi_row: bool) -> pa.Table:
     """The samples of a block with rows still to write (`wanted`: their sample_id, and TODO_COLUMN where
     `multi_row`: then added to each sample kept)."""
@@ -177,7 +181,7 @@ def todo_samples(samples: Any, grouped: Any, missing: int, partitions: int, *, m
 
     rows = grouped.map_batches(_missing_rows, batch_format="pyarrow", batch_size=None)
     if partitions == 1:
-        wanted = one_table(rows, _per_sample if multi_row else (lambda t: t.select(["sample_id"])), MISSING_SCHEMA)
+        wanted = one_table(rows, _per_sample if multi_row else _sample_ids, MISSING_SCHEMA)
         todo = samples.map_batches(_todo_block, fn_kwargs={"wanted": wanted, "multi_row": multi_row},
                                    batch_format="pyarrow", batch_size=None)
         if not multi_row:
