@@ -73,12 +73,13 @@ def column_sums(ds: Any, names: Sequence[str]) -> dict[str, int]:
 
 
 def _apply(fn: Callable[[pa.Table], pa.Table], schema: pa.Schema, *blocks: pa.Table) -> pa.Table:
-    return fn(pa.concat_tables(blocks, promote_options="default") if blocks else schema.empty_table())
+    rows = [b for b in blocks if b.num_rows]  # an empty block may have no columns at all (nothing new tonight)
+    return fn(pa.concat_tables(rows, promote_options="default") if rows else schema.empty_table())
 
 
 def one_table(ds: Any, fn: Callable[[pa.Table], pa.Table], schema: pa.Schema) -> Any:
-    """A reference to `fn` over all of `ds` (its blocks concatenated; `schema`'s empty table if it has none),
-    computed in one Ray task: the driver holds the blocks' references only."""
+    """A reference to `fn` over all of `ds` (its blocks with rows concatenated; `schema`'s empty table if none has
+    any), computed in one Ray task: the driver holds the blocks' references only."""
     import ray
 
     return ray.remote(_apply).remote(fn, schema, *ds.to_arrow_refs())

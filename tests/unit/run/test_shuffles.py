@@ -70,3 +70,13 @@ def test_a_block_of_samples_keeps_those_with_rows_to_write_and_which_rows():
     assert [sorted(ids_) for ids_ in todo.column(TODO_COLUMN).to_pylist()] == [["s1#q1"], ["s3#q0", "s3#q1"]]
     samples = ids.todo_rows(block, missing.select(["sample_id"]), multi_row=False)
     assert samples.column_names == ["id", "uri"] and samples.column("id").to_pylist() == ["s1", "s3"]
+
+
+def test_one_task_takes_blocks_without_rows_or_columns():
+    """An incremental run with nothing new hands the id check empty blocks that have no columns at all."""
+    from pipeline.run import ids
+
+    empty = pa.table({})
+    assert shuffles._apply(ids.group_ids, ids.ID_SCHEMA, empty, empty).num_rows == 0
+    block = ids.tag_done(pa.table({"id": ["a"]}))
+    assert shuffles._apply(ids.group_ids, ids.ID_SCHEMA, empty, block).column("id").to_pylist() == ["a"]
