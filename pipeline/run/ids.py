@@ -161,7 +161,7 @@ def _todo_block(block: pa.Table, wanted: Any, multi_row: bool) -> pa.Table:
     """Ray task body: todo_rows with `wanted` read (zero-copy) from the object store."""
     import ray
 
-    return todo_rows(block, ray.get(wanted), multi_row)
+    return todo_rows(block, ray.get(wanted), multi_row) if block.num_rows else block
 
 
 def _num_rows(table: pa.Table) -> int:

@@ -268,6 +268,8 @@ def _not_taken(block: pa.Table, state: Any) -> pa.Table:
     state with a 100k-row block takes ~0.1 s."""
     import ray
 
+    if not block.num_rows:
+        return block
     taken = ray.get(state)
     return taken.join(block, keys=["uri", "version"], join_type="right anti").select(block.column_names)
 
