@@ -84,8 +84,9 @@ def grow_history(base: Path, seed: int, history: int, rows_per_shard: int = 10_0
                 rows = rows.set_column(at, name, pa.array(values, rows.schema.field(name).type))
         shards.append(folder.shard_url(folder.write_shard(rows)))
         taken.append(pa.table({"uri": uris, "version": versions}))
-    for start in range(0, len(taken), 10):  # the state in files of 100k rows, as a run writes a listing's blocks
-        folder.state.write_part(stamp, pa.concat_tables(taken[start:start + 10]))
+    per_file = max(1, 100_000 // rows_per_shard)  # the state in files of 100k rows, as a run writes a listing's blocks
+    for start in range(0, len(taken), per_file):
+        folder.state.write_part(stamp, pa.concat_tables(taken[start:start + per_file]))
     init_ray()
     try:
         write_index(folder, per_shard_totals(folder, shards), stamp, whole=False)

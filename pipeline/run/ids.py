@@ -86,7 +86,7 @@ class IdCounts:
     table: Any = None  # the grouped ids (a dataset: id, sample_id, e, d, first)
 
 
-AGGREGATES = [("e", "sum"), ("d", "sum"), ("first", "sum"), ("sample_id", "max"), ("w", "max")]
+AGGREGATES = [("e", "sum"), ("d", "sum"), ("first", "sum"), ("sample_id", "max"), ("w", "max")]  # per id, both ways
 
 
 def group_ids(tagged: pa.Table) -> pa.Table:
@@ -111,9 +111,9 @@ def count_ids(expected: Any, done: Any | None, partitions: int, *, keep: bool = 
     if partitions == 1:
         grouped = in_one_task(tagged, group_ids, ID_SCHEMA)
     else:
+        ray_ops = {"sum": Sum, "max": Max}
         grouped = tagged.groupby("id", num_partitions=partitions).aggregate(
-            Sum("e", alias_name="e"), Sum("d", alias_name="d"), Sum("first", alias_name="first"),
-            Max("sample_id", alias_name="sample_id"), Max("w", alias_name="w"))
+            *[ray_ops[op](name, alias_name=name) for name, op in AGGREGATES])
     if keep:
         grouped = grouped.materialize()
     names = [*INDICATORS, "rows_waiting", "samples", "rows_out"]
