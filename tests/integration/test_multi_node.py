@@ -30,23 +30,31 @@ def clean_env(**extra: str) -> dict[str, str]:
     return {**{k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS"))}, **NO_AUTH, **extra}
 
 
+WORKER_PORTS = 40
+_given: list[range] = []  # worker port ranges handed to nodes started here: no later port is picked inside one
+
+
 def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
+    ports: list[int] = []
+    while len(ports) < n:
+        socks = [socket.socket() for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        picked = [s.getsockname()[1] for s in socks]
+        ports += [p for p in picked if not any(p in r for r in _given)][: n - len(ports)]
+        for s in socks:
+            s.close()
     return ports
 
 
 def start_node(args: list[str], temp_dir: Path, log: Path) -> subprocess.Popen:
     """`ray start --block` under `timeout`: its node stops with it, and by itself if the test dies."""
     node, manager, objects, agent, metrics, runtime_env, lo = free_ports(7)
+    _given.append(range(lo, lo + WORKER_PORTS + 1))
     cmd = ["timeout", "900", str(RAY), "start", "--block", "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}",
            f"--node-manager-port={manager}", f"--object-manager-port={objects}", f"--dashboard-agent-listen-port={agent}",
            f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
-           f"--min-worker-port={lo}", f"--max-worker-port={lo + 40}", "--disable-usage-stats", *args]
+           f"--min-worker-port={lo}", f"--max-worker-port={lo + WORKER_PORTS}", "--disable-usage-stats", *args]
     return subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=clean_env(), start_new_session=True)
 
 
@@ -65,29 +73,44 @@ def cluster(tmp_path_factory):
             time.sleep(0.5)
         time.sleep(3)
         for i in range(2):  # one after the other: raylets on one machine pick their socket names in the session dir
-            nodes.append(start_node([f"--address={address}", "--num-cpus=2", f"--resources={json.dumps({f'worker{i}': 1})}"],
-                                    temp_dir, logs / f"worker{i}.log"))
-            wait_nodes(address, i + 1)
+            for attempt in range(2):  # a raylet that did not join in 2 min (a loaded machine, a port taken) gets one more try
+                log = logs / f"worker{i}-{attempt}.log"
+                nodes.append(start_node([f"--address={address}", "--num-cpus=2",
+                                         f"--resources={json.dumps({f'worker{i}': 1})}"], temp_dir, log))
+                if wait_nodes(address, i + 1) == i + 1:
+                    break
+                stop([nodes.pop()])
+            else:
+                pytest.fail(f"worker raylet {i} did not join twice; its last log:\n{log.read_text()[-3000:]}")
         yield address, f"http://127.0.0.1:{dashboard_port}"
     finally:
-        for node in reversed(nodes):  # our own `ray start` processes, by pid: each stops its node's processes
-            if node.poll() is None:
-                os.killpg(node.pid, signal.SIGTERM)
-        for node in nodes:
-            try:
-                node.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(node.pid, signal.SIGKILL)
+        stop(nodes[::-1])
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def wait_nodes(address: str, count: int) -> None:
+def stop(nodes: list[subprocess.Popen]) -> None:
+    """Our own `ray start` processes, by pid (each its own session): each stops its node's processes."""
+    for node in nodes:
+        if node.poll() is None:
+            os.killpg(node.pid, signal.SIGTERM)
+    for node in nodes:
+        try:
+            node.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(node.pid, signal.SIGKILL)
+            node.wait(10)
+
+
+def wait_nodes(address: str, count: int) -> int:
+    """Alive nodes with CPUs once `count` of them are up, or after 2 min."""
     script = ("import ray, time; ray.init(address=%r, logging_level='ERROR'); t = time.time()\n"
               "while sum(1 for n in ray.nodes() if n['Alive'] and n['Resources'].get('CPU')) < %d and time.time() - t < 120:\n"
               "    time.sleep(1)\n"
               "print(sum(1 for n in ray.nodes() if n['Alive'] and n['Resources'].get('CPU')))") % (address, count)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180, env=clean_env())
-    assert out.stdout.strip().endswith(str(count)), out.stdout + out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert out.returncode == 0 and lines and lines[-1].isdigit(), out.stdout + out.stderr[-3000:]
+    return int(lines[-1])
 
 
 def preprocess_nodes(dashboard: str) -> dict[str, int]:
@@ -115,7 +138,7 @@ def test_cpu_stage_runs_on_both_workers_and_output_is_exactly_once(cluster, tiny
            "generation": {"max_new_tokens": 2}, "compute": {"batch_size": 2, "cpu_workers": 3}, "rows_per_shard": 4}
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job))
-    wait_nodes(address, 2)
+    assert wait_nodes(address, 2) == 2
     run = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(path)], capture_output=True, text=True,
                          env=clean_env(RAY_ADDRESS=address), timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
