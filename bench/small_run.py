@@ -2,7 +2,8 @@
 
 In one driver process with its own local Ray (4 logical CPUs, as the tests use): a caption job over 4 images, then
 the same job made incremental with 1 new image added (the nightly path: listing, the anti-join with the state, the
-shard index, the end-of-run check), each run `--repeat` times into a fresh output. Prints each run's wall and the
+shard index, the end-of-run check), then the 4 images named in a JSONL manifest (most tests' input), each run
+`--repeat` times into a fresh output. Prints each run's wall and the
 Ray Data executions it started (every one is a plan Ray Data builds and runs; the shuffles among them start
 aggregator actors, worker processes of their own). The model's share is the `Generate` execution.
 
@@ -17,6 +18,7 @@ To compare two checkouts, run it from each (`PYTHONPATH=<checkout>`), one after 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
@@ -78,9 +80,14 @@ def main() -> None:
         job = {"task": "caption", "input": str(images), "output": str(out), "model": str(model), "incremental": True,
                "rows_per_shard": 2, "compute": {"batch_size": 2}, "generation": {"max_new_tokens": 2}}
         (args.work / "job.yaml").write_text(yaml.safe_dump(job))
-        for name in ("first run, 4 images", "incremental, 1 new of 5"):
+        manifest = args.work / "manifest.jsonl"
+        manifest.write_text("".join(json.dumps({"uri": str(images / f"{k}.png")}) + "\n" for k in range(4)))
+        for name in ("first run, 4 images", "incremental, 1 new of 5", "manifest of the 4 images"):
             if name.startswith("incremental"):
                 pattern_image(600, 448).save(images / "new.png")
+            if name.startswith("manifest"):
+                job = {**job, "input": str(manifest), "output": str(args.work / "out-manifest"), "incremental": False}
+                shutil.rmtree(job["output"], ignore_errors=True)
             seen.count, seen.seconds, seen.model_s = 0, 0.0, 0.0
             logger.removeHandler(seen)
             logger.addHandler(seen)

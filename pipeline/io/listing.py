@@ -94,16 +94,22 @@ def list_tree(url: str, options: Mapping[str, Any] | None = None, pattern: str |
 
 def manifest_files(url: str, options: Mapping[str, Any] | None = None) -> list[str]:
     """The manifest files of one manifest, a folder of them or a glob: full URLs, sorted; every one of one format."""
+    return sorted(manifest_sizes(url, options))
+
+
+def manifest_sizes(url: str, options: Mapping[str, Any] | None = None) -> dict[str, int | None]:
+    """`manifest_files` with each file's size in bytes as its listing says it (None where it does not)."""
     fs, path = get_filesystem(url, options)
     if is_glob(path):
-        paths = [p for p in fs.glob(path) if fs.isfile(p)]
+        entries = {p: e for p, e in fs.glob(path, detail=True).items() if e.get("type") != "directory"}
     elif fs.isfile(path):
-        paths = [path]
+        entries = {path: fs.info(path)}
     elif fs.isdir(path):
-        paths = [p for p in fs.find(path) if not p.rsplit("/", 1)[-1].startswith((".", "_"))]
+        entries = {p: e for p, e in fs.find(path, detail=True).items()
+                   if not p.rsplit("/", 1)[-1].startswith((".", "_"))}
     else:
         raise InputError(f"manifest {url!r} does not exist")
-    files = sorted(full_url(fs, p) for p in paths)
+    files = {full_url(fs, p): e.get("size") for p, e in entries.items()}
     kinds = {extension(f) for f in files}
     if not files:
         raise InputError(f"manifest {url!r}: no .parquet, .jsonl or .csv files found")

@@ -310,8 +310,10 @@ def plan_run(job: JobConfig, folder: OutputFolder, echo: Echo, *, dry_run: bool 
 
 def rows_to_group(job: JobConfig, inputs: Inputs, files: list[Any]) -> int | None:
     """About how many rows the plan's id shuffle groups (None: unknown without reading the input): the expected
-    rows, from a listing's or a materialized input's size, and the output shards' rows."""
+    rows, from a listing's or a materialized input's size (an inventory's: its media objects), and the output shards'
+    rows."""
     samples = inputs.listing.rows.count() if inputs.listing is not None else known_rows(inputs.keys)
+    samples = inputs.objects_listed if samples is None else samples
     if samples is None:
         return None
     return samples * max(1, len(job.questions or [])) + shard_rows(files, job.rows_per_shard)

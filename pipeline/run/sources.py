@@ -20,7 +20,7 @@ from pipeline.io.inputs import (
     manifest_base, manifest_rows, media_rows, skipped_counts,
 )
 from pipeline.io.output import OutputFolder
-from pipeline.io.listing import inventory_listing, inventory_spec, list_level, list_tree, manifest_files
+from pipeline.io.listing import inventory_listing, inventory_spec, list_level, list_tree, manifest_sizes
 from pipeline.io.ranges import KeyRange, level_mode, list_range, look_up_names, scan_names
 from pipeline.io.schema import OUTPUT_SCHEMA, WRITE_FIELDS
 from pipeline.io.storage import MANIFEST_EXTENSIONS, extension, get_filesystem
@@ -33,6 +33,8 @@ BROADCAST_ROWS = 2_000_000  # incremental state rows checked in every listing ta
 FIELD_TYPES = {f.name: f.type for f in [*OUTPUT_SCHEMA, *WRITE_FIELDS]}  # columns older shards may lack
 SHARD_COLUMN, POSITION_COLUMN, SIZE_COLUMN = "__shard", "__position", "__size"  # where a row is (`source`)
 SAMPLE_KEYS = ("id", "uri", "uris", "question", "questions")  # what ids and expected rows are derived from
+SMALL_MANIFEST_BYTES = 1 << 20  # a manifest of up to this much text (~10k rows) is read once, kept in the object store
+PARQUET_RATIO = 8  # a Parquet manifest's rows take about this many times its bytes once read
 
 
 @dataclass
@@ -62,7 +64,7 @@ class Inputs:
     samples: Any  # ray.data.Dataset of input rows: id, uri (or uris), question(s), passthrough columns
     kind: str  # files | manifest | inventory
     skipped: dict[str, int] = field(default_factory=dict)  # listed files that are not media, by extension
-    objects_listed: int | None = None  # incremental: media objects in the listing
+    objects_listed: int | None = None  # media objects in the listing (an inventory's or prefix's)
     keys: Any = None  # the samples with only the columns ids come from (a manifest's read pruned to them)
     listing: Listing | None = None  # a listed prefix or glob: how its top level was listed
     taken: Any = None  # incremental: the listing rows (uri, version) the state records, where not the samples' own
@@ -148,12 +150,22 @@ def read_own_files(files: list[str], options: Any) -> Any:
 
 
 def read_manifest(job: JobConfig) -> Inputs:
-    """A manifest (one file, a folder or a glob of them): rows validated and ids derived in the workers."""
-    files = manifest_files(job.input, job.storage)
+    """A manifest (one file, a folder or a glob of them): rows validated and ids derived in the workers. A small one
+    (up to SMALL_MANIFEST_BYTES read) is read once into the object store: the plan's passes over it (its columns, its ids,
+    the estimate's first rows) would each read it again, seconds of fixed cost each on an object store."""
+    sizes = manifest_sizes(job.input, job.storage)
+    files = sorted(sizes)
     rows = {"fn_kwargs": {"url": job.input, "base": manifest_base(job.input)}, "batch_format": "pyarrow", "batch_size": None}
     samples = read_files(files, job.storage)
+    small = None not in sizes.values() and sum(
+        n * (PARQUET_RATIO if extension(f) == ".parquet" else 1) for f, n in sizes.items()) <= SMALL_MANIFEST_BYTES
+    if small:
+        samples = samples.materialize()
     names = samples.schema().names
     check_manifest_columns(job.input, names)
+    if small:
+        samples = samples.map_batches(manifest_rows, **rows).materialize()
+        return Inputs(samples=samples, keys=samples, kind="manifest")
     keys = read_files(files, job.storage, columns=[c for c in SAMPLE_KEYS if c in names])
     return Inputs(samples=samples.map_batches(manifest_rows, **rows), keys=keys.map_batches(manifest_rows, **rows),
                   kind="manifest")
@@ -341,7 +353,8 @@ def read_inputs(job: JobConfig, folder: OutputFolder) -> Inputs:
         return read_manifest(job)
     if not job.incremental:
         samples = listing.map_batches(media_rows, **media)
-        return Inputs(samples=samples, keys=samples, kind=kind, skipped=skipped, listing=listed_by)
+        return Inputs(samples=samples, keys=samples, kind=kind, skipped=skipped, listing=listed_by,
+                      objects_listed=listed)
     samples = new_objects(folder, listing).map_batches(media_rows, fn_kwargs={"versioned": True}, **media)
     samples = samples.materialize()
     return Inputs(samples=samples, keys=samples, kind=kind, skipped=skipped, objects_listed=listed, listing=listed_by)

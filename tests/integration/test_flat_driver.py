@@ -17,6 +17,7 @@ from pipeline.cli import app
 from pipeline.config import parse_job
 from pipeline.errors import JobError, RunError
 from pipeline.io.schema import TODO_COLUMN
+from pipeline.run.plan import rows_to_group
 from tests.conftest import pattern_image
 from tests.outputs import done_rows, write_done
 
@@ -47,6 +48,7 @@ def test_sharded_manifest_folder_streams_and_plan_writes_nothing(ray_local, tiny
     figures = plan.figures()
     assert (figures["samples"], figures["rows"], figures["rows_done"], figures["rows_todo"]) == (n, n, 0, n)
     assert not isinstance(plan.todo, pa.Table)  # the samples stay a dataset: the driver holds counts
+    assert rows_to_group(job, plan.inputs, []) is None  # too big to read once: streamed, its rows unknown ahead
     assert f"{n} samples ({n} output rows)" in "\n".join(lines)
     assert not (tmp_path / "out").exists()  # a dry run writes nothing
 
@@ -63,6 +65,9 @@ def test_duplicate_id_across_two_manifest_files_is_refused_naming_it(ray_local, 
     job = make_job(tiny_model, str(folder), str(tmp_path / "out"), input_format="manifest")
     with pytest.raises(JobError, match="id 'dup-7' appears more than once"):
         plan_job(job, echo=lambda _: None)
+    one = make_job(tiny_model, str(folder / "a.jsonl"), str(tmp_path / "out"))
+    # a small manifest is read once, its rows counted: its id shuffle is one task (no aggregator actors to start)
+    assert rows_to_group(one, plan_job(one, echo=lambda _: None).inputs, []) == 51
 
 
 def test_resume_keeps_half_written_multi_question_samples_exactly_once(ray_local, tiny_model, tmp_path):
@@ -160,3 +165,4 @@ def test_s3_inventory_report_is_an_input(s3_server, ray_local, tiny_model, tmp_p
     uris = sorted(r["uri"] for r in plan.inputs.samples.take_all())
     assert uris == ["s3://bucket/inv/data/one.png", "s3://bucket/inv/data/sub/two.png", "s3://bucket/inv/data/with space.png"]
     assert plan.skipped == {".txt": 1} and plan.estimate["sampled"] == 3
+    assert rows_to_group(job, plan.inputs, []) == 3  # the listing's count sizes the id shuffle: one task, no actors
