@@ -13,7 +13,7 @@ from pipeline.config import JobConfig
 from pipeline.errors import InputError
 from pipeline.io.image_column import check_image_column, image_rows, read_key_rows
 from pipeline.io.inputs import input_kind
-from pipeline.io.listing import manifest_files
+from pipeline.io.listing import manifest_files, parquet_rows
 from pipeline.io.output import OutputFolder
 from pipeline.io.storage import extension
 from pipeline.io.webdataset import expand_braces, has_braces, index_shards, is_shard, shard_listing, stat_shards
@@ -80,7 +80,7 @@ def read_image_manifest(job: JobConfig) -> Inputs:
     items = ray.data.from_items([{"path": f} for f in files], override_num_blocks=min(len(files), 1024))
     keys = items.map_batches(_key_rows, fn_kwargs={"column": column, "options": job.storage}, batch_size=1,
                              batch_format="numpy", num_cpus=LIST_CPUS)
-    return Inputs(samples=rows, keys=keys, kind="manifest", gather=False)
+    return Inputs(samples=rows, keys=keys, kind="manifest", gather=False, counted=parquet_rows(files, job.storage))
 
 
 def read_job_inputs(job: JobConfig, folder: OutputFolder) -> Inputs:

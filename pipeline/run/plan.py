@@ -310,10 +310,11 @@ def plan_run(job: JobConfig, folder: OutputFolder, echo: Echo, *, dry_run: bool 
 
 def rows_to_group(job: JobConfig, inputs: Inputs, files: list[Any]) -> int | None:
     """About how many rows the plan's id shuffle groups (None: unknown without reading the input): the expected
-    rows, from a listing's or a materialized input's size (an inventory's: its media objects), and the output shards'
-    rows."""
+    rows, from a listing's or a materialized input's size (or a count taken before the rows are read: an inventory's
+    media objects, Parquet footers), and the output shards' rows."""
     samples = inputs.listing.rows.count() if inputs.listing is not None else known_rows(inputs.keys)
-    samples = inputs.objects_listed if samples is None else samples
+    samples = known_rows(inputs.samples) if samples is None else samples  # keys derived from materialized samples
+    samples = inputs.counted if samples is None else samples
     if samples is None:
         return None
     return samples * max(1, len(job.questions or [])) + shard_rows(files, job.rows_per_shard)

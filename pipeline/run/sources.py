@@ -20,7 +20,8 @@ from pipeline.io.inputs import (
     manifest_base, manifest_rows, media_rows, skipped_counts,
 )
 from pipeline.io.output import OutputFolder
-from pipeline.io.listing import inventory_listing, inventory_spec, list_level, list_tree, manifest_sizes
+from pipeline.io.listing import (inventory_listing, inventory_spec, list_level, list_tree, manifest_sizes,
+                                  parquet_rows)
 from pipeline.io.ranges import KeyRange, level_mode, list_range, look_up_names, scan_names
 from pipeline.io.schema import OUTPUT_SCHEMA, WRITE_FIELDS
 from pipeline.io.storage import MANIFEST_EXTENSIONS, extension, get_filesystem
@@ -64,11 +65,12 @@ class Inputs:
     samples: Any  # ray.data.Dataset of input rows: id, uri (or uris), question(s), passthrough columns
     kind: str  # files | manifest | inventory
     skipped: dict[str, int] = field(default_factory=dict)  # listed files that are not media, by extension
-    objects_listed: int | None = None  # media objects in the listing (an inventory's or prefix's)
+    objects_listed: int | None = None  # incremental: media objects in the listing
     keys: Any = None  # the samples with only the columns ids come from (a manifest's read pruned to them)
     listing: Listing | None = None  # a listed prefix or glob: how its top level was listed
     taken: Any = None  # incremental: the listing rows (uri, version) the state records, where not the samples' own
     gather: bool = True  # few samples may be gathered in the driver (not when their rows carry the pictures)
+    counted: int | None = None  # the samples, where counted before their rows are read (a listing, Parquet footers)
 
     def state_rows(self) -> Any:
         """Incremental: the (uri, version) rows this run takes, for the state (WebDataset: its shards)."""
@@ -167,8 +169,9 @@ def read_manifest(job: JobConfig) -> Inputs:
         samples = samples.map_batches(manifest_rows, **rows).materialize()
         return Inputs(samples=samples, keys=samples, kind="manifest")
     keys = read_files(files, job.storage, columns=[c for c in SAMPLE_KEYS if c in names])
+    counted = parquet_rows(files, job.storage) if extension(files[0]) == ".parquet" else None
     return Inputs(samples=samples.map_batches(manifest_rows, **rows), keys=keys.map_batches(manifest_rows, **rows),
-                  kind="manifest")
+                  kind="manifest", counted=counted)
 
 
 def _list_prefixes(batch: dict[str, Any], options: Any, pattern: str) -> pa.Table:
@@ -354,7 +357,7 @@ def read_inputs(job: JobConfig, folder: OutputFolder) -> Inputs:
     if not job.incremental:
         samples = listing.map_batches(media_rows, **media)
         return Inputs(samples=samples, keys=samples, kind=kind, skipped=skipped, listing=listed_by,
-                      objects_listed=listed)
+                      counted=listed)
     samples = new_objects(folder, listing).map_batches(media_rows, fn_kwargs={"versioned": True}, **media)
     samples = samples.materialize()
     return Inputs(samples=samples, keys=samples, kind=kind, skipped=skipped, objects_listed=listed, listing=listed_by)

@@ -48,7 +48,7 @@ def test_sharded_manifest_folder_streams_and_plan_writes_nothing(ray_local, tiny
     figures = plan.figures()
     assert (figures["samples"], figures["rows"], figures["rows_done"], figures["rows_todo"]) == (n, n, 0, n)
     assert not isinstance(plan.todo, pa.Table)  # the samples stay a dataset: the driver holds counts
-    assert rows_to_group(job, plan.inputs, []) is None  # too big to read once: streamed, its rows unknown ahead
+    assert rows_to_group(job, plan.inputs, []) == n  # too big to read once: streamed, counted from the footers
     assert f"{n} samples ({n} output rows)" in "\n".join(lines)
     assert not (tmp_path / "out").exists()  # a dry run writes nothing
 

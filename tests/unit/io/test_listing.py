@@ -4,12 +4,14 @@ import gzip
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from pipeline.errors import InputError
 from pipeline.io.inputs import is_media, manifest_base, manifest_rows, media_rows, skipped_counts
-from pipeline.io.listing import inventory_listing, list_level, list_tree, manifest_files
+from pipeline.io import listing
+from pipeline.io.listing import inventory_listing, list_level, list_tree, manifest_files, manifest_sizes, parquet_rows
 from pipeline.run.sources import KEPT, listing_counts
 
 
@@ -51,12 +53,24 @@ def test_manifest_folder_files_and_bases(tmp_path):
     for name in ["a.jsonl", "b.jsonl", "_SUCCESS", ".tmp"]:
         (tmp_path / "m" / name).write_text("{}")
     assert manifest_files(str(tmp_path / "m")) == [str(tmp_path / "m" / "a.jsonl"), str(tmp_path / "m" / "b.jsonl")]
+    assert manifest_sizes(str(tmp_path / "m" / "*.jsonl")) == {str(tmp_path / "m" / n): 2 for n in ("a.jsonl", "b.jsonl")}
     (tmp_path / "m" / "c.csv").write_text("uri\n")
     with pytest.raises(InputError, match="all alike"):
         manifest_files(str(tmp_path / "m"))
     assert manifest_base("s3://b/m/x.jsonl") == "s3://b/m"
     assert manifest_base("s3://b/m/") == "s3://b/m" and manifest_base("s3://b/m/*.parquet") == "s3://b/m"
     assert manifest_base("s3://b/m") == "s3://b/m" and manifest_base(str(tmp_path / "m")) == str(tmp_path / "m")
+
+
+def test_parquet_manifests_are_counted_from_their_footers(tmp_path, monkeypatch):
+    files = []
+    for i, n in enumerate((3, 5)):
+        pq.write_table(pa.table({"uri": [f"s3://b/{i}-{k}.jpg" for k in range(n)]}), tmp_path / f"{i}.parquet",
+                       row_group_size=2)
+        files.append(str(tmp_path / f"{i}.parquet"))
+    assert parquet_rows(files) == 8
+    monkeypatch.setattr(listing, "FOOTER_FILES", 1)
+    assert parquet_rows(files) is None  # too many files to open in the driver: not counted
 
 
 def test_manifest_batches_derive_the_same_ids_in_any_batch():
