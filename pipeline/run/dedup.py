@@ -27,12 +27,13 @@ from pipeline.io.storage import get_filesystem
 from pipeline.io.webdataset import WDS_COLUMN
 from pipeline.run.plan import RunPlan
 from pipeline.run.resources import PREPROCESS_CPUS, WRITE_CPUS
-from pipeline.run.shuffles import partitions_for, shard_rows
+from pipeline.run.shuffles import one_table, partitions_for, shard_rows
 from pipeline.run.sources import read_shards
 from pipeline.run.summary import RunTally
 from pipeline.stages.dedup import (
     DUP_PREFIX,
     KEY_COLUMN,
+    KEY_SCHEMA,
     REP_COLUMN,
     MediaHash,
     choose_representatives,
@@ -76,23 +77,56 @@ def carried_columns(job: JobConfig) -> list[str]:
 
 def split_duplicates(job: JobConfig, plan: RunPlan, echo: Callable[[str], None]) -> Duplicates:
     """Phase 1: key every sample, choose representatives, and take the duplicates out of `plan.todo` (which the
-    model stage then sees without them); the duplicates left to fill are returned."""
+    model stage then sees without them); the duplicates left to fill are returned. Up to one partition of samples
+    (1M), the representatives are chosen in one task and each block of samples is checked against them: no shuffle,
+    whose aggregator actors cost seconds each to start."""
+    import ray
+
     partitions = partitions_for(plan.samples)
     keys = plan.inputs.samples.map_batches(_hash_block, fn_kwargs={"job": job}, batch_size=HASH_BATCH,
                                            batch_format="numpy", num_cpus=PREPROCESS_CPUS)
-    dups = keys.groupby(KEY_COLUMN, num_partitions=partitions).map_groups(choose_representatives,
-                                                                           batch_format="pyarrow").materialize()
-    found = dups.count()
     names = plan.todo.schema().names
     drop = [c for c in carried_columns(job) if c in names]
     waiting = plan.todo.drop_columns(drop) if drop else plan.todo
-    todo = waiting.join(dups, join_type="inner", num_partitions=partitions, on=("id",)).materialize()
-    todo_samples = todo.count()
-    plan.todo = plan.todo.join(dups.select_columns(["id"]), join_type="left_anti", num_partitions=partitions, on=("id",))
+    if partitions == 1:
+        table = one_table(keys, choose_representatives, KEY_SCHEMA)
+        dups = ray.data.from_arrow_refs([table])
+        each = {"fn_kwargs": {"dups": table}, "batch_format": "pyarrow", "batch_size": None}
+        todo = waiting.map_batches(_with_representative, **each).materialize()
+        plan.todo = plan.todo.map_batches(_not_duplicate, **each)
+    else:
+        dups = keys.groupby(KEY_COLUMN, num_partitions=partitions).map_groups(choose_representatives,
+                                                                               batch_format="pyarrow").materialize()
+        todo = waiting.join(dups, join_type="inner", num_partitions=partitions, on=("id",)).materialize()
+        plan.todo = plan.todo.join(dups.select_columns(["id"]), join_type="left_anti", num_partitions=partitions,
+                                   on=("id",))
+    found, todo_samples = dups.count(), todo.count()
     plan.samples_todo -= todo_samples
     echo(f"dedup: {found} of {plan.samples} samples are duplicates of another (same media bytes and questions); "
          f"{plan.samples_todo} sample(s) go to the model, {todo_samples} duplicate(s) copy their rows after it")
     return Duplicates(found=found, todo=todo, todo_samples=todo_samples)
+
+
+def _with_representative(block: pa.Table, dups: Any) -> pa.Table:
+    """Ray task body: the block's samples that are duplicates, each with its REP_COLUMN (`dups`: a reference to the
+    one table of (id, REP_COLUMN), read zero-copy from the object store)."""
+    import ray
+
+    if not block.num_rows:
+        return block
+    table = ray.get(dups)
+    at = pc.index_in(block.column("id"), value_set=table.column("id"))
+    found = pc.is_valid(at)
+    return block.filter(found).append_column(REP_COLUMN, table.column(REP_COLUMN).take(at.filter(found)))
+
+
+def _not_duplicate(block: pa.Table, dups: Any) -> pa.Table:
+    """Ray task body: the block's samples that are no duplicate (representatives and unique samples)."""
+    import ray
+
+    if not block.num_rows:
+        return block
+    return block.filter(pc.is_null(pc.index_in(block.column("id"), value_set=ray.get(dups).column("id"))))
 
 
 def _copy_block(joined: pa.Table, carried: frozenset[str], writer: WriteShards) -> pa.Table:

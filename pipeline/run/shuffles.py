@@ -90,3 +90,22 @@ def in_one_task(ds: Any, fn: Callable[[pa.Table], pa.Table], schema: pa.Schema) 
     import ray
 
     return ray.data.from_arrow_refs([one_table(ds, fn, schema)])
+
+
+def _lists(table: pa.Table, key: str, lists: dict[str, str]) -> pa.Table:
+    grouped = table.group_by(key).aggregate([(column, "list") for column in lists])
+    return pa.table({key: grouped.column(key), **{alias: grouped.column(f"{column}_list") for column, alias in lists.items()}})
+
+
+def lists_by(ds: Any, key: str, lists: dict[str, str], partitions: int) -> Any:
+    """Rows grouped by the string column `key`, each string column of `lists` gathered as a list named by its value:
+    in one task at one partition, else Ray Data's hash group-by."""
+    from functools import partial
+
+    from ray.data.aggregate import AsList
+
+    if partitions == 1:
+        schema = pa.schema([(key, pa.string()), *[(column, pa.string()) for column in lists]])
+        return in_one_task(ds, partial(_lists, key=key, lists=lists), schema)
+    return ds.groupby(key, num_partitions=partitions).aggregate(
+        *[AsList(column, alias_name=alias) for column, alias in lists.items()])

@@ -27,7 +27,7 @@ from pipeline.io.output.staged import INPUT_COLUMNS_KEY
 from pipeline.io.storage import get_filesystem
 from pipeline.run.retry import crash_point
 from pipeline.run.sources import LIST_CPUS, POSITION_COLUMN, SHARD_COLUMN, read_shards
-from pipeline.run.shuffles import column_sums, partitions_for, shard_rows
+from pipeline.run.shuffles import column_sums, lists_by, one_table, partitions_for, shard_rows
 
 STAGED_COLUMN = "__staged"  # the staged file a row waits in
 
@@ -100,9 +100,9 @@ def _sum(ds: Any) -> int:
 
 
 def place_staged(folder: OutputFolder, echo: Callable[[str], None]) -> Placed:
-    """Put every row an update staged in its place (see the module docstring), then clear `_update/`."""
-    from ray.data.aggregate import AsList
-
+    """Put every row an update staged in its place (see the module docstring), then clear `_update/`. Up to one
+    partition of rows (1M), each staged block finds its rows' shards in one table of the output's ids and the rows
+    are grouped in one task: no shuffle, whose aggregator actors cost seconds each to start."""
     files = folder.staged.files()
     if not files:
         return Placed()
@@ -112,7 +112,11 @@ def place_staged(folder: OutputFolder, echo: Callable[[str], None]) -> Placed:
     partitions = partitions_for(shard_rows(files) + shard_rows(shards))
     if shards:
         where = read_shards(shards, folder.storage, ["id"], source=True).drop_columns([POSITION_COLUMN])
-        staged = staged.join(where, join_type="left_outer", num_partitions=partitions, on=("id",))
+        if partitions == 1:
+            table = one_table(where, _same, WHERE_SCHEMA)
+            staged = staged.map_batches(_locate, fn_kwargs={"where": table}, batch_format="pyarrow", batch_size=None)
+        else:
+            staged = staged.join(where, join_type="left_outer", num_partitions=partitions, on=("id",))
     else:
         staged = staged.map_batches(lambda b: b.append_column(SHARD_COLUMN, pa.nulls(b.num_rows, pa.string())),
                                     batch_format="pyarrow", batch_size=None)
@@ -126,13 +130,31 @@ def place_staged(folder: OutputFolder, echo: Callable[[str], None]) -> Placed:
     kept = where(lambda b: pc.and_(in_output(b), pc.invert(ok(b)))).count()
     tasks = {"fn_kwargs": {"folder": folder}, "batch_size": 1, "batch_format": "numpy",
              "num_cpus": LIST_CPUS}
-    replacing = where(lambda b: pc.and_(in_output(b), ok(b))).groupby(SHARD_COLUMN, num_partitions=partitions).aggregate(
-        AsList("id", alias_name="ids"), AsList(STAGED_COLUMN, alias_name="staged"))
+    replacing = lists_by(where(lambda b: pc.and_(in_output(b), ok(b))), SHARD_COLUMN,
+                         {"id": "ids", STAGED_COLUMN: "staged"}, partitions)
     replaced = _sum(replacing.map_batches(_replace, **tasks))
     crash_point("update-replaced")
-    adding = where(lambda b: pc.invert(in_output(b))).groupby(STAGED_COLUMN, num_partitions=partitions).aggregate(
-        AsList("id", alias_name="ids"))
+    adding = lists_by(where(lambda b: pc.invert(in_output(b))), STAGED_COLUMN, {"id": "ids"}, partitions)
     placed = Placed(replaced=replaced, kept=kept, added=_sum(adding.map_batches(_add, **tasks)))
     folder.staged.clear()
     echo(placed.describe())
     return placed
+
+
+WHERE_SCHEMA = pa.schema([("id", pa.string()), (SHARD_COLUMN, pa.string())])
+
+
+def _same(table: pa.Table) -> pa.Table:
+    return table
+
+
+def _locate(block: pa.Table, where: Any) -> pa.Table:
+    """Ray task body: each staged row with the output shard its id is in (null: not in the output), from `where` (a
+    reference to the one table of the output's (id, shard))."""
+    import ray
+
+    if not block.num_rows:
+        return block
+    table = ray.get(where)
+    return block.append_column(SHARD_COLUMN, table.column(SHARD_COLUMN).take(
+        pc.index_in(block.column("id"), value_set=table.column("id"))))

@@ -77,3 +77,36 @@ def test_dedup_exact_computes_each_picture_once_and_copies_the_rest(ray_local, t
     assert any("nothing to do" in line for line in lines)
     ids = pq.read_table(str(out), columns=["id"]).column("id").to_pylist()
     assert len(ids) == len(set(ids)) == 202
+
+
+def test_duplicates_are_split_alike_in_one_task_and_through_shuffles(ray_local, tiny_model, tmp_path, monkeypatch):
+    """Up to 1M samples the representatives are chosen in one task and each block of samples checked against them;
+    a larger job shuffles (a group-by and two joins): both give the same duplicates, representatives and samples to
+    do (no model run: the split alone)."""
+    from pipeline.run import dedup
+    from pipeline.run.runner import plan_job
+    from pipeline.stages.dedup import REP_COLUMN
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for k in range(12):
+        distinct_picture(k % 5, images / f"{k:02d}.png")  # 5 distinct pictures, 7 copies
+    (images / "bad.png").write_bytes(b"not a picture")  # no key: never a duplicate
+    job = parse_job({"task": "caption", "input": str(images), "output": str(tmp_path / "out"), "model": str(tiny_model),
+                     "dedup": "exact"})
+    splits = []
+    for partitions in (1, 2):
+        monkeypatch.setattr(dedup, "partitions_for", lambda rows, n=partitions: n)
+        plan = plan_job(job, echo=lambda _: None)
+        dups = dedup.split_duplicates(job, plan, echo=lambda _: None)
+        splits.append((dups.found, dups.todo_samples, plan.samples_todo,
+                       sorted((r["id"], r[REP_COLUMN]) for r in dups.todo.take_all()),
+                       sorted(r["id"] for r in plan.todo.take_all())))
+    assert splits[0] == splits[1]
+    found, waiting, todo, pairs, left = splits[0]
+    assert (found, waiting, todo, len(pairs), len(left)) == (7, 7, 6, 7, 6)
+    ids = {r["uri"].rsplit("/", 1)[-1]: r["id"] for r in plan.inputs.samples.take_all()}
+    groups: dict[int, list[str]] = {}
+    for k in range(12):
+        groups.setdefault(k % 5, []).append(ids[f"{k:02d}.png"])
+    assert pairs == sorted((i, min(g)) for g in groups.values() for i in g if i != min(g))  # the smallest id computes

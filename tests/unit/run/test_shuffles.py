@@ -80,3 +80,11 @@ def test_one_task_takes_blocks_without_rows_or_columns():
     assert shuffles._apply(ids.group_ids, ids.ID_SCHEMA, empty, empty).num_rows == 0
     block = ids.tag_done(pa.table({"id": ["a"]}))
     assert shuffles._apply(ids.group_ids, ids.ID_SCHEMA, empty, block).column("id").to_pylist() == ["a"]
+
+
+def test_lists_by_key_in_one_table_as_the_group_by_gathers_them():
+    rows = pa.table({"shard": ["b", "a", "b"], "id": ["1", "2", "3"], "staged": ["x", "y", "z"]})
+    grouped = shuffles._lists(rows, "shard", {"id": "ids", "staged": "staged"})
+    assert sorted(grouped.to_pylist(), key=lambda r: r["shard"]) == [
+        {"shard": "a", "ids": ["2"], "staged": ["y"]}, {"shard": "b", "ids": ["1", "3"], "staged": ["x", "z"]}]
+    assert shuffles._lists(rows.slice(0, 0), "shard", {"id": "ids"}).num_rows == 0
