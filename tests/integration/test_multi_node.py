@@ -24,10 +24,13 @@ RAY = Path(sys.executable).with_name("ray")
 # Token auth is switched on by `ray start` when ~/.ray/auth_token exists (another cluster's, on a shared machine);
 # this private cluster on 127.0.0.1 runs without it, and so do its clients.
 NO_AUTH = {"RAY_AUTH_MODE": "disabled"}
+# On SIGTERM `ray start --block` first asks the GCS to drain its node, for up to 30 s (for Serve on Kubernetes); a
+# test cluster has nothing to drain, and the head's GCS may already be gone: stop at once.
+NO_DRAIN = {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    return {**{k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS"))}, **NO_AUTH, **extra}
+    return {**{k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS"))}, **NO_AUTH, **NO_DRAIN, **extra}
 
 
 WORKER_PORTS = 40
