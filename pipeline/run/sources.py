@@ -25,7 +25,7 @@ from pipeline.io.listing import (inventory_listing, inventory_spec, list_level, 
 from pipeline.io.ranges import KeyRange, level_mode, list_range, look_up_names, scan_names
 from pipeline.io.schema import OUTPUT_SCHEMA, WRITE_FIELDS
 from pipeline.io.storage import MANIFEST_EXTENSIONS, extension, get_filesystem
-from pipeline.run.shuffles import known_rows, one_table, partitions_for
+from pipeline.run.shuffles import known_rows, one_table, partitions_for, unchanged
 
 LIST_CPUS = 0.25  # listing a prefix waits on the object store, not the CPU
 LIST_KEYS = 100_000  # entries one listing task holds at most (~10 MB as a listing block), whatever the prefix's size
@@ -302,15 +302,11 @@ def new_objects(folder: OutputFolder, listing: Any) -> Any:
         return listing
     state = (read_own_files(deltas, folder.storage) if deltas else ray.data.from_arrow(legacy)).materialize()
     if state.count() <= BROADCAST_ROWS:
-        whole = one_table(state.select_columns(["uri", "version"]), _same, LISTING_SCHEMA)
+        whole = one_table(state.select_columns(["uri", "version"]), unchanged, LISTING_SCHEMA)
         return listing.map_batches(_not_taken, fn_kwargs={"state": whole}, batch_format="pyarrow", batch_size=None)
     listed = known_rows(listing)
     return listing.join(state, join_type="left_anti", num_partitions=partitions_for(None if listed is None else 2 * listed),
                         on=("uri", "version"))
-
-
-def _same(table: pa.Table) -> pa.Table:
-    return table
 
 
 KEPT = "*"  # count_listing's row for the files kept (no extension is spelled so)

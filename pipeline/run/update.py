@@ -27,7 +27,7 @@ from pipeline.io.output.staged import INPUT_COLUMNS_KEY
 from pipeline.io.storage import get_filesystem
 from pipeline.run.retry import crash_point
 from pipeline.run.sources import LIST_CPUS, POSITION_COLUMN, SHARD_COLUMN, read_shards
-from pipeline.run.shuffles import column_sums, lists_by, one_table, partitions_for, shard_rows
+from pipeline.run.shuffles import column_sums, lists_by, one_table, partitions_for, shard_rows, unchanged
 
 STAGED_COLUMN = "__staged"  # the staged file a row waits in
 
@@ -113,7 +113,7 @@ def place_staged(folder: OutputFolder, echo: Callable[[str], None]) -> Placed:
     if shards:
         where = read_shards(shards, folder.storage, ["id"], source=True).drop_columns([POSITION_COLUMN])
         if partitions == 1:
-            table = one_table(where, _same, WHERE_SCHEMA)
+            table = one_table(where, unchanged, WHERE_SCHEMA)
             staged = staged.map_batches(_locate, fn_kwargs={"where": table}, batch_format="pyarrow", batch_size=None)
         else:
             staged = staged.join(where, join_type="left_outer", num_partitions=partitions, on=("id",))
@@ -144,17 +144,12 @@ def place_staged(folder: OutputFolder, echo: Callable[[str], None]) -> Placed:
 WHERE_SCHEMA = pa.schema([("id", pa.string()), (SHARD_COLUMN, pa.string())])
 
 
-def _same(table: pa.Table) -> pa.Table:
-    return table
-
-
 def _locate(block: pa.Table, where: Any) -> pa.Table:
-    """Ray task body: each staged row with the output shard its id is in (null: not in the output), from `where` (a
-    reference to the one table of the output's (id, shard))."""
+    """Ray task body: each staged row with the output shard its id is in (null: not in the output; a row per shard
+    where the output holds the id twice, as the hash join gives), from `where` (a reference to the one table of the
+    output's (id, shard))."""
     import ray
 
     if not block.num_rows:
         return block
-    table = ray.get(where)
-    return block.append_column(SHARD_COLUMN, table.column(SHARD_COLUMN).take(
-        pc.index_in(block.column("id"), value_set=table.column("id"))))
+    return block.join(ray.get(where), keys="id", join_type="left outer")
