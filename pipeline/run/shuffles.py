@@ -99,7 +99,8 @@ def in_one_task(ds: Any, fn: Callable[[pa.Table], pa.Table], schema: pa.Schema) 
 
 def _lists(table: pa.Table, key: str, lists: dict[str, str]) -> pa.Table:
     grouped = table.group_by(key).aggregate([(column, "list") for column in lists])
-    return pa.table({key: grouped.column(key), **{alias: grouped.column(f"{column}_list") for column, alias in lists.items()}})
+    return pa.table({key: grouped.column(key),
+                     **{alias: grouped.column(f"{column}_list") for column, alias in lists.items()}})
 
 
 def lists_by(ds: Any, key: str, lists: dict[str, str], partitions: int) -> Any:

@@ -151,21 +151,29 @@ def read_own_files(files: list[str], options: Any) -> Any:
     return read_shards(files, options, None)
 
 
+def read_once(sizes: dict[str, int | None]) -> bool:
+    """Whether manifest files of these sizes are small enough to read once and keep in the object store (up to
+    SMALL_MANIFEST_BYTES once read; unknown sizes: no)."""
+    if None in sizes.values():
+        return False
+    read = sum(n * (PARQUET_RATIO if extension(f) == ".parquet" else 1) for f, n in sizes.items())
+    return read <= SMALL_MANIFEST_BYTES
+
+
 def read_manifest(job: JobConfig) -> Inputs:
     """A manifest (one file, a folder or a glob of them): rows validated and ids derived in the workers. A small one
-    (up to SMALL_MANIFEST_BYTES read) is read once into the object store: the plan's passes over it (its columns, its ids,
+    (`read_once`) is read once into the object store and counted: the plan's passes over it (its columns, its ids,
     the estimate's first rows) would each read it again, seconds of fixed cost each on an object store."""
     sizes = manifest_sizes(job.input, job.storage)
     files = sorted(sizes)
     rows = {"fn_kwargs": {"url": job.input, "base": manifest_base(job.input)}, "batch_format": "pyarrow", "batch_size": None}
     samples = read_files(files, job.storage)
-    small = None not in sizes.values() and sum(
-        n * (PARQUET_RATIO if extension(f) == ".parquet" else 1) for f, n in sizes.items()) <= SMALL_MANIFEST_BYTES
-    if small:
+    once = read_once(sizes)
+    if once:
         samples = samples.materialize()
     names = samples.schema().names
     check_manifest_columns(job.input, names)
-    if small:
+    if once:
         samples = samples.map_batches(manifest_rows, **rows).materialize()
         return Inputs(samples=samples, keys=samples, kind="manifest")
     keys = read_files(files, job.storage, columns=[c for c in SAMPLE_KEYS if c in names])
